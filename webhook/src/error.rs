@@ -1,0 +1,48 @@
+//! The webhook crate's error type.
+
+/// Everything that can go wrong in the injector, the server and the CLI.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A pod annotation has a value the injector refuses.
+    #[error("annotation {name}: value {value:?} {reason}")]
+    InvalidAnnotation {
+        /// The annotation's name.
+        name: String,
+        /// The value as given.
+        value: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// A Mesh or ProxyProfile field has a value the injector refuses.
+    #[error("{origin}: field {field}: value {value:?} {reason}")]
+    InvalidSetting {
+        /// Which object: `Mesh default`, `ProxyProfile ns/name`.
+        origin: String,
+        /// The field path, e.g. `traffic.excludeOutboundIPRanges`.
+        field: String,
+        /// The value as given.
+        value: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The pod cannot be injected as it stands.
+    #[error("pod cannot be injected: {0}")]
+    InvalidPod(String),
+    /// A JSON (de)serialisation failure.
+    #[error("JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An invalid-annotation error.
+    pub fn annotation(name: &str, value: &str, reason: impl Into<String>) -> Self {
+        Self::InvalidAnnotation {
+            name: name.to_owned(),
+            value: value.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}

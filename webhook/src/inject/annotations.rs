@@ -1,0 +1,227 @@
+//! The pod annotations and labels the injector reads and writes, and the
+//! parsers for their values. Names are Istio's.
+
+use std::net::IpAddr;
+
+/// Label or annotation: `"true"` / `"false"`, the pod's own injection choice.
+pub const INJECT: &str = "sidecar.istio.io/inject";
+/// What the injection added; present on every injected pod.
+pub const STATUS: &str = "sidecar.istio.io/status";
+/// `"false"` selects the classic layout; any other non-empty value native.
+pub const NATIVE_SIDECAR: &str = "sidecar.istio.io/nativeSidecar";
+/// Replaces both injected images (only when the value contains `/`).
+pub const PROXY_IMAGE: &str = "sidecar.istio.io/proxyImage";
+/// Envoy log level.
+pub const LOG_LEVEL: &str = "sidecar.istio.io/logLevel";
+/// Envoy component log levels.
+pub const COMPONENT_LOG_LEVEL: &str = "sidecar.istio.io/componentLogLevel";
+/// Agent log levels.
+pub const AGENT_LOG_LEVEL: &str = "sidecar.istio.io/agentLogLevel";
+/// Proxy CPU request.
+pub const PROXY_CPU: &str = "sidecar.istio.io/proxyCPU";
+/// Proxy memory request.
+pub const PROXY_MEMORY: &str = "sidecar.istio.io/proxyMemory";
+/// Proxy CPU limit.
+pub const PROXY_CPU_LIMIT: &str = "sidecar.istio.io/proxyCPULimit";
+/// Proxy memory limit.
+pub const PROXY_MEMORY_LIMIT: &str = "sidecar.istio.io/proxyMemoryLimit";
+/// Interception mode for this pod.
+pub const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
+/// JSON map of extra pod volumes.
+pub const USER_VOLUME: &str = "sidecar.istio.io/userVolume";
+/// JSON map of extra proxy volume mounts.
+pub const USER_VOLUME_MOUNT: &str = "sidecar.istio.io/userVolumeMount";
+/// Overrides Mesh `rewriteAppProbes`.
+pub const REWRITE_APP_PROBES: &str = "sidecar.istio.io/rewriteAppHTTPProbers";
+/// Status port of the agent.
+pub const STATUS_PORT: &str = "status.sidecar.istio.io/port";
+/// Readiness probe initial delay.
+pub const READINESS_INITIAL_DELAY: &str = "readiness.status.sidecar.istio.io/initialDelaySeconds";
+/// Readiness probe period.
+pub const READINESS_PERIOD: &str = "readiness.status.sidecar.istio.io/periodSeconds";
+/// Readiness probe failure threshold.
+pub const READINESS_FAILURE_THRESHOLD: &str = "readiness.status.sidecar.istio.io/failureThreshold";
+/// Outbound IP ranges to capture.
+pub const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
+/// Outbound IP ranges never captured.
+pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
+/// Inbound ports to capture.
+pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
+/// Inbound ports never captured.
+pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+/// Outbound ports always captured.
+pub const INCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
+/// Outbound ports never captured.
+pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+/// Interfaces never captured.
+pub const EXCLUDE_INTERFACES: &str = "traffic.sidecar.istio.io/excludeInterfaces";
+/// Virtual interfaces treated as outbound (older name).
+pub const KUBEVIRT_INTERFACES: &str = "traffic.sidecar.istio.io/kubevirtInterfaces";
+/// Virtual interfaces treated as outbound; wins over `KUBEVIRT_INTERFACES`.
+pub const REROUTE_VIRTUAL_INTERFACES: &str = "istio.io/reroute-virtual-interfaces";
+/// Per-pod proxy config (YAML or JSON of Istio's ProxyConfig).
+pub const PROXY_CONFIG: &str = "proxy.istio.io/config";
+/// The user's own `istio-proxy` / `istio-init` containers, as first given.
+pub const PROXY_OVERRIDES: &str = "proxy.istio.io/overrides";
+/// Overrides Mesh `mergePrometheusMetrics`.
+pub const MERGE_METRICS: &str = "prometheus.istio.io/merge-metrics";
+/// Additional `port:path` scrape targets.
+pub const SCRAPE_TARGETS: &str = "prometheus.istio.io/scrape-targets";
+/// Secure merged metrics port, set when the proxy exposes one.
+pub const SECURE_PORT: &str = "prometheus.istio.io/secure-port";
+/// The control-plane revision that injected the pod.
+pub const REVISION: &str = "istio.io/rev";
+/// The container `kubectl exec` and `logs` pick by default.
+pub const DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
+/// The container `kubectl logs` picks by default.
+pub const DEFAULT_LOGS_CONTAINER: &str = "kubectl.kubernetes.io/default-logs-container";
+/// Marks a static (mirror) pod.
+pub const MIRROR_POD: &str = "kubernetes.io/config.mirror";
+
+/// Label: mTLS mode of the workload.
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+/// Label: canonical service name.
+pub const CANONICAL_NAME_LABEL: &str = "service.istio.io/canonical-name";
+/// Label: canonical service revision.
+pub const CANONICAL_REVISION_LABEL: &str = "service.istio.io/canonical-revision";
+/// Label: overrides the workload name.
+pub const WORKLOAD_NAME_LABEL: &str = "service.istio.io/workload-name";
+/// Label: network of the workload.
+pub const NETWORK_LABEL: &str = "topology.istio.io/network";
+/// Label: HBONE tunnel support.
+pub const TUNNEL_LABEL: &str = "networking.istio.io/tunnel";
+
+/// Why a value was refused.
+pub type Invalid = String;
+
+/// Go's `strconv.ParseBool`.
+pub fn parse_bool(value: &str) -> Option<bool> {
+    match value {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// A non-negative 32-bit integer.
+pub fn parse_u32(value: &str) -> Result<u32, Invalid> {
+    value
+        .trim()
+        .parse::<u32>()
+        .map_err(|_| "must be a non-negative 32-bit integer".to_owned())
+}
+
+/// A port number 0..=65535.
+pub fn parse_port(value: &str) -> Result<u16, Invalid> {
+    value
+        .trim()
+        .parse::<u16>()
+        .map_err(|_| "must be a port number (0-65535)".to_owned())
+}
+
+fn entries(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|e| !e.is_empty())
+}
+
+/// A comma-separated list of ports 1..=65535; `*` only when `allow_star`.
+pub fn validate_port_list(value: &str, allow_star: bool) -> Result<(), Invalid> {
+    if value.trim() == "*" {
+        return if allow_star {
+            Ok(())
+        } else {
+            Err("`*` is not allowed here".to_owned())
+        };
+    }
+    for entry in entries(value) {
+        match entry.parse::<u16>() {
+            Ok(port) if port > 0 => {}
+            _ => return Err(format!("{entry:?} is not a port number (1-65535)")),
+        }
+    }
+    Ok(())
+}
+
+/// A comma-separated list of CIDRs; `*` only when `allow_star`.
+pub fn validate_cidr_list(value: &str, allow_star: bool) -> Result<(), Invalid> {
+    if value.trim() == "*" {
+        return if allow_star {
+            Ok(())
+        } else {
+            Err("`*` is not allowed here".to_owned())
+        };
+    }
+    for entry in entries(value) {
+        let valid = entry.split_once('/').is_some_and(|(ip, bits)| {
+            let max = match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(_)) => 32,
+                Ok(IpAddr::V6(_)) => 128,
+                Err(_) => return false,
+            };
+            bits.parse::<u8>().is_ok_and(|b| b <= max)
+        });
+        if !valid {
+            return Err(format!("{entry:?} is not a CIDR"));
+        }
+    }
+    Ok(())
+}
+
+/// A comma-separated list of network interface names.
+pub fn validate_interface_list(value: &str) -> Result<(), Invalid> {
+    for entry in entries(value) {
+        let valid = entry.len() <= 15
+            && entry
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@'));
+        if !valid {
+            return Err(format!("{entry:?} is not a network interface name"));
+        }
+    }
+    Ok(())
+}
+
+/// The trimmed, non-empty entries of a comma-separated list.
+pub fn list_entries(value: &str) -> Vec<&str> {
+    entries(value).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_booleans_as_go_does() {
+        assert_eq!(parse_bool("True"), Some(true));
+        assert_eq!(parse_bool("0"), Some(false));
+        assert_eq!(parse_bool("yes"), None);
+    }
+
+    #[test]
+    fn validates_port_lists() {
+        assert!(validate_port_list("80, 443,,8080", false).is_ok());
+        assert!(validate_port_list("", false).is_ok());
+        assert!(validate_port_list("*", true).is_ok());
+        assert!(validate_port_list("*", false).is_err());
+        assert!(validate_port_list("0", false).is_err());
+        assert!(validate_port_list("65536", false).is_err());
+        assert!(validate_port_list("http", false).is_err());
+    }
+
+    #[test]
+    fn validates_cidr_lists() {
+        assert!(validate_cidr_list("10.0.0.0/8, fd00::/64", false).is_ok());
+        assert!(validate_cidr_list("*", true).is_ok());
+        assert!(validate_cidr_list("*", false).is_err());
+        assert!(validate_cidr_list("10.0.0.0", false).is_err());
+        assert!(validate_cidr_list("10.0.0.0/33", false).is_err());
+        assert!(validate_cidr_list("nope/8", false).is_err());
+    }
+
+    #[test]
+    fn validates_interface_lists() {
+        assert!(validate_interface_list("eth0,net1").is_ok());
+        assert!(validate_interface_list("").is_ok());
+        assert!(validate_interface_list("bad name").is_err());
+        assert!(validate_interface_list("averyveryverylongname").is_err());
+    }
+}

@@ -1,0 +1,419 @@
+//! The injected containers, `istio-init` and `istio-proxy`, built fresh from
+//! the effective settings (injection.md section 2).
+
+use std::collections::BTreeMap;
+
+use ferrimesh_crds::settings::InterceptionMode;
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, HTTPGetAction,
+    Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, Probe, ResourceFieldSelector,
+    SecurityContext, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::{Map, Value};
+
+use super::settings::Settings;
+use super::workload::Workload;
+
+/// Name of the injected proxy container.
+pub const PROXY: &str = "istio-proxy";
+/// Name of the injected init container.
+pub const INIT: &str = "istio-init";
+/// Envoy's Prometheus port.
+pub const ENVOY_PROMETHEUS_PORT: i32 = 15090;
+/// Envoy's health port, target of the proxy's own probes.
+pub const HEALTH_PORT: i32 = 15021;
+
+/// What the proxy's env needs to know about the pod beyond the settings.
+pub struct PodFacts<'a> {
+    /// The pod being injected.
+    pub pod: &'a Pod,
+    /// Its namespace.
+    pub namespace: &'a str,
+    /// Its workload.
+    pub workload: &'a Workload,
+    /// App containers (not injected ones), in order.
+    pub app_containers: &'a [&'a Container],
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                api_version: None,
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+fn resource_env(name: &str, resource: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            resource_field_ref: Some(ResourceFieldSelector {
+                resource: resource.to_owned(),
+                divisor: Some(Quantity("1".to_owned())),
+                container_name: None,
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Builds `istio-init`, or `None` when interception is off.
+pub fn init_container(settings: &Settings, user_uid: Option<i64>) -> Option<Container> {
+    if settings.interception_mode == InterceptionMode::None {
+        return None;
+    }
+    let capture = &settings.capture;
+    let uid = user_uid.unwrap_or(match settings.interception_mode {
+        InterceptionMode::Tproxy => ferrimesh_crds::settings::DEFAULT_PROXY_UID,
+        _ => settings.uid,
+    });
+    let mut args: Vec<String> = [
+        "istio-iptables",
+        "-p",
+        &capture.proxy_listen_port.to_string(),
+        "-z",
+        &capture.inbound_listen_port.to_string(),
+        "-u",
+        &uid.to_string(),
+        "-m",
+        settings.interception_mode.as_str(),
+        "-i",
+        &capture.include_outbound_ip_ranges,
+        "-x",
+        &capture.exclude_outbound_ip_ranges,
+        "-b",
+        &capture.include_inbound_ports,
+        "-d",
+        &excluded_inbound_ports(&capture.exclude_inbound_ports, settings.status_port),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    for (flag, value) in [
+        ("-q", &capture.include_outbound_ports),
+        ("-o", &capture.exclude_outbound_ports),
+        ("-k", &capture.reroute_virtual_interfaces),
+        ("-c", &capture.exclude_interfaces),
+    ] {
+        if let Some(value) = value {
+            args.push(flag.to_owned());
+            args.push(value.clone());
+        }
+    }
+    args.push(format!("--log_output_level={}", settings.agent_log_level));
+    let metadata: Vec<EnvVar> = settings
+        .proxy_metadata
+        .iter()
+        .map(|(k, v)| env(k, v.clone()))
+        .collect();
+    Some(Container {
+        name: INIT.to_owned(),
+        image: Some(settings.init_image.clone()),
+        image_pull_policy: settings.image_pull_policy.clone(),
+        args: Some(args),
+        env: (!metadata.is_empty()).then_some(metadata),
+        resources: Some(settings.resources.clone()),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".into(), "NET_RAW".into()]),
+                drop: Some(vec!["ALL".into()]),
+            }),
+            read_only_root_filesystem: Some(false),
+            run_as_user: Some(0),
+            run_as_group: Some(0),
+            run_as_non_root: Some(false),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// `-d`: Envoy's own ports, the user's exclusions, then the status port.
+pub fn excluded_inbound_ports(user: &str, status_port: i32) -> String {
+    let mut ports: Vec<String> = vec!["15090".into(), "15021".into()];
+    let user: Vec<&str> = super::annotations::list_entries(user);
+    ports.extend(user.iter().map(|p| (*p).to_owned()));
+    let status = status_port.to_string();
+    if status_port != 0 && !user.contains(&status.as_str()) {
+        ports.push(status);
+    }
+    ports.join(",")
+}
+
+/// `ISTIO_META_POD_PORTS`: Istio's exact layout of the app containers' ports.
+pub fn pod_ports(containers: &[&Container]) -> String {
+    let mut out = String::from("[\n");
+    let mut first = true;
+    for port in containers.iter().flat_map(|c| c.ports.iter().flatten()) {
+        let mut map = Map::new();
+        if let Some(name) = port.name.as_ref().filter(|n| !n.is_empty()) {
+            map.insert("name".into(), Value::String(name.clone()));
+        }
+        if let Some(host_port) = port.host_port.filter(|p| *p != 0) {
+            map.insert("hostPort".into(), Value::from(host_port));
+        }
+        if port.container_port != 0 {
+            map.insert("containerPort".into(), Value::from(port.container_port));
+        }
+        if let Some(protocol) = port.protocol.as_ref().filter(|p| !p.is_empty()) {
+            map.insert("protocol".into(), Value::String(protocol.clone()));
+        }
+        if let Some(host_ip) = port.host_ip.as_ref().filter(|h| !h.is_empty()) {
+            map.insert("hostIP".into(), Value::String(host_ip.clone()));
+        }
+        out.push_str(if first { "    " } else { "    ," });
+        out.push_str(&Value::Object(map).to_string());
+        out.push('\n');
+        first = false;
+    }
+    out.push(']');
+    out
+}
+
+/// Builds `istio-proxy` (before post-processing).
+pub fn proxy_container(settings: &Settings, facts: &PodFacts<'_>) -> Container {
+    Container {
+        name: PROXY.to_owned(),
+        image: Some(settings.proxy_image.clone()),
+        image_pull_policy: settings.image_pull_policy.clone(),
+        args: Some(
+            [
+                "proxy".to_owned(),
+                "sidecar".to_owned(),
+                "--domain".to_owned(),
+                "$(POD_NAMESPACE).svc.cluster.local".to_owned(),
+                format!("--proxyLogLevel={}", settings.log_level),
+                format!("--proxyComponentLogLevel={}", settings.component_log_level),
+                format!("--log_output_level={}", settings.agent_log_level),
+            ]
+            .into(),
+        ),
+        ports: Some(vec![ContainerPort {
+            container_port: ENVOY_PROMETHEUS_PORT,
+            name: Some("http-envoy-prom".to_owned()),
+            protocol: Some("TCP".to_owned()),
+            ..Default::default()
+        }]),
+        env: Some(proxy_env(settings, facts)),
+        resources: Some(settings.resources.clone()),
+        security_context: Some(proxy_security_context(settings)),
+        volume_mounts: Some(proxy_volume_mounts(settings)),
+        readiness_probe: (settings.status_port != 0).then(|| Probe {
+            http_get: Some(health_check()),
+            initial_delay_seconds: (settings.readiness_initial_delay_seconds != 0)
+                .then_some(settings.readiness_initial_delay_seconds),
+            period_seconds: Some(settings.readiness_period_seconds),
+            timeout_seconds: Some(3),
+            failure_threshold: Some(settings.readiness_failure_threshold),
+            ..Default::default()
+        }),
+        startup_probe: (settings.status_port != 0).then(|| Probe {
+            http_get: Some(health_check()),
+            period_seconds: Some(1),
+            timeout_seconds: Some(3),
+            failure_threshold: Some(600),
+            ..Default::default()
+        }),
+        lifecycle: settings.native.then(|| Lifecycle {
+            pre_stop: Some(exec_handler(&[
+                "pilot-agent",
+                "request",
+                &format!("--debug-port={}", settings.status_port),
+                "POST",
+                "drain",
+            ])),
+            ..Default::default()
+        }),
+        restart_policy: settings.native.then(|| "Always".to_owned()),
+        ..Default::default()
+    }
+}
+
+fn health_check() -> HTTPGetAction {
+    HTTPGetAction {
+        path: Some("/healthz/ready".into()),
+        port: IntOrString::Int(HEALTH_PORT),
+        ..Default::default()
+    }
+}
+
+/// An exec lifecycle handler.
+pub fn exec_handler(command: &[&str]) -> LifecycleHandler {
+    LifecycleHandler {
+        exec: Some(ExecAction {
+            command: Some(command.iter().map(|c| (*c).to_owned()).collect()),
+        }),
+        ..Default::default()
+    }
+}
+
+fn proxy_security_context(settings: &Settings) -> SecurityContext {
+    let tproxy = settings.interception_mode == InterceptionMode::Tproxy;
+    let trace = settings
+        .proxy_metadata
+        .get("IPTABLES_TRACE_LOGGING")
+        .is_some_and(|v| v == "true");
+    let root = tproxy || trace;
+    SecurityContext {
+        allow_privilege_escalation: Some(trace),
+        privileged: Some(trace),
+        capabilities: Some(Capabilities {
+            add: root.then(|| vec!["NET_ADMIN".to_owned()]),
+            drop: Some(vec!["ALL".to_owned()]),
+        }),
+        read_only_root_filesystem: Some(true),
+        run_as_user: Some(if root { 0 } else { settings.uid }),
+        run_as_group: Some(settings.uid),
+        run_as_non_root: Some(!root),
+        ..Default::default()
+    }
+}
+
+fn mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        ..Default::default()
+    }
+}
+
+fn proxy_volume_mounts(settings: &Settings) -> Vec<VolumeMount> {
+    let mut mounts = vec![
+        mount("workload-socket", "/var/run/secrets/workload-spiffe-uds"),
+        mount("credential-socket", "/var/run/secrets/credential-uds"),
+        mount(
+            "workload-certs",
+            "/var/run/secrets/workload-spiffe-credentials",
+        ),
+        mount("istiod-ca-cert", "/var/run/secrets/istio"),
+        mount("istio-ca-crl", "/var/run/secrets/istio/crl"),
+        mount("istio-data", "/var/lib/istio/data"),
+        mount("istio-envoy", "/etc/istio/proxy"),
+        mount("istio-token", "/var/run/secrets/tokens"),
+        mount("istio-podinfo", "/etc/istio/pod"),
+    ];
+    mounts.extend(settings.user_volume_mounts.iter().cloned());
+    mounts
+}
+
+fn proxy_env(settings: &Settings, facts: &PodFacts<'_>) -> Vec<EnvVar> {
+    let mut vars = vec![
+        env("PILOT_CERT_PROVIDER", "istiod"),
+        env("CA_ADDR", settings.ca_address.clone()),
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("INSTANCE_IP", "status.podIP"),
+        field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        field_env("HOST_IP", "status.hostIP"),
+        resource_env("ISTIO_CPU_LIMIT", "limits.cpu"),
+        env("PROXY_CONFIG", settings.proxy_config.clone()),
+        env("ISTIO_META_POD_PORTS", pod_ports(facts.app_containers)),
+        env(
+            "ISTIO_META_APP_CONTAINERS",
+            facts
+                .app_containers
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        resource_env("GOMEMLIMIT", "limits.memory"),
+    ];
+    if !settings.trailing_env.contains_key("ISTIO_META_CLUSTER_ID") {
+        vars.push(env("ISTIO_META_CLUSTER_ID", settings.cluster_id.clone()));
+    }
+    vars.push(field_env("ISTIO_META_NODE_NAME", "spec.nodeName"));
+    vars.push(env(
+        "ISTIO_META_INTERCEPTION_MODE",
+        settings.interception_mode.as_str(),
+    ));
+    let workload_name = facts.workload.display_name(facts.pod);
+    if !workload_name.is_empty() {
+        vars.push(env("ISTIO_META_WORKLOAD_NAME", workload_name));
+        vars.push(env(
+            "ISTIO_META_OWNER",
+            facts.workload.owner(facts.namespace),
+        ));
+    }
+    vars.push(env("ISTIO_META_MESH_ID", settings.mesh_id.clone()));
+    vars.push(env("TRUST_DOMAIN", settings.trust_domain.clone()));
+    vars.extend(
+        settings
+            .proxy_metadata
+            .iter()
+            .map(|(k, v)| env(k, v.clone())),
+    );
+    vars.extend(settings.trailing_env.iter().map(|(k, v)| env(k, v.clone())));
+    vars
+}
+
+/// The app containers' named ports (name -> port), for lookups.
+pub fn named_ports(container: &Container) -> BTreeMap<&str, i32> {
+    container
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| p.name.as_deref().map(|n| (n, p.container_port)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excluded_inbound_ports_append_status_port_unless_listed_or_zero() {
+        assert_eq!(
+            excluded_inbound_ports(" 4, ,5,6 ", 15020),
+            "15090,15021,4,5,6,15020"
+        );
+        assert_eq!(excluded_inbound_ports("15020", 15020), "15090,15021,15020");
+        assert_eq!(excluded_inbound_ports("", 0), "15090,15021");
+    }
+
+    #[test]
+    fn pod_ports_use_istio_layout() {
+        let c = Container {
+            name: "app".into(),
+            ports: Some(vec![
+                ContainerPort {
+                    name: Some("http".into()),
+                    container_port: 80,
+                    ..Default::default()
+                },
+                ContainerPort {
+                    name: Some("grpc".into()),
+                    container_port: 90,
+                    protocol: Some("TCP".into()),
+                    host_port: Some(0),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        };
+        assert_eq!(
+            pod_ports(&[&c]),
+            "[\n    {\"name\":\"http\",\"containerPort\":80}\n    ,{\"name\":\"grpc\",\"containerPort\":90,\"protocol\":\"TCP\"}\n]"
+        );
+        assert_eq!(pod_ports(&[]), "[\n]");
+    }
+}

@@ -1,0 +1,456 @@
+//! The injection engine: a pure function from a pod and the mesh settings to
+//! the injected pod, a skip decision, or a rejection (injection.md).
+//!
+//! The webhook server and the `ferrimesh` CLI both call [`inject`], so the
+//! two can never disagree.
+
+pub mod annotations;
+pub mod containers;
+pub mod decision;
+pub mod overrides;
+pub mod probes;
+pub mod prometheus;
+pub mod proxy_config;
+pub mod quantity;
+pub mod settings;
+pub mod status;
+pub mod volumes;
+pub mod workload;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ferrimesh_crds::ProxyProfile;
+use ferrimesh_crds::mesh::MeshSpec;
+use k8s_openapi::api::core::v1::{
+    Container, EnvVar, Lifecycle, LocalObjectReference, Pod, PodSpec,
+};
+
+use self::annotations as ann;
+use self::containers::{INIT, PROXY, PodFacts};
+use self::decision::{Decision, decide};
+use self::overrides::{Depth, Overrides, overlay};
+use self::settings::{Settings, select_profiles};
+use self::status::SidecarStatus;
+use self::workload::Workload;
+use crate::{Error, Result};
+
+/// What the engine knows about where the pod will run, beyond the Mesh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Environment {
+    /// What `nativeSidecars: Auto` resolves to: whether the kubelets that
+    /// may run the pod support native sidecars (offline: true).
+    pub native_sidecars_supported: bool,
+    /// Cluster ID from the webhook URL (`/inject/cluster/<id>`).
+    pub cluster_id: Option<String>,
+    /// Network from the webhook URL (`/net/<network>`).
+    pub network: Option<String>,
+    /// Other `/<key>/<value>` URL segments, as upper-cased env vars.
+    pub extra_env: BTreeMap<String, String>,
+}
+
+impl Default for Environment {
+    fn default() -> Self {
+        Self {
+            native_sidecars_supported: true,
+            cluster_id: None,
+            network: None,
+            extra_env: BTreeMap::new(),
+        }
+    }
+}
+
+impl Environment {
+    /// Reads the parameters of Istio's webhook path form,
+    /// `/inject/cluster/<id>/net/<network>[/<key>/<value>...]`; `None` for a
+    /// path that is not an injection path.
+    pub fn from_path(path: &str) -> Option<Self> {
+        let rest = path.strip_prefix("/inject")?;
+        if !(rest.is_empty() || rest.starts_with('/')) {
+            return None;
+        }
+        let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+        if segments.len() % 2 != 0 {
+            return None;
+        }
+        let mut env = Self::default();
+        for pair in segments.chunks(2) {
+            let value = pair[1].replace("--slash--", "/");
+            match pair[0] {
+                "cluster" => env.cluster_id = Some(value),
+                "net" => env.network = Some(value),
+                key => {
+                    env.extra_env.insert(key.to_uppercase(), value);
+                }
+            }
+        }
+        Some(env)
+    }
+}
+
+/// One injection request.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    /// The pod as created (managedFields already dropped).
+    pub pod: &'a Pod,
+    /// The namespace it is created in.
+    pub namespace: &'a str,
+    /// The Mesh serving it.
+    pub mesh: &'a MeshSpec,
+    /// The ProxyProfiles of its namespace.
+    pub profiles: &'a [ProxyProfile],
+    /// Cluster facts.
+    pub environment: &'a Environment,
+    /// The workload, when the caller knows it better than the pod's
+    /// metadata does (offline injection of a Deployment, say).
+    pub workload: Option<&'a Workload>,
+}
+
+/// The engine's answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Injection {
+    /// Inject or skip, and why.
+    pub decision: Decision,
+    /// The injected pod, when the decision is to inject.
+    pub pod: Option<Pod>,
+    /// Things the user should know (ignored values, conflicting profiles).
+    pub warnings: Vec<String>,
+}
+
+/// Decides, and injects when the decision says so.
+pub fn inject(request: &Request<'_>) -> Result<Injection> {
+    let mut warnings = Vec::new();
+    let decision = decide(
+        request.pod,
+        request.namespace,
+        &request.mesh.injection,
+        &mut warnings,
+    );
+    if !decision.inject {
+        return Ok(Injection {
+            decision,
+            pod: None,
+            warnings,
+        });
+    }
+    let profiles = select_profiles(request.pod, request.profiles, &mut warnings);
+    let settings = Settings::resolve(
+        request.pod,
+        request.mesh,
+        &profiles,
+        request.environment,
+        &mut warnings,
+    )?;
+    let pod = inject_pod(request, &settings, &mut warnings)?;
+    Ok(Injection {
+        decision,
+        pod: Some(pod),
+        warnings,
+    })
+}
+
+/// Removes the containers named in `names` from `list`, returning them.
+fn take_named(list: &mut Vec<Container>, names: &BTreeSet<String>) -> Vec<Container> {
+    let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(list)
+        .into_iter()
+        .partition(|c| names.contains(&c.name));
+    *list = kept;
+    taken
+}
+
+fn set_env(container: &mut Container, name: &str, value: String) {
+    let env = container.env.get_or_insert_with(Vec::new);
+    let var = EnvVar {
+        name: name.to_owned(),
+        value: Some(value),
+        value_from: None,
+    };
+    match env.iter_mut().find(|e| e.name == name) {
+        Some(existing) => *existing = var,
+        None => env.push(var),
+    }
+}
+
+fn env_value<'c>(container: Option<&'c Container>, name: &str) -> Option<&'c str> {
+    container?
+        .env
+        .as_ref()?
+        .iter()
+        .find(|e| e.name == name)?
+        .value
+        .as_deref()
+}
+
+fn inject_pod(
+    request: &Request<'_>,
+    settings: &Settings,
+    warnings: &mut Vec<String>,
+) -> Result<Pod> {
+    let mut pod = request.pod.clone();
+    let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    let previous = match annotations.get(ann::STATUS) {
+        Some(raw) => match serde_json::from_str::<SidecarStatus>(raw) {
+            Ok(status) => Some(status),
+            Err(e) => {
+                warnings.push(format!(
+                    "annotation {} could not be read and is replaced: {e}",
+                    ann::STATUS
+                ));
+                None
+            }
+        },
+        None => None,
+    };
+    let spec: &mut PodSpec = pod
+        .spec
+        .as_mut()
+        .ok_or_else(|| Error::InvalidPod("the pod has no spec".into()))?;
+
+    // Separate what an earlier injection added, and the user's overrides.
+    let sidecar_names: BTreeSet<String> = [PROXY, INIT].iter().map(|s| (*s).to_owned()).collect();
+    let (existing, user_overrides) = match &previous {
+        Some(status) => {
+            let names: BTreeSet<String> = status
+                .container_names()
+                .map(str::to_owned)
+                .chain(sidecar_names.iter().cloned())
+                .collect();
+            let mut existing =
+                take_named(spec.init_containers.get_or_insert_with(Vec::new), &names);
+            existing.extend(take_named(&mut spec.containers, &names));
+            let recorded = annotations
+                .get(ann::PROXY_OVERRIDES)
+                .map(|v| Overrides::parse(v))
+                .transpose();
+            let recorded = recorded.unwrap_or_else(|e| {
+                warnings.push(format!(
+                    "annotation {} could not be read and is ignored: {e}",
+                    ann::PROXY_OVERRIDES
+                ));
+                None
+            });
+            (existing, recorded.unwrap_or_default())
+        }
+        None => {
+            let overrides = Overrides {
+                containers: take_named(&mut spec.containers, &sidecar_names),
+                init_containers: take_named(
+                    spec.init_containers.get_or_insert_with(Vec::new),
+                    &sidecar_names,
+                ),
+            };
+            (Vec::new(), overrides)
+        }
+    };
+
+    let workload = request
+        .workload
+        .cloned()
+        .unwrap_or_else(|| Workload::of(request.pod));
+    let app_containers: Vec<&Container> = spec.containers.iter().collect();
+    let user_uid = user_overrides
+        .get(PROXY)
+        .and_then(|c| c.security_context.as_ref())
+        .and_then(|s| s.run_as_user)
+        .filter(|uid| *uid != 0);
+    let facts = PodFacts {
+        pod: request.pod,
+        namespace: request.namespace,
+        workload: &workload,
+        app_containers: &app_containers,
+    };
+
+    // Build, then lay the user's overrides over the fresh containers.
+    let mut proxy = containers::proxy_container(settings, &facts);
+    let default_container = app_containers.first().map(|c| c.name.clone());
+    let app_names: Vec<String> = app_containers.iter().map(|c| c.name.clone()).collect();
+    drop(app_containers);
+    if let Some(user) = user_overrides.get(PROXY) {
+        proxy = overlay(&proxy, user, Depth::Deep)?;
+        if settings.interception_mode == ferrimesh_crds::settings::InterceptionMode::Tproxy {
+            if let Some(sc) = proxy.security_context.as_mut() {
+                sc.run_as_user = Some(0);
+            }
+        }
+    }
+    let mut init = containers::init_container(settings, user_uid);
+    if let (Some(fresh), Some(user)) = (init.as_ref(), user_overrides.get(INIT)) {
+        init = Some(overlay(fresh, user, Depth::Deep)?);
+    }
+    if settings.hold_application && !settings.native {
+        let lifecycle = proxy.lifecycle.get_or_insert_with(Lifecycle::default);
+        lifecycle.post_start = Some(containers::exec_handler(&["pilot-agent", "wait"]));
+    }
+    let old_proxy = existing.iter().find(|c| c.name == PROXY);
+
+    // Post-processing: prometheus merge, then probe rewriting.
+    if settings.merge_metrics {
+        if let Some(handed_over) = prometheus::merge(annotations, settings.metrics_port)? {
+            set_env(&mut proxy, "ISTIO_PROMETHEUS_ANNOTATIONS", handed_over);
+        }
+    }
+    if settings.rewrite_probes && settings.status_port != 0 {
+        let mut probers = probes::Probers::new();
+        for container in spec
+            .containers
+            .iter_mut()
+            .chain(spec.init_containers.iter_mut().flatten())
+        {
+            probes::rewrite_container(container, settings.status_port, &mut probers);
+        }
+        if let Some(value) =
+            probes::probers_env(probers, env_value(old_proxy, "ISTIO_KUBE_APP_PROBERS"))
+        {
+            set_env(&mut proxy, "ISTIO_KUBE_APP_PROBERS", value);
+        }
+    }
+
+    // A fresh sidecar is laid over the one an earlier injection left.
+    let merge_existing = |fresh: Container| -> Result<Container> {
+        match existing.iter().find(|c| c.name == fresh.name) {
+            Some(old) => overlay(old, &fresh, Depth::TopLevel),
+            None => Ok(fresh),
+        }
+    };
+    let proxy = merge_existing(proxy)?;
+    let init = init.map(merge_existing).transpose()?;
+
+    // Layout.
+    let (injected_init, injected_containers) = if settings.native {
+        let mut injected: Vec<Container> = init.into_iter().collect();
+        injected.push(proxy);
+        let names: Vec<String> = injected.iter().map(|c| c.name.clone()).collect();
+        injected.extend(spec.init_containers.take().unwrap_or_default());
+        spec.init_containers = Some(injected);
+        (names, Vec::new())
+    } else {
+        if let Some(init) = init {
+            spec.init_containers.get_or_insert_with(Vec::new).push(init);
+        }
+        if settings.hold_application {
+            spec.containers.insert(0, proxy);
+        } else {
+            spec.containers.push(proxy);
+        }
+        let init_names = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .filter(|c| c.name == INIT)
+            .map(|c| c.name.clone());
+        (init_names.collect(), vec![PROXY.to_owned()])
+    };
+    if spec.init_containers.as_ref().is_some_and(Vec::is_empty) {
+        spec.init_containers = None;
+    }
+
+    // Volumes: the injected ones first, then the pod's own; none removed.
+    let injected_volumes = volumes::injected_volumes(&settings.user_volumes);
+    let volume_names: Vec<String> = injected_volumes.iter().map(|v| v.name.clone()).collect();
+    let own_volumes = spec
+        .volumes
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|v| !volume_names.contains(&v.name));
+    spec.volumes = Some(injected_volumes.into_iter().chain(own_volumes).collect());
+
+    // Pull secrets: the Mesh's first, duplicates merged by name.
+    if !settings.image_pull_secrets.is_empty() {
+        let mesh_secrets = settings
+            .image_pull_secrets
+            .iter()
+            .map(|name| LocalObjectReference { name: name.clone() });
+        let own = spec.image_pull_secrets.take().unwrap_or_default();
+        let mut seen = BTreeSet::new();
+        let merged: Vec<_> = mesh_secrets
+            .chain(own)
+            .filter(|s| seen.insert(s.name.clone()))
+            .collect();
+        spec.image_pull_secrets = Some(merged);
+    }
+
+    // Labels.
+    let labels = pod.metadata.labels.get_or_insert_with(BTreeMap::new);
+    labels
+        .entry(ann::TLS_MODE_LABEL.to_owned())
+        .or_insert_with(|| "istio".to_owned());
+    let canonical_name = canonical_name(labels, &workload.name);
+    labels
+        .entry(ann::CANONICAL_NAME_LABEL.to_owned())
+        .or_insert(canonical_name);
+    let canonical_revision = ["app.kubernetes.io/version", "version"]
+        .iter()
+        .find_map(|k| labels.get(*k).filter(|v| !v.is_empty()).cloned())
+        .unwrap_or_else(|| "latest".to_owned());
+    if labels
+        .get(ann::CANONICAL_REVISION_LABEL)
+        .is_none_or(String::is_empty)
+    {
+        labels.insert(ann::CANONICAL_REVISION_LABEL.to_owned(), canonical_revision);
+    }
+    if let Some(network) = &settings.network {
+        labels.insert(ann::NETWORK_LABEL.to_owned(), network.clone());
+    }
+    if settings
+        .proxy_metadata
+        .get("ISTIO_META_ENABLE_HBONE")
+        .is_some_and(|v| v == "true")
+    {
+        labels.insert(ann::TUNNEL_LABEL.to_owned(), "http".to_owned());
+    }
+
+    // Annotations.
+    let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    annotations.insert(ann::REVISION.to_owned(), settings.revision.clone());
+    if let Some(first) = default_container {
+        annotations
+            .entry(ann::DEFAULT_CONTAINER.to_owned())
+            .or_insert_with(|| first.clone());
+        annotations
+            .entry(ann::DEFAULT_LOGS_CONTAINER.to_owned())
+            .or_insert(first);
+    }
+    if previous.is_none() && !user_overrides.is_empty() {
+        annotations.insert(
+            ann::PROXY_OVERRIDES.to_owned(),
+            user_overrides.to_annotation()?,
+        );
+    }
+    if let Some(port) = settings
+        .proxy_metadata
+        .get("ENVOY_SECURE_MERGED_METRICS_PORT")
+        .filter(|p| {
+            let port = p.trim();
+            !port.is_empty() && port != "0"
+        })
+    {
+        annotations.insert(ann::SECURE_PORT.to_owned(), port.clone());
+    }
+    let status = SidecarStatus::new(
+        injected_init,
+        injected_containers,
+        volume_names,
+        settings.image_pull_secrets.clone(),
+        &settings.revision,
+    );
+    annotations.insert(ann::STATUS.to_owned(), status.to_annotation());
+    annotations.extend(
+        settings
+            .injected_annotations
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
+    let _ = app_names;
+    Ok(pod)
+}
+
+/// `service.istio.io/canonical-name` for a pod that has none.
+fn canonical_name(labels: &BTreeMap<String, String>, workload: &str) -> String {
+    let raw = ["app.kubernetes.io/name", "app"]
+        .iter()
+        .find_map(|k| labels.get(*k).filter(|v| !v.is_empty()).map(String::as_str))
+        .unwrap_or(workload);
+    let cut: String = raw.chars().take(63).collect();
+    cut.trim_matches(|c| matches!(c, '-' | '_' | '.'))
+        .to_owned()
+}

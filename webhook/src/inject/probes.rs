@@ -1,0 +1,359 @@
+//! Probe rewriting: application probes and lifecycle hooks are sent through
+//! the agent's status port, and the originals handed to the agent in
+//! `ISTIO_KUBE_APP_PROBERS` (injection.md section 3).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, HTTPGetAction, LifecycleHandler, Probe};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::{Map, Value};
+
+use super::containers::named_ports;
+
+/// Original probes by their rewritten path.
+pub type Probers = BTreeMap<String, Value>;
+
+fn resolve(port: &IntOrString, named: &BTreeMap<&str, i32>) -> Option<i32> {
+    match port {
+        IntOrString::Int(p) => Some(*p),
+        IntOrString::String(name) => named
+            .get(name.as_str())
+            .copied()
+            .or_else(|| name.parse().ok()),
+    }
+}
+
+/// The original check as the agent reads it, or `None` when it must be left
+/// out (already on the status port, or a named port that does not resolve).
+fn original(
+    http: Option<&HTTPGetAction>,
+    tcp_port: Option<&IntOrString>,
+    grpc: Option<(i32, Option<&String>)>,
+    named: &BTreeMap<&str, i32>,
+    status_port: i32,
+) -> Option<(&'static str, Value)> {
+    if let Some(http) = http {
+        let port = resolve(&http.port, named).filter(|p| *p != status_port)?;
+        let mut m = Map::new();
+        if let Some(path) = http.path.as_ref().filter(|p| !p.is_empty()) {
+            m.insert("path".into(), Value::String(path.clone()));
+        }
+        m.insert("port".into(), Value::from(port));
+        if let Some(host) = http.host.as_ref().filter(|h| !h.is_empty()) {
+            m.insert("host".into(), Value::String(host.clone()));
+        }
+        if let Some(scheme) = http.scheme.as_ref().filter(|s| !s.is_empty()) {
+            m.insert("scheme".into(), Value::String(scheme.clone()));
+        }
+        if let Some(headers) = http.http_headers.as_ref().filter(|h| !h.is_empty()) {
+            let headers = headers
+                .iter()
+                .map(|h| {
+                    let mut header = Map::new();
+                    header.insert("name".into(), Value::String(h.name.clone()));
+                    header.insert("value".into(), Value::String(h.value.clone()));
+                    Value::Object(header)
+                })
+                .collect();
+            m.insert("httpHeaders".into(), Value::Array(headers));
+        }
+        return Some(("httpGet", Value::Object(m)));
+    }
+    if let Some(port) = tcp_port {
+        let port = resolve(port, named).filter(|p| *p != status_port)?;
+        let mut m = Map::new();
+        m.insert("port".into(), Value::from(port));
+        return Some(("tcpSocket", Value::Object(m)));
+    }
+    let (port, service) = grpc?;
+    if port == status_port {
+        return None;
+    }
+    let mut m = Map::new();
+    m.insert("port".into(), Value::from(port));
+    m.insert(
+        "service".into(),
+        service.map_or(Value::Null, |s| Value::String(s.clone())),
+    );
+    Some(("grpc", Value::Object(m)))
+}
+
+fn redirected(path: String, status_port: i32, original: Option<&HTTPGetAction>) -> HTTPGetAction {
+    let mut http = original.cloned().unwrap_or_default();
+    http.path = Some(path);
+    http.port = IntOrString::Int(status_port);
+    if http.scheme.as_deref() == Some("HTTPS") {
+        http.scheme = Some("HTTP".to_owned());
+    }
+    http
+}
+
+fn rewrite_probe(
+    probe: &mut Probe,
+    path: String,
+    named: &BTreeMap<&str, i32>,
+    status_port: i32,
+    out: &mut Probers,
+) {
+    if probe.http_get.is_none() && probe.tcp_socket.is_none() && probe.grpc.is_none() {
+        return; // exec probes are left alone
+    }
+    let grpc = probe.grpc.as_ref().map(|g| (g.port, g.service.as_ref()));
+    if let Some((kind, check)) = original(
+        probe.http_get.as_ref(),
+        probe.tcp_socket.as_ref().map(|t| &t.port),
+        grpc,
+        named,
+        status_port,
+    ) {
+        let mut entry = Map::new();
+        entry.insert(kind.into(), check);
+        if let Some(timeout) = probe.timeout_seconds.filter(|t| *t != 0) {
+            entry.insert("timeoutSeconds".into(), Value::from(timeout));
+        }
+        out.insert(path.clone(), Value::Object(entry));
+    }
+    probe.http_get = Some(redirected(path, status_port, probe.http_get.as_ref()));
+    probe.tcp_socket = None;
+    probe.grpc = None;
+}
+
+fn rewrite_hook(
+    hook: &mut LifecycleHandler,
+    path: String,
+    named: &BTreeMap<&str, i32>,
+    status_port: i32,
+    out: &mut Probers,
+) {
+    if hook.http_get.is_none() && hook.tcp_socket.is_none() {
+        return;
+    }
+    if let Some((kind, check)) = original(
+        hook.http_get.as_ref(),
+        hook.tcp_socket.as_ref().map(|t| &t.port),
+        None,
+        named,
+        status_port,
+    ) {
+        let mut entry = Map::new();
+        entry.insert(kind.into(), check);
+        out.insert(path.clone(), Value::Object(entry));
+    }
+    hook.http_get = Some(redirected(path, status_port, hook.http_get.as_ref()));
+    hook.tcp_socket = None;
+}
+
+/// Rewrites the probes and lifecycle hooks of `container`, adding the
+/// originals to `out`.
+pub fn rewrite_container(container: &mut Container, status_port: i32, out: &mut Probers) {
+    let name = container.name.clone();
+    let ports: BTreeMap<String, i32> = named_ports(container)
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    let named: BTreeMap<&str, i32> = ports.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    for (probe, kind) in [
+        (&mut container.readiness_probe, "readyz"),
+        (&mut container.liveness_probe, "livez"),
+        (&mut container.startup_probe, "startupz"),
+    ] {
+        if let Some(probe) = probe {
+            rewrite_probe(
+                probe,
+                format!("/app-health/{name}/{kind}"),
+                &named,
+                status_port,
+                out,
+            );
+        }
+    }
+    if let Some(lifecycle) = &mut container.lifecycle {
+        for (hook, kind) in [
+            (&mut lifecycle.pre_stop, "prestopz"),
+            (&mut lifecycle.post_start, "poststartz"),
+        ] {
+            if let Some(hook) = hook {
+                rewrite_hook(
+                    hook,
+                    format!("/app-lifecycle/{name}/{kind}"),
+                    &named,
+                    status_port,
+                    out,
+                );
+            }
+        }
+    }
+}
+
+/// `ISTIO_KUBE_APP_PROBERS`: `new` entries, with `old` ones (from an earlier
+/// injection) winning on clashes; `None` when there are none.
+pub fn probers_env(new: Probers, old: Option<&str>) -> Option<String> {
+    if new.is_empty() {
+        return None;
+    }
+    let mut merged = new;
+    if let Some(Ok(old)) = old.map(serde_json::from_str::<Probers>) {
+        merged.extend(old);
+    }
+    serde_json::to_string(&merged).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{
+        ContainerPort, ExecAction, GRPCAction, HTTPHeader, Lifecycle, TCPSocketAction,
+    };
+
+    use super::*;
+
+    fn container() -> Container {
+        Container {
+            name: "app".into(),
+            ports: Some(vec![ContainerPort {
+                name: Some("http".into()),
+                container_port: 8080,
+                ..Default::default()
+            }]),
+            readiness_probe: Some(Probe {
+                http_get: Some(HTTPGetAction {
+                    path: Some("/ready".into()),
+                    port: IntOrString::String("http".into()),
+                    scheme: Some("HTTPS".into()),
+                    http_headers: Some(vec![HTTPHeader {
+                        name: "X".into(),
+                        value: "1".into(),
+                    }]),
+                    ..Default::default()
+                }),
+                timeout_seconds: Some(2),
+                period_seconds: Some(7),
+                ..Default::default()
+            }),
+            liveness_probe: Some(Probe {
+                tcp_socket: Some(TCPSocketAction {
+                    port: IntOrString::Int(9000),
+                    host: None,
+                }),
+                ..Default::default()
+            }),
+            startup_probe: Some(Probe {
+                grpc: Some(GRPCAction {
+                    port: 9001,
+                    service: None,
+                }),
+                ..Default::default()
+            }),
+            lifecycle: Some(Lifecycle {
+                pre_stop: Some(LifecycleHandler {
+                    http_get: Some(HTTPGetAction {
+                        path: Some("/stop".into()),
+                        port: IntOrString::Int(8080),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn rewrites_http_tcp_grpc_probes_and_hooks_through_the_status_port() {
+        let mut c = container();
+        let mut out = Probers::new();
+        rewrite_container(&mut c, 15020, &mut out);
+        let readiness = c
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("http");
+        assert_eq!(readiness.path.as_deref(), Some("/app-health/app/readyz"));
+        assert_eq!(readiness.port, IntOrString::Int(15020));
+        assert_eq!(readiness.scheme.as_deref(), Some("HTTP"));
+        assert_eq!(
+            readiness.http_headers.as_ref().map(Vec::len),
+            Some(1),
+            "headers kept"
+        );
+        assert_eq!(
+            c.readiness_probe.as_ref().and_then(|p| p.period_seconds),
+            Some(7),
+            "thresholds kept"
+        );
+        assert!(
+            c.liveness_probe
+                .as_ref()
+                .is_some_and(|p| p.tcp_socket.is_none() && p.http_get.is_some())
+        );
+        assert!(
+            c.startup_probe
+                .as_ref()
+                .is_some_and(|p| p.grpc.is_none() && p.http_get.is_some())
+        );
+        assert_eq!(
+            probers_env(out, None).as_deref(),
+            Some(concat!(
+                r#"{"/app-health/app/livez":{"tcpSocket":{"port":9000}},"#,
+                r#""/app-health/app/readyz":{"httpGet":{"path":"/ready","port":8080,"scheme":"HTTPS","httpHeaders":[{"name":"X","value":"1"}]},"timeoutSeconds":2},"#,
+                r#""/app-health/app/startupz":{"grpc":{"port":9001,"service":null}},"#,
+                r#""/app-lifecycle/app/prestopz":{"httpGet":{"path":"/stop","port":8080}}}"#
+            ))
+        );
+    }
+
+    #[test]
+    fn leaves_exec_probes_alone() {
+        let exec = Probe {
+            exec: Some(ExecAction {
+                command: Some(vec!["true".into()]),
+            }),
+            ..Default::default()
+        };
+        let mut c = Container {
+            name: "app".into(),
+            readiness_probe: Some(exec.clone()),
+            ..Default::default()
+        };
+        let mut out = Probers::new();
+        rewrite_container(&mut c, 15020, &mut out);
+        assert_eq!(c.readiness_probe, Some(exec));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn rewrites_but_leaves_out_status_port_and_unresolved_probes() {
+        let mut c = container();
+        if let Some(p) = c.readiness_probe.as_mut().and_then(|p| p.http_get.as_mut()) {
+            p.port = IntOrString::String("missing".into());
+        }
+        let mut out = Probers::new();
+        rewrite_container(&mut c, 9000, &mut out);
+        assert!(!out.contains_key("/app-health/app/readyz"));
+        assert!(
+            !out.contains_key("/app-health/app/livez"),
+            "already on the status port"
+        );
+        assert_eq!(
+            c.readiness_probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .map(|h| h.port.clone()),
+            Some(IntOrString::Int(9000))
+        );
+    }
+
+    #[test]
+    fn old_probers_win_on_reinjection() {
+        let new: Probers = [
+            ("/a".to_owned(), Value::from(1)),
+            ("/b".to_owned(), Value::from(2)),
+        ]
+        .into();
+        assert_eq!(
+            probers_env(new, Some(r#"{"/a":0}"#)).as_deref(),
+            Some(r#"{"/a":0,"/b":2}"#)
+        );
+        assert_eq!(probers_env(Probers::new(), Some(r#"{"/a":0}"#)), None);
+    }
+}

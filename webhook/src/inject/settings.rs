@@ -1,0 +1,674 @@
+//! The effective settings for one pod: Mesh < namespace ProxyProfile <
+//! workload ProxyProfile < the pod's annotations, validated, each bad value
+//! reported with the annotation or field that carried it.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+use ferrimesh_crds::ProxyProfile;
+use ferrimesh_crds::mesh::{MeshSpec, NativeSidecars};
+use ferrimesh_crds::settings::{
+    InterceptionMode, ProxySettings, TrafficSettings, TrafficSettingsOverride,
+};
+use k8s_openapi::api::core::v1::{Pod, ResourceRequirements, Volume, VolumeMount};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use serde_json::Value;
+
+use super::Environment;
+use super::annotations as ann;
+use super::decision::selector_matches;
+use super::proxy_config::{ProxyConfig, ProxyConfigEnv, parse_duration};
+use super::quantity::canonicalize;
+use crate::{Error, Result};
+
+/// The arguments of `istio-iptables` that come from settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Capture {
+    /// `-p`
+    pub proxy_listen_port: i32,
+    /// `-z`
+    pub inbound_listen_port: i32,
+    /// `-i`
+    pub include_outbound_ip_ranges: String,
+    /// `-x`
+    pub exclude_outbound_ip_ranges: String,
+    /// `-b`
+    pub include_inbound_ports: String,
+    /// The user's part of `-d`.
+    pub exclude_inbound_ports: String,
+    /// `-q`, when passed at all.
+    pub include_outbound_ports: Option<String>,
+    /// `-o`, when passed at all.
+    pub exclude_outbound_ports: Option<String>,
+    /// `-k`, when passed at all.
+    pub reroute_virtual_interfaces: Option<String>,
+    /// `-c`, when passed at all.
+    pub exclude_interfaces: Option<String>,
+}
+
+/// Everything the builders need, resolved for one pod.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// The revision written to `istio.io/rev` and the status annotation.
+    pub revision: String,
+    /// `ISTIO_META_MESH_ID`.
+    pub mesh_id: String,
+    /// `TRUST_DOMAIN`.
+    pub trust_domain: String,
+    /// `ISTIO_META_CLUSTER_ID`.
+    pub cluster_id: String,
+    /// Env vars for the sorted block at the end of the proxy env (cluster,
+    /// network and URL parameters); when it holds the cluster ID, the ID is
+    /// written there rather than in its usual place.
+    pub trailing_env: BTreeMap<String, String>,
+    /// The network, when one is known (also labelled on the pod).
+    pub network: Option<String>,
+    /// `CA_ADDR`.
+    pub ca_address: String,
+    /// Native sidecar layout.
+    pub native: bool,
+    /// Hold the application until the proxy is ready.
+    pub hold_application: bool,
+    /// Rewrite application probes.
+    pub rewrite_probes: bool,
+    /// Merge Prometheus metrics.
+    pub merge_metrics: bool,
+    /// `imagePullPolicy` of the injected containers.
+    pub image_pull_policy: Option<String>,
+    /// Pull secrets put before the pod's own.
+    pub image_pull_secrets: Vec<String>,
+    /// Annotations put on every injected pod.
+    pub injected_annotations: BTreeMap<String, String>,
+    /// `istio-proxy` image.
+    pub proxy_image: String,
+    /// `istio-init` image.
+    pub init_image: String,
+    /// Resources of both containers, canonical quantities.
+    pub resources: ResourceRequirements,
+    /// `--proxyLogLevel`.
+    pub log_level: String,
+    /// `--proxyComponentLogLevel`.
+    pub component_log_level: String,
+    /// `--log_output_level`.
+    pub agent_log_level: String,
+    /// The status port of probes, `-d`, preStop and rewritten probes.
+    pub status_port: i32,
+    /// The configured status port (Mesh < profiles < proxy config), used for
+    /// `prometheus.io/port`.
+    pub metrics_port: i32,
+    /// Readiness probe initialDelaySeconds.
+    pub readiness_initial_delay_seconds: i32,
+    /// Readiness probe periodSeconds.
+    pub readiness_period_seconds: i32,
+    /// Readiness probe failureThreshold.
+    pub readiness_failure_threshold: i32,
+    /// Proxy UID/GID.
+    pub uid: i64,
+    /// Interception mode.
+    pub interception_mode: InterceptionMode,
+    /// Effective proxy metadata.
+    pub proxy_metadata: BTreeMap<String, String>,
+    /// The rendered `PROXY_CONFIG`.
+    pub proxy_config: String,
+    /// iptables settings.
+    pub capture: Capture,
+    /// Volumes from `sidecar.istio.io/userVolume`, sorted by name.
+    pub user_volumes: Vec<Volume>,
+    /// Mounts from `sidecar.istio.io/userVolumeMount`, sorted by name.
+    pub user_volume_mounts: Vec<VolumeMount>,
+}
+
+struct Annotations<'a>(Option<&'a BTreeMap<String, String>>);
+
+impl<'a> Annotations<'a> {
+    fn get(&self, name: &str) -> Option<&'a str> {
+        self.0.and_then(|a| a.get(name)).map(String::as_str)
+    }
+
+    /// A validated annotation: `check` returns why a value is refused.
+    fn checked<T>(
+        &self,
+        name: &str,
+        check: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<T>> {
+        self.get(name)
+            .map(|v| check(v).map_err(|reason| Error::annotation(name, v, reason)))
+            .transpose()
+    }
+}
+
+fn i32_value(value: &str) -> Result<i32, String> {
+    ann::parse_u32(value).and_then(|v| i32::try_from(v).map_err(|_| "is too large".to_owned()))
+}
+
+/// The ProxyProfiles that apply to a pod, lowest precedence first, with a
+/// warning for every profile that lost to an older one of the same level.
+pub fn select_profiles<'p>(
+    pod: &Pod,
+    profiles: &'p [ProxyProfile],
+    warnings: &mut Vec<String>,
+) -> Vec<&'p ProxyProfile> {
+    let empty = BTreeMap::new();
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+    let oldest_first = |a: &&ProxyProfile, b: &&ProxyProfile| -> Ordering {
+        let created = |p: &ProxyProfile| p.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        created(a)
+            .cmp(&created(b))
+            .then_with(|| a.metadata.name.cmp(&b.metadata.name))
+    };
+    let mut namespace_wide: Vec<_> = profiles.iter().filter(|p| p.is_namespace_wide()).collect();
+    let mut workload: Vec<_> = profiles
+        .iter()
+        .filter(|p| !p.is_namespace_wide())
+        .filter(|p| {
+            match p
+                .spec
+                .selector
+                .as_ref()
+                .map(|s| selector_matches(s, labels))
+            {
+                Some(Ok(matched)) => matched,
+                Some(Err(e)) => {
+                    warnings.push(format!(
+                        "ProxyProfile {} has an invalid selector and is ignored: {e}",
+                        name(p)
+                    ));
+                    false
+                }
+                None => false,
+            }
+        })
+        .collect();
+    let mut chosen = Vec::new();
+    for (level, candidates) in [
+        ("namespace-wide", &mut namespace_wide),
+        ("workload", &mut workload),
+    ] {
+        candidates.sort_by(oldest_first);
+        if let Some((first, rest)) = candidates.split_first() {
+            if !rest.is_empty() {
+                let others: Vec<_> = rest.iter().map(|p| name(p)).collect();
+                warnings.push(format!(
+                    "several {level} ProxyProfiles select this pod; the oldest, {}, applies and {} are ignored",
+                    name(first),
+                    others.join(", ")
+                ));
+            }
+            chosen.push(*first);
+        }
+    }
+    chosen
+}
+
+fn name(profile: &ProxyProfile) -> String {
+    format!(
+        "{}/{}",
+        profile.metadata.namespace.as_deref().unwrap_or_default(),
+        profile.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+fn check_traffic_field(origin: &str, field: &str, value: &str) -> Result<()> {
+    let result = match field {
+        "includeOutboundIPRanges" => ann::validate_cidr_list(value, true),
+        "excludeOutboundIPRanges" => ann::validate_cidr_list(value, false),
+        "includeInboundPorts" => ann::validate_port_list(value, true),
+        "excludeInboundPorts" | "includeOutboundPorts" | "excludeOutboundPorts" => {
+            ann::validate_port_list(value, false)
+        }
+        _ => ann::validate_interface_list(value),
+    };
+    result.map_err(|reason| Error::InvalidSetting {
+        origin: origin.to_owned(),
+        field: format!("traffic.{field}"),
+        value: value.to_owned(),
+        reason,
+    })
+}
+
+fn traffic_lists(t: &TrafficSettingsOverride) -> [(&'static str, Option<&String>); 8] {
+    [
+        (
+            "includeOutboundIPRanges",
+            t.include_outbound_ip_ranges.as_ref(),
+        ),
+        (
+            "excludeOutboundIPRanges",
+            t.exclude_outbound_ip_ranges.as_ref(),
+        ),
+        ("includeInboundPorts", t.include_inbound_ports.as_ref()),
+        ("excludeInboundPorts", t.exclude_inbound_ports.as_ref()),
+        ("includeOutboundPorts", t.include_outbound_ports.as_ref()),
+        ("excludeOutboundPorts", t.exclude_outbound_ports.as_ref()),
+        ("excludeInterfaces", t.exclude_interfaces.as_ref()),
+        (
+            "rerouteVirtualInterfaces",
+            t.reroute_virtual_interfaces.as_ref(),
+        ),
+    ]
+}
+
+fn as_override(t: &TrafficSettings) -> TrafficSettingsOverride {
+    TrafficSettingsOverride {
+        include_outbound_ip_ranges: Some(t.include_outbound_ip_ranges.clone()),
+        exclude_outbound_ip_ranges: Some(t.exclude_outbound_ip_ranges.clone()),
+        include_inbound_ports: Some(t.include_inbound_ports.clone()),
+        exclude_inbound_ports: Some(t.exclude_inbound_ports.clone()),
+        include_outbound_ports: Some(t.include_outbound_ports.clone()),
+        exclude_outbound_ports: Some(t.exclude_outbound_ports.clone()),
+        exclude_interfaces: Some(t.exclude_interfaces.clone()),
+        reroute_virtual_interfaces: Some(t.reroute_virtual_interfaces.clone()),
+        ..Default::default()
+    }
+}
+
+fn check_traffic(origin: &str, traffic: &TrafficSettingsOverride) -> Result<()> {
+    for (field, value) in traffic_lists(traffic) {
+        if let Some(value) = value {
+            check_traffic_field(origin, field, value)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_proxy(origin: &str, proxy: &ProxySettings) -> Result<()> {
+    let invalid = |field: &str, value: &str, reason: String| Error::InvalidSetting {
+        origin: origin.to_owned(),
+        field: format!("proxy.{field}"),
+        value: value.to_owned(),
+        reason,
+    };
+    if let Some(duration) = &proxy.drain_duration {
+        parse_duration(duration).map_err(|e| invalid("drainDuration", duration, e))?;
+    }
+    if !(0..=65535).contains(&proxy.status_port) {
+        return Err(invalid(
+            "statusPort",
+            &proxy.status_port.to_string(),
+            "is not a port (0-65535)".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn canonical_resources(
+    resources: &ResourceRequirements,
+    origin: &str,
+) -> Result<ResourceRequirements> {
+    let canonical = |map: &Option<BTreeMap<String, Quantity>>, kind: &str| -> Result<_> {
+        map.as_ref()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, q)| {
+                        canonicalize(&q.0)
+                            .map(|c| (k.clone(), Quantity(c)))
+                            .map_err(|e| Error::InvalidSetting {
+                                origin: origin.to_owned(),
+                                field: format!("proxy.resources.{kind}.{k}"),
+                                value: q.0.clone(),
+                                reason: e.to_string(),
+                            })
+                    })
+                    .collect::<Result<BTreeMap<_, _>>>()
+            })
+            .transpose()
+    };
+    Ok(ResourceRequirements {
+        requests: canonical(&resources.requests, "requests")?,
+        limits: canonical(&resources.limits, "limits")?,
+        claims: resources.claims.clone(),
+    })
+}
+
+/// Resources from the four resource annotations, when any is present; they
+/// replace the configured resources entirely.
+fn annotation_resources(a: &Annotations<'_>) -> Result<Option<ResourceRequirements>> {
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    for (name, is_limit, key) in [
+        (ann::PROXY_CPU, false, "cpu"),
+        (ann::PROXY_MEMORY, false, "memory"),
+        (ann::PROXY_CPU_LIMIT, true, "cpu"),
+        (ann::PROXY_MEMORY_LIMIT, true, "memory"),
+    ] {
+        if let Some(q) = a.checked(name, |v| {
+            canonicalize(v).map_err(|_| "is not a valid quantity".to_owned())
+        })? {
+            let map = if is_limit { &mut limits } else { &mut requests };
+            map.insert(key.to_owned(), Quantity(q));
+        }
+    }
+    if requests.is_empty() && limits.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(ResourceRequirements {
+        requests: (!requests.is_empty()).then_some(requests),
+        limits: (!limits.is_empty()).then_some(limits),
+        claims: None,
+    }))
+}
+
+/// Parses a JSON map annotation (`userVolume`, `userVolumeMount`) whose keys
+/// become the `name` of each entry; an unusable value is a warning.
+fn named_entries<T: serde::de::DeserializeOwned>(
+    a: &Annotations<'_>,
+    name: &str,
+    warnings: &mut Vec<String>,
+) -> Vec<T> {
+    let Some(raw) = a.get(name) else {
+        return Vec::new();
+    };
+    let parsed = serde_json::from_str::<BTreeMap<String, Value>>(raw)
+        .map_err(|e| e.to_string())
+        .and_then(|map| {
+            map.into_iter()
+                .map(|(key, mut value)| {
+                    let object = value
+                        .as_object_mut()
+                        .ok_or_else(|| format!("entry {key:?} is not an object"))?;
+                    object.insert("name".to_owned(), Value::String(key.clone()));
+                    serde_json::from_value(value).map_err(|e| format!("entry {key:?}: {e}"))
+                })
+                .collect::<Result<Vec<T>, String>>()
+        });
+    match parsed {
+        Ok(entries) => entries,
+        Err(e) => {
+            warnings.push(format!("annotation {name} is ignored: {e}"));
+            Vec::new()
+        }
+    }
+}
+
+impl Settings {
+    /// Resolves the settings for `pod`, which the decision says to inject.
+    pub fn resolve(
+        pod: &Pod,
+        mesh: &MeshSpec,
+        profiles: &[&ProxyProfile],
+        env: &Environment,
+        warnings: &mut Vec<String>,
+    ) -> Result<Self> {
+        let mesh_origin = format!("Mesh (revision {})", mesh.revision);
+        check_proxy(&mesh_origin, &mesh.proxy)?;
+        check_traffic(&mesh_origin, &as_override(&mesh.traffic))?;
+        let mut proxy = mesh.proxy.clone();
+        let mut traffic = mesh.traffic.clone();
+        let mut resources = canonical_resources(&mesh.proxy.resources, &mesh_origin)?;
+        for profile in profiles {
+            let origin = format!("ProxyProfile {}", name(profile));
+            check_traffic(&origin, &profile.spec.traffic)?;
+            if let Some(r) = &profile.spec.proxy.resources {
+                ferrimesh_crds::settings::merge_resources(
+                    &mut resources,
+                    &canonical_resources(r, &origin)?,
+                );
+            }
+            proxy.apply(&profile.spec.proxy);
+            traffic.apply(&profile.spec.traffic);
+            check_proxy(&origin, &proxy)?;
+        }
+
+        let a = Annotations(pod.metadata.annotations.as_ref());
+        let config = a
+            .checked(ann::PROXY_CONFIG, ProxyConfig::parse)?
+            .unwrap_or_default();
+        for field in config.other.keys() {
+            warnings.push(format!(
+                "{} field {field} is not applied by ferrimesh",
+                ann::PROXY_CONFIG
+            ));
+        }
+
+        // Proxy config (Mesh < profiles < proxy.istio.io/config).
+        let mut proxy_metadata = proxy.proxy_metadata.clone();
+        proxy_metadata.extend(config.proxy_metadata.clone());
+        let config_mode = config
+            .interception_mode
+            .as_deref()
+            .and_then(InterceptionMode::parse)
+            .unwrap_or(traffic.interception_mode);
+        let metrics_port = config.status_port.unwrap_or(proxy.status_port);
+        let discovery_address = config
+            .discovery_address
+            .clone()
+            .unwrap_or_else(|| mesh.effective_discovery_address());
+        let drain = match config
+            .drain_duration
+            .as_ref()
+            .or(proxy.drain_duration.as_ref())
+        {
+            Some(d) => {
+                Some(parse_duration(d).map_err(|e| Error::annotation(ann::PROXY_CONFIG, d, e))?)
+            }
+            None => None,
+        };
+        let proxy_config = ProxyConfigEnv {
+            drain_duration: drain,
+            discovery_address: Some(discovery_address),
+            concurrency: config.concurrency.or(proxy.concurrency),
+            interception_mode: Some(config_mode.as_str()),
+            proxy_metadata: proxy_metadata.clone(),
+            status_port: Some(metrics_port),
+            mesh_id: config.mesh_id.clone(),
+            hold_application_until_proxy_starts: config.hold_application_until_proxy_starts,
+        }
+        .render();
+
+        // Per-pod annotations.
+        let interception_mode = a
+            .checked(ann::INTERCEPTION_MODE, |v| {
+                InterceptionMode::parse(v)
+                    .ok_or_else(|| "is not one of REDIRECT, TPROXY, NONE".to_owned())
+            })?
+            .unwrap_or(config_mode);
+        let status_port = a
+            .checked(ann::STATUS_PORT, ann::parse_port)?
+            .map_or(metrics_port, i32::from);
+        let readiness = |name: &str, default: i32| -> Result<i32> {
+            Ok(a.checked(name, i32_value)?.unwrap_or(default))
+        };
+        let merge_metrics = a
+            .checked(ann::MERGE_METRICS, |v| {
+                ann::parse_bool(v).ok_or_else(|| "is not a boolean".to_owned())
+            })?
+            .unwrap_or(mesh.injection.merge_prometheus_metrics);
+        let rewrite_probes = match a.get(ann::REWRITE_APP_PROBES) {
+            None => mesh.injection.rewrite_app_probes,
+            Some(v) => ann::parse_bool(v).unwrap_or_else(|| {
+                warnings.push(format!(
+                    "annotation {}={v:?} is not a boolean; the Mesh's rewriteAppProbes applies",
+                    ann::REWRITE_APP_PROBES
+                ));
+                mesh.injection.rewrite_app_probes
+            }),
+        };
+        if let Some(r) = annotation_resources(&a)? {
+            resources = r;
+        }
+
+        let mut proxy_image = proxy.image.clone();
+        let mut init_image = if proxy.init_image.is_empty() {
+            proxy.image.clone()
+        } else {
+            proxy.init_image.clone()
+        };
+        if let Some(image) = a.get(ann::PROXY_IMAGE) {
+            if image.contains('/') {
+                proxy_image = image.to_owned();
+                init_image = image.to_owned();
+            } else {
+                warnings.push(format!(
+                    "annotation {}={image:?} is ignored: it is not a full image reference (no '/')",
+                    ann::PROXY_IMAGE
+                ));
+            }
+        }
+
+        let native = match a.get(ann::NATIVE_SIDECAR) {
+            Some("false") => false,
+            Some(v) if !v.is_empty() => true,
+            _ => match mesh.injection.native_sidecars {
+                NativeSidecars::Enabled => true,
+                NativeSidecars::Disabled => false,
+                NativeSidecars::Auto => env.native_sidecars_supported,
+            },
+        };
+
+        let capture = Self::capture(&a, &traffic, warnings)?;
+
+        // Cluster, network and URL parameters.
+        let labels = pod.metadata.labels.as_ref();
+        let network = labels
+            .and_then(|l| l.get(ann::NETWORK_LABEL))
+            .filter(|n| !n.is_empty())
+            .cloned()
+            .or_else(|| env.network.clone())
+            .or_else(|| (!mesh.network.is_empty()).then(|| mesh.network.clone()));
+        let cluster_id = env
+            .cluster_id
+            .clone()
+            .unwrap_or_else(|| mesh.cluster_id.clone());
+        let mut trailing_env: BTreeMap<String, String> = env.extra_env.clone();
+        if env.cluster_id.is_some() || cluster_id != "Kubernetes" {
+            trailing_env.insert("ISTIO_META_CLUSTER_ID".to_owned(), cluster_id.clone());
+        }
+        if let Some(network) = &network {
+            trailing_env.insert("ISTIO_META_NETWORK".to_owned(), network.clone());
+        }
+
+        Ok(Self {
+            revision: mesh.revision.clone(),
+            mesh_id: config
+                .mesh_id
+                .clone()
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| mesh.mesh_id.clone()),
+            trust_domain: mesh.trust_domain.clone(),
+            cluster_id,
+            trailing_env,
+            network,
+            ca_address: mesh.effective_ca_address(),
+            native,
+            hold_application: mesh.injection.hold_application_until_proxy_starts
+                || config.hold_application_until_proxy_starts.unwrap_or(false),
+            rewrite_probes,
+            merge_metrics,
+            image_pull_policy: mesh
+                .injection
+                .image_pull_policy
+                .as_kubernetes()
+                .map(str::to_owned),
+            image_pull_secrets: mesh.injection.image_pull_secrets.clone(),
+            injected_annotations: mesh.injection.injected_annotations.clone(),
+            proxy_image,
+            init_image,
+            resources,
+            log_level: a
+                .get(ann::LOG_LEVEL)
+                .map_or(proxy.log_level.clone(), str::to_owned),
+            component_log_level: a
+                .get(ann::COMPONENT_LOG_LEVEL)
+                .map_or(proxy.component_log_level.clone(), str::to_owned),
+            agent_log_level: a
+                .get(ann::AGENT_LOG_LEVEL)
+                .map_or(proxy.agent_log_level.clone(), str::to_owned),
+            status_port,
+            metrics_port,
+            readiness_initial_delay_seconds: readiness(
+                ann::READINESS_INITIAL_DELAY,
+                proxy.readiness_initial_delay_seconds,
+            )?,
+            readiness_period_seconds: readiness(
+                ann::READINESS_PERIOD,
+                proxy.readiness_period_seconds,
+            )?,
+            readiness_failure_threshold: readiness(
+                ann::READINESS_FAILURE_THRESHOLD,
+                proxy.readiness_failure_threshold,
+            )?,
+            uid: proxy.uid,
+            interception_mode,
+            proxy_metadata,
+            proxy_config,
+            capture,
+            user_volumes: named_entries(&a, ann::USER_VOLUME, warnings),
+            user_volume_mounts: named_entries(&a, ann::USER_VOLUME_MOUNT, warnings),
+        })
+    }
+
+    fn capture(
+        a: &Annotations<'_>,
+        traffic: &TrafficSettings,
+        warnings: &mut Vec<String>,
+    ) -> Result<Capture> {
+        let list =
+            |name: &str, default: &str, check: fn(&str) -> Result<(), String>| -> Result<String> {
+                Ok(a.checked(name, |v| check(v).map(|()| v.to_owned()))?
+                    .unwrap_or_else(|| default.to_owned()))
+            };
+        // Present when the annotation is present (even empty) or the value is non-empty.
+        let optional = |annotation: Option<&str>, value: &str| -> Option<String> {
+            annotation
+                .map(str::to_owned)
+                .or_else(|| (!value.is_empty()).then(|| value.to_owned()))
+        };
+        let exclude_outbound_ports = list(ann::EXCLUDE_OUTBOUND_PORTS, "", |v| {
+            ann::validate_port_list(v, false)
+        })?;
+        let exclude_interfaces = list(ann::EXCLUDE_INTERFACES, "", ann::validate_interface_list)?;
+        let reroute = a
+            .checked(ann::REROUTE_VIRTUAL_INTERFACES, |v| {
+                ann::validate_interface_list(v).map(|()| v.to_owned())
+            })?
+            .or(a.checked(ann::KUBEVIRT_INTERFACES, |v| {
+                ann::validate_interface_list(v).map(|()| v.to_owned())
+            })?);
+        let include_outbound_ports = a.get(ann::INCLUDE_OUTBOUND_PORTS);
+        if let Some(Err(e)) = include_outbound_ports.map(|v| ann::validate_port_list(v, false)) {
+            warnings.push(format!("annotation {}: {e}", ann::INCLUDE_OUTBOUND_PORTS));
+        }
+        Ok(Capture {
+            proxy_listen_port: traffic.proxy_listen_port,
+            inbound_listen_port: traffic.inbound_listen_port,
+            include_outbound_ip_ranges: list(
+                ann::INCLUDE_OUTBOUND_IP_RANGES,
+                &traffic.include_outbound_ip_ranges,
+                |v| ann::validate_cidr_list(v, true),
+            )?,
+            exclude_outbound_ip_ranges: list(
+                ann::EXCLUDE_OUTBOUND_IP_RANGES,
+                &traffic.exclude_outbound_ip_ranges,
+                |v| ann::validate_cidr_list(v, false),
+            )?,
+            include_inbound_ports: list(
+                ann::INCLUDE_INBOUND_PORTS,
+                &traffic.include_inbound_ports,
+                |v| ann::validate_port_list(v, true),
+            )?,
+            exclude_inbound_ports: list(
+                ann::EXCLUDE_INBOUND_PORTS,
+                &traffic.exclude_inbound_ports,
+                |v| ann::validate_port_list(v, false),
+            )?,
+            include_outbound_ports: optional(
+                include_outbound_ports,
+                &traffic.include_outbound_ports,
+            ),
+            exclude_outbound_ports: optional(
+                a.get(ann::EXCLUDE_OUTBOUND_PORTS)
+                    .map(|_| exclude_outbound_ports.as_str()),
+                &traffic.exclude_outbound_ports,
+            ),
+            reroute_virtual_interfaces: optional(
+                reroute.as_deref(),
+                &traffic.reroute_virtual_interfaces,
+            ),
+            exclude_interfaces: optional(
+                a.get(ann::EXCLUDE_INTERFACES)
+                    .map(|_| exclude_interfaces.as_str()),
+                &traffic.exclude_interfaces,
+            ),
+        })
+    }
+}

@@ -1,0 +1,77 @@
+//! `sidecar.istio.io/status`: what an injection added to the pod.
+
+use serde::{Deserialize, Serialize};
+
+/// The status annotation, as Istio writes it: empty lists are `null`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarStatus {
+    /// Injected init containers.
+    pub init_containers: Option<Vec<String>>,
+    /// Injected containers.
+    pub containers: Option<Vec<String>>,
+    /// Injected volumes.
+    pub volumes: Option<Vec<String>>,
+    /// Injected pull secrets.
+    pub image_pull_secrets: Option<Vec<String>>,
+    /// The revision that injected.
+    #[serde(default)]
+    pub revision: String,
+}
+
+fn non_empty(list: Vec<String>) -> Option<Vec<String>> {
+    (!list.is_empty()).then_some(list)
+}
+
+impl SidecarStatus {
+    /// A status from plain lists.
+    pub fn new(
+        init_containers: Vec<String>,
+        containers: Vec<String>,
+        volumes: Vec<String>,
+        image_pull_secrets: Vec<String>,
+        revision: &str,
+    ) -> Self {
+        Self {
+            init_containers: non_empty(init_containers),
+            containers: non_empty(containers),
+            volumes: non_empty(volumes),
+            image_pull_secrets: non_empty(image_pull_secrets),
+            revision: revision.to_owned(),
+        }
+    }
+
+    /// Every container name the status lists.
+    pub fn container_names(&self) -> impl Iterator<Item = &str> {
+        self.init_containers
+            .iter()
+            .chain(&self.containers)
+            .flatten()
+            .map(String::as_str)
+    }
+
+    /// Compact JSON.
+    pub fn to_annotation(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_empty_lists_as_null_in_istio_order() {
+        let status = SidecarStatus::new(
+            vec!["istio-init".into(), "istio-proxy".into()],
+            vec![],
+            vec!["istio-envoy".into()],
+            vec![],
+            "default",
+        );
+        assert_eq!(
+            status.to_annotation(),
+            r#"{"initContainers":["istio-init","istio-proxy"],"containers":null,"volumes":["istio-envoy"],"imagePullSecrets":null,"revision":"default"}"#
+        );
+    }
+}
