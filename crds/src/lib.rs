@@ -9,6 +9,7 @@
 mod layered;
 pub mod mesh;
 pub mod proxy_profile;
+pub mod selection;
 pub mod settings;
 pub mod workload_entry;
 

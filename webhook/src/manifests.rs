@@ -1,1 +1,373 @@
+//! Offline injection of workload manifests (`ferrimesh inject -f`,
+//! `ferrimesh check-inject`): multi-document YAML in, every document out in
+//! input order, pod templates run through the very same engine as the
+//! webhook.
 
+use std::collections::BTreeMap;
+use std::fmt;
+
+use ferrimesh_crds::ProxyProfile;
+use ferrimesh_crds::mesh::{Mesh, MeshSpec};
+use ferrimesh_crds::selection::{SYSTEM_NAMESPACES, selecting_entry};
+use k8s_openapi::api::core::v1::Pod;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::inject::decision::Decision;
+use crate::inject::workload::Workload;
+use crate::inject::{Environment, Request, inject};
+use crate::patch;
+
+/// Where in the input a problem is: file, document index and object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    /// The file name as given (`-` for stdin).
+    pub file: String,
+    /// Index of the YAML document, from 0.
+    pub document: usize,
+    /// `Kind/name` of the object, when known.
+    pub object: Option<String>,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: document {}", self.file, self.document)?;
+        if let Some(object) = &self.object {
+            write!(f, " ({object})")?;
+        }
+        Ok(())
+    }
+}
+
+/// A manifest that cannot be processed, with where and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{location}: {message}")]
+pub struct ManifestError {
+    /// Where.
+    pub location: Location,
+    /// Why, naming the field where there is one.
+    pub message: String,
+}
+
+/// The mesh configuration offline injection runs with.
+#[derive(Clone, Debug, Default)]
+pub struct MeshConfig {
+    /// The Mesh (defaults when no `--mesh` file is given).
+    pub mesh: MeshSpec,
+    /// ProxyProfiles from `--profile` files.
+    pub profiles: Vec<ProxyProfile>,
+    /// Cluster facts; offline, `nativeSidecars: Auto` means enabled.
+    pub environment: Environment,
+}
+
+/// One YAML document parsed to JSON.
+fn documents(file: &str, input: &str) -> Result<Vec<Value>, ManifestError> {
+    let mut out = Vec::new();
+    for (index, document) in serde_yaml::Deserializer::from_str(input).enumerate() {
+        let location = || Location {
+            file: file.to_owned(),
+            document: index,
+            object: None,
+        };
+        let value = serde_yaml::Value::deserialize(document).map_err(|e| ManifestError {
+            location: location(),
+            message: format!("invalid YAML: {e}"),
+        })?;
+        if value.is_null() {
+            continue;
+        }
+        let json = serde_json::to_value(&value).map_err(|e| ManifestError {
+            location: location(),
+            message: format!("not a JSON-compatible document: {e}"),
+        })?;
+        out.push(json);
+    }
+    Ok(out)
+}
+
+/// Deserialises with the failing field's path in the error.
+fn typed<T: DeserializeOwned>(value: Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            inner.to_string()
+        } else {
+            format!("field {path}: {inner}")
+        }
+    })
+}
+
+/// Reads a `--mesh` file: exactly one `Mesh`.
+pub fn read_mesh(file: &str, input: &str) -> Result<MeshSpec, ManifestError> {
+    let docs = documents(file, input)?;
+    let location = |document, object| Location {
+        file: file.to_owned(),
+        document,
+        object,
+    };
+    let [doc] = docs.as_slice() else {
+        return Err(ManifestError {
+            location: location(0, None),
+            message: format!("expected exactly one Mesh, found {} documents", docs.len()),
+        });
+    };
+    let object = object_name(doc);
+    if doc.get("kind").and_then(Value::as_str) != Some("Mesh") {
+        return Err(ManifestError {
+            location: location(0, object),
+            message: "expected kind Mesh".into(),
+        });
+    }
+    typed::<Mesh>(doc.clone())
+        .map(|m| m.spec)
+        .map_err(|message| ManifestError {
+            location: location(0, object),
+            message,
+        })
+}
+
+/// Reads a `--profile` file: one or more `ProxyProfile`s.
+pub fn read_profiles(file: &str, input: &str) -> Result<Vec<ProxyProfile>, ManifestError> {
+    documents(file, input)?
+        .into_iter()
+        .enumerate()
+        .map(|(document, doc)| {
+            let location = Location {
+                file: file.to_owned(),
+                document,
+                object: object_name(&doc),
+            };
+            if doc.get("kind").and_then(Value::as_str) != Some("ProxyProfile") {
+                return Err(ManifestError {
+                    location,
+                    message: "expected kind ProxyProfile".into(),
+                });
+            }
+            let mut profile: ProxyProfile =
+                typed(doc).map_err(|message| ManifestError { location, message })?;
+            profile
+                .metadata
+                .namespace
+                .get_or_insert_with(|| "default".to_owned());
+            Ok(profile)
+        })
+        .collect()
+}
+
+fn object_name(doc: &Value) -> Option<String> {
+    let kind = doc.get("kind").and_then(Value::as_str)?;
+    let name = doc
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    Some(format!("{kind}/{name}"))
+}
+
+/// The JSON pointer of the pod template of a workload kind; `Some("")` for
+/// a Pod itself, `None` for kinds without a pod template.
+fn template_pointer(kind: &str) -> Option<&'static str> {
+    match kind {
+        "Pod" => Some(""),
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "ReplicationController"
+        | "Job" => Some("/spec/template"),
+        "CronJob" => Some("/spec/jobTemplate/spec/template"),
+        _ => None,
+    }
+}
+
+/// What happened to one pod (template) of the input.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodReport {
+    /// Where it is.
+    pub location: Location,
+    /// Whether the API server would send it to the injector at all (only
+    /// known when namespace labels were given); the reason when it would not.
+    pub not_selected: Option<String>,
+    /// The engine's decision.
+    pub decision: Decision,
+    /// Warnings the webhook would return.
+    pub warnings: Vec<String>,
+}
+
+/// The result of processing a manifest stream.
+#[derive(Clone, Debug, Default)]
+pub struct Processed {
+    /// The output documents, in input order.
+    pub documents: Vec<Value>,
+    /// One report per pod (template).
+    pub pods: Vec<PodReport>,
+}
+
+impl Processed {
+    /// The documents as YAML, each followed by `---`.
+    pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
+        let mut out = String::new();
+        for doc in &self.documents {
+            out.push_str(&serde_yaml::to_string(doc)?);
+            out.push_str("---\n");
+        }
+        Ok(out)
+    }
+}
+
+/// Options of one run.
+#[derive(Clone, Copy, Debug)]
+pub struct Run<'a> {
+    /// Mesh, profiles, environment.
+    pub config: &'a MeshConfig,
+    /// Labels of the namespace the objects go to, when known (check-inject):
+    /// then the webhook's selectors are evaluated first.
+    pub namespace_labels: Option<&'a BTreeMap<String, String>>,
+}
+
+/// Injects the pod templates of every document of `input`.
+pub fn process(file: &str, input: &str, run: Run<'_>) -> Result<Processed, ManifestError> {
+    let mut processed = Processed::default();
+    for (index, doc) in documents(file, input)?.into_iter().enumerate() {
+        let location = Location {
+            file: file.to_owned(),
+            document: index,
+            object: object_name(&doc),
+        };
+        let doc = process_object(doc, &location, run, &mut processed.pods)?;
+        processed.documents.push(doc);
+    }
+    Ok(processed)
+}
+
+fn process_object(
+    mut doc: Value,
+    location: &Location,
+    run: Run<'_>,
+    reports: &mut Vec<PodReport>,
+) -> Result<Value, ManifestError> {
+    let kind = doc
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    if kind == "List" || kind.ends_with("List") {
+        if let Some(items) = doc.get_mut("items").and_then(Value::as_array_mut) {
+            for item in items.iter_mut() {
+                let location = Location {
+                    object: object_name(item),
+                    ..location.clone()
+                };
+                *item = process_object(std::mem::take(item), &location, run, reports)?;
+            }
+        }
+        return Ok(doc);
+    }
+    let Some(pointer) = template_pointer(&kind) else {
+        return Ok(doc);
+    };
+    let namespace = doc
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("default")
+        .to_owned();
+    let workload = (kind != "Pod").then(|| {
+        let api_version = doc
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let name = doc
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        Workload::new(api_version, &kind, name)
+    });
+    let fail = |message: String| ManifestError {
+        location: location.clone(),
+        message,
+    };
+    let Some(template) = doc.pointer_mut(pointer) else {
+        return Err(fail(format!(
+            "field {}: missing pod template",
+            pointer.trim_start_matches('/').replace('/', ".")
+        )));
+    };
+    let prefix = if pointer.is_empty() {
+        String::new()
+    } else {
+        format!("{}.", pointer.trim_start_matches('/').replace('/', "."))
+    };
+    let mut pod_view = serde_json::Map::new();
+    for field in ["metadata", "spec"] {
+        if let Some(value) = template.get(field) {
+            pod_view.insert(field.to_owned(), value.clone());
+        }
+    }
+    if let Some(meta) = pod_view.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("managedFields");
+    }
+    let pod: Pod = typed(Value::Object(pod_view)).map_err(|e| fail(format!("{prefix}{e}")))?;
+    let mut pod_for_engine = pod.clone();
+    pod_for_engine
+        .metadata
+        .namespace
+        .get_or_insert_with(|| namespace.clone());
+
+    let empty = BTreeMap::new();
+    let pod_labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+    let not_selected = run.namespace_labels.and_then(|ns_labels| {
+        let mut ns_labels = ns_labels.clone();
+        ns_labels.insert(
+            ferrimesh_crds::selection::NAMESPACE_NAME_LABEL.to_owned(),
+            namespace.clone(),
+        );
+        let selected = selecting_entry(
+            &run.config.mesh.revision,
+            &SYSTEM_NAMESPACES,
+            &ns_labels,
+            pod_labels,
+        );
+        selected.is_none().then(|| {
+            format!(
+                "no webhook entry of revision {} selects this namespace and pod labels",
+                run.config.mesh.revision
+            )
+        })
+    });
+    let profiles: Vec<ProxyProfile> = run
+        .config
+        .profiles
+        .iter()
+        .filter(|p| p.metadata.namespace.as_deref() == Some(namespace.as_str()))
+        .cloned()
+        .collect();
+    let request = Request {
+        pod: &pod_for_engine,
+        namespace: &namespace,
+        mesh: &run.config.mesh,
+        profiles: &profiles,
+        environment: &run.config.environment,
+        workload: workload.as_ref(),
+    };
+    let injection = inject(&request).map_err(|e| fail(e.to_string()))?;
+    if let (Some(injected), None) = (&injection.pod, &not_selected) {
+        let mut injected = injected.clone();
+        injected
+            .metadata
+            .namespace
+            .clone_from(&pod.metadata.namespace);
+        let before = serde_json::to_value(&pod).map_err(|e| fail(e.to_string()))?;
+        let after = serde_json::to_value(&injected).map_err(|e| fail(e.to_string()))?;
+        let patch = patch::diff(&before, &after);
+        json_patch::patch(template, &patch.0)
+            .map_err(|e| fail(format!("internal error applying patch: {e}")))?;
+    }
+    reports.push(PodReport {
+        location: location.clone(),
+        not_selected,
+        decision: injection.decision,
+        warnings: injection.warnings,
+    });
+    Ok(doc)
+}

@@ -24,7 +24,7 @@ pub fn diff(before: &Value, after: &Value) -> Patch {
 fn diff_value(before: &Value, after: &Value, path: &mut PointerBuf, ops: &mut Vec<PatchOperation>) {
     match (before, after) {
         (Value::Object(b), Value::Object(a)) => {
-            for (key, old) in b {
+            for key in b.keys() {
                 if !a.contains_key(key) {
                     path.push_back(key.as_str());
                     ops.push(PatchOperation::Remove(RemoveOperation {

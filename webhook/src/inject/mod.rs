@@ -262,7 +262,6 @@ fn inject_pod(
     // Build, then lay the user's overrides over the fresh containers.
     let mut proxy = containers::proxy_container(settings, &facts);
     let default_container = app_containers.first().map(|c| c.name.clone());
-    let app_names: Vec<String> = app_containers.iter().map(|c| c.name.clone()).collect();
     drop(app_containers);
     if let Some(user) = user_overrides.get(PROXY) {
         proxy = overlay(&proxy, user, Depth::Deep)?;
@@ -440,7 +439,6 @@ fn inject_pod(
             .iter()
             .map(|(k, v)| (k.clone(), v.clone())),
     );
-    let _ = app_names;
     Ok(pod)
 }
 

@@ -1,0 +1,192 @@
+//! Which pods the API server sends to the injector: the namespace and object
+//! selectors of each entry of the MutatingWebhookConfiguration, as Istio's
+//! chart lays them out. The operator writes these; `ferrimesh check-inject`
+//! evaluates them, so both read one table.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use kube::core::{Selector, SelectorExt};
+
+use crate::mesh::DEFAULT_REVISION;
+
+/// Namespace label that enables injection by the default revision.
+pub const INJECTION_LABEL: &str = "istio-injection";
+/// Namespace or pod label naming a revision.
+pub const REVISION_LABEL: &str = "istio.io/rev";
+/// Pod label with the pod's own choice.
+pub const INJECT_LABEL: &str = "sidecar.istio.io/inject";
+/// The label every namespace carries with its own name.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+/// Namespaces no webhook entry ever selects (the operator adds its own).
+pub const SYSTEM_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
+
+/// One webhook entry's selectors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WebhookSelectors {
+    /// The entry's name, e.g. `rev.namespace.sidecar-injector.ferrimesh.io`.
+    pub name: String,
+    /// Which namespaces it covers.
+    pub namespace_selector: LabelSelector,
+    /// Which pods in them.
+    pub object_selector: LabelSelector,
+}
+
+fn req(key: &str, operator: &str, values: &[&str]) -> LabelSelectorRequirement {
+    LabelSelectorRequirement {
+        key: key.to_owned(),
+        operator: operator.to_owned(),
+        values: (!values.is_empty()).then(|| values.iter().map(|v| (*v).to_owned()).collect()),
+    }
+}
+
+fn selector(requirements: Vec<LabelSelectorRequirement>) -> LabelSelector {
+    LabelSelector {
+        match_expressions: Some(requirements),
+        match_labels: None,
+    }
+}
+
+/// The webhook entries for `revision`; `excluded` namespaces (the system
+/// ones plus the operator's own) are left out of every entry.
+pub fn webhook_selectors(revision: &str, excluded: &[&str]) -> Vec<WebhookSelectors> {
+    let not_excluded = || req(NAMESPACE_NAME_LABEL, "NotIn", excluded);
+    let opt_out = || req(INJECT_LABEL, "NotIn", &["false"]);
+    let entry =
+        |name: &str, ns: Vec<LabelSelectorRequirement>, obj: Vec<LabelSelectorRequirement>| {
+            let mut ns = ns;
+            ns.push(not_excluded());
+            WebhookSelectors {
+                name: format!("{name}.sidecar-injector.ferrimesh.io"),
+                namespace_selector: selector(ns),
+                object_selector: selector(obj),
+            }
+        };
+    let mut entries = vec![
+        entry(
+            "rev.namespace",
+            vec![
+                req(REVISION_LABEL, "In", &[revision]),
+                req(INJECTION_LABEL, "DoesNotExist", &[]),
+            ],
+            vec![opt_out()],
+        ),
+        entry(
+            "rev.object",
+            vec![
+                req(REVISION_LABEL, "DoesNotExist", &[]),
+                req(INJECTION_LABEL, "DoesNotExist", &[]),
+            ],
+            vec![opt_out(), req(REVISION_LABEL, "In", &[revision])],
+        ),
+    ];
+    if revision == DEFAULT_REVISION {
+        entries.push(entry(
+            "namespace",
+            vec![req(INJECTION_LABEL, "In", &["enabled"])],
+            vec![opt_out()],
+        ));
+        entries.push(entry(
+            "object",
+            vec![
+                req(INJECTION_LABEL, "DoesNotExist", &[]),
+                req(REVISION_LABEL, "DoesNotExist", &[]),
+            ],
+            vec![
+                req(INJECT_LABEL, "In", &["true"]),
+                req(REVISION_LABEL, "DoesNotExist", &[]),
+            ],
+        ));
+    }
+    entries
+}
+
+/// Evaluates a selector the way the API server does (an empty selector
+/// matches everything); a selector that does not parse matches nothing.
+pub fn matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    Selector::try_from(selector.clone()).is_ok_and(|s| s.matches(labels))
+}
+
+/// The first entry that would send a pod with `pod_labels`, created in a
+/// namespace with `namespace_labels`, to the injector for `revision`.
+pub fn selecting_entry(
+    revision: &str,
+    excluded: &[&str],
+    namespace_labels: &BTreeMap<String, String>,
+    pod_labels: &BTreeMap<String, String>,
+) -> Option<WebhookSelectors> {
+    webhook_selectors(revision, excluded).into_iter().find(|e| {
+        matches(&e.namespace_selector, namespace_labels) && matches(&e.object_selector, pod_labels)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn entry(revision: &str, ns: &[(&str, &str)], pod: &[(&str, &str)]) -> Option<String> {
+        selecting_entry(revision, &SYSTEM_NAMESPACES, &labels(ns), &labels(pod)).map(|e| e.name)
+    }
+
+    #[test]
+    fn follows_istio_selector_matrix_for_default_revision() {
+        assert_eq!(
+            entry("default", &[(INJECTION_LABEL, "enabled")], &[]).as_deref(),
+            Some("namespace.sidecar-injector.ferrimesh.io")
+        );
+        assert_eq!(
+            entry(
+                "default",
+                &[(INJECTION_LABEL, "enabled")],
+                &[(INJECT_LABEL, "false")]
+            ),
+            None
+        );
+        assert_eq!(
+            entry(
+                "default",
+                &[(INJECTION_LABEL, "disabled")],
+                &[(INJECT_LABEL, "true")]
+            ),
+            None
+        );
+        assert_eq!(entry("default", &[], &[]), None);
+        assert_eq!(
+            entry("default", &[], &[(INJECT_LABEL, "true")]).as_deref(),
+            Some("object.sidecar-injector.ferrimesh.io")
+        );
+        assert_eq!(
+            entry("default", &[(REVISION_LABEL, "default")], &[]).as_deref(),
+            Some("rev.namespace.sidecar-injector.ferrimesh.io")
+        );
+    }
+
+    #[test]
+    fn revisions_only_serve_their_own_label() {
+        assert_eq!(
+            entry("canary", &[(REVISION_LABEL, "canary")], &[]).as_deref(),
+            Some("rev.namespace.sidecar-injector.ferrimesh.io")
+        );
+        assert_eq!(entry("canary", &[(INJECTION_LABEL, "enabled")], &[]), None);
+        assert_eq!(
+            entry("canary", &[], &[(REVISION_LABEL, "canary")]).as_deref(),
+            Some("rev.object.sidecar-injector.ferrimesh.io")
+        );
+        assert_eq!(entry("canary", &[], &[(INJECT_LABEL, "true")]), None);
+    }
+
+    #[test]
+    fn never_selects_excluded_namespaces() {
+        let ns = labels(&[
+            (INJECTION_LABEL, "enabled"),
+            (NAMESPACE_NAME_LABEL, "kube-system"),
+        ]);
+        assert!(selecting_entry("default", &SYSTEM_NAMESPACES, &ns, &BTreeMap::new()).is_none());
+    }
+}

@@ -1,0 +1,164 @@
+//! `ferrimesh`: offline sidecar injection with the webhook's own engine.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use ferrimesh_webhook::manifests::{self, MeshConfig, Run};
+
+/// Istio-compatible sidecar injection, offline.
+#[derive(Parser, Debug)]
+#[command(name = "ferrimesh", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Inject the sidecar into the pod templates of Kubernetes manifests and
+    /// print them (Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet,
+    /// ReplicationController, Job, CronJob, List; other kinds pass through).
+    Inject {
+        #[command(flatten)]
+        input: Input,
+    },
+    /// Tell, for every pod (template), whether it would be injected and why.
+    CheckInject {
+        #[command(flatten)]
+        input: Input,
+        /// Labels of the target namespace (`k=v,k2=v2`); with them, the
+        /// webhook's namespace and object selectors are checked too.
+        #[arg(long, value_name = "K=V,...")]
+        namespace_labels: Option<String>,
+    },
+    /// Print ferrimesh's CRDs (Mesh, ProxyProfile) and Istio's WorkloadEntry CRD.
+    Crds,
+}
+
+#[derive(Args, Debug)]
+struct Input {
+    /// Manifest file, or `-` for standard input.
+    #[arg(short = 'f', long = "filename", value_name = "FILE")]
+    file: PathBuf,
+    /// A file with one Mesh; Mesh defaults apply without it.
+    #[arg(long, value_name = "MESH.yaml")]
+    mesh: Option<PathBuf>,
+    /// A file with ProxyProfiles (repeatable); each applies to pods of its own
+    /// namespace (`default` when it names none).
+    #[arg(long = "profile", value_name = "PROFILE.yaml")]
+    profiles: Vec<PathBuf>,
+}
+
+fn read(path: &PathBuf) -> Result<(String, String)> {
+    let name = path.display().to_string();
+    let mut text = String::new();
+    if name == "-" {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading standard input")?;
+    } else {
+        text = std::fs::read_to_string(path).with_context(|| format!("reading {name}"))?;
+    }
+    Ok((name, text))
+}
+
+impl Input {
+    fn config(&self) -> Result<MeshConfig> {
+        let mut config = MeshConfig::default();
+        if let Some(path) = &self.mesh {
+            let (name, text) = read(path)?;
+            config.mesh = manifests::read_mesh(&name, &text)?;
+        }
+        for path in &self.profiles {
+            let (name, text) = read(path)?;
+            config
+                .profiles
+                .extend(manifests::read_profiles(&name, &text)?);
+        }
+        Ok(config)
+    }
+}
+
+fn parse_labels(raw: &str) -> Result<BTreeMap<String, String>> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => bail!("--namespace-labels: {kv:?} is not key=value"),
+        })
+        .collect()
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match cli.command {
+        Command::Inject { input } => {
+            let config = input.config()?;
+            let (name, text) = read(&input.file)?;
+            let processed = manifests::process(
+                &name,
+                &text,
+                Run {
+                    config: &config,
+                    namespace_labels: None,
+                },
+            )?;
+            for pod in &processed.pods {
+                for warning in &pod.warnings {
+                    eprintln!("{}: warning: {warning}", pod.location);
+                }
+            }
+            stdout.write_all(processed.to_yaml()?.as_bytes())?;
+        }
+        Command::CheckInject {
+            input,
+            namespace_labels,
+        } => {
+            let config = input.config()?;
+            let labels = namespace_labels.as_deref().map(parse_labels).transpose()?;
+            let (name, text) = read(&input.file)?;
+            let run = Run {
+                config: &config,
+                namespace_labels: labels.as_ref(),
+            };
+            let processed = manifests::process(&name, &text, run)?;
+            if processed.pods.is_empty() {
+                writeln!(stdout, "{name}: no pods or pod templates found")?;
+            }
+            for pod in &processed.pods {
+                let verdict = match (&pod.not_selected, pod.decision.inject) {
+                    (Some(why), _) => format!("not injected: {why}"),
+                    (None, true) => format!("injected: {}", pod.decision.reason),
+                    (None, false) => format!("not injected: {}", pod.decision.reason),
+                };
+                writeln!(stdout, "{}: {verdict}", pod.location)?;
+                for warning in &pod.warnings {
+                    writeln!(stdout, "  warning: {warning}")?;
+                }
+            }
+        }
+        Command::Crds => {
+            let all: Vec<_> = ferrimesh_crds::mesh_crds()
+                .into_iter()
+                .chain(ferrimesh_crds::istio_crds())
+                .collect();
+            stdout.write_all(ferrimesh_crds::to_yaml(&all)?.as_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("ferrimesh: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
