@@ -452,3 +452,6 @@ fn canonical_name(labels: &BTreeMap<String, String>, workload: &str) -> String {
     cut.trim_matches(|c| matches!(c, '-' | '_' | '.'))
         .to_owned()
 }
+
+#[cfg(test)]
+mod tests;

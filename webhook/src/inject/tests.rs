@@ -1,0 +1,920 @@
+//! Behaviour of the whole engine, one rule of injection.md per test.
+
+use std::collections::BTreeMap;
+
+use ferrimesh_crds::mesh::{MeshSpec, NativeSidecars, PullPolicy};
+use ferrimesh_crds::settings::InterceptionMode;
+use ferrimesh_crds::{ProxyProfile, ProxyProfileSpec};
+use k8s_openapi::api::core::v1::{Container, EnvVar, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use serde_json::json;
+
+use super::*;
+
+fn pod(value: serde_json::Value) -> Pod {
+    serde_json::from_value(value).expect("valid pod")
+}
+
+fn app_pod(annotations: serde_json::Value) -> Pod {
+    pod(json!({
+        "metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"}, "annotations": annotations},
+        "spec": {"containers": [{"name": "web", "image": "web:1", "ports": [{"name": "http", "containerPort": 8080}]}]}
+    }))
+}
+
+fn run_with(pod: &Pod, mesh: &MeshSpec, profiles: &[ProxyProfile]) -> Result<Injection> {
+    let environment = Environment::default();
+    inject(&Request {
+        pod,
+        namespace: "shop",
+        mesh,
+        profiles,
+        environment: &environment,
+        workload: None,
+    })
+}
+
+fn injected(pod: &Pod, mesh: &MeshSpec) -> Pod {
+    run_with(pod, mesh, &[])
+        .expect("injects")
+        .pod
+        .expect("injected")
+}
+
+fn container<'p>(pod: &'p Pod, name: &str) -> &'p Container {
+    let spec = pod.spec.as_ref().expect("spec");
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| c.name == name)
+        .expect(name)
+}
+
+fn args(pod: &Pod) -> Vec<String> {
+    container(pod, "istio-init")
+        .args
+        .clone()
+        .unwrap_or_default()
+}
+
+fn env<'p>(pod: &'p Pod, name: &str) -> Option<&'p str> {
+    container(pod, "istio-proxy")
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.as_deref())
+}
+
+fn env_names(pod: &Pod) -> Vec<&str> {
+    container(pod, "istio-proxy")
+        .env
+        .iter()
+        .flatten()
+        .map(|e| e.name.as_str())
+        .collect()
+}
+
+fn names(list: &[Container]) -> Vec<&str> {
+    list.iter().map(|c| c.name.as_str()).collect()
+}
+
+fn annotation<'p>(pod: &'p Pod, name: &str) -> Option<&'p str> {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(name))
+        .map(String::as_str)
+}
+
+fn rejection(pod: &Pod) -> String {
+    run_with(pod, &MeshSpec::default(), &[])
+        .expect_err("rejected")
+        .to_string()
+}
+
+fn classic() -> MeshSpec {
+    let mut mesh = MeshSpec::default();
+    mesh.injection.native_sidecars = NativeSidecars::Disabled;
+    mesh
+}
+
+#[test]
+fn native_layout_puts_init_then_proxy_before_user_init_containers() {
+    let mut p = app_pod(json!({}));
+    p.spec.as_mut().expect("spec").init_containers = Some(vec![Container {
+        name: "migrate".into(),
+        ..Default::default()
+    }]);
+    let out = injected(&p, &MeshSpec::default());
+    let spec = out.spec.as_ref().expect("spec");
+    assert_eq!(
+        names(spec.init_containers.as_deref().expect("init")),
+        ["istio-init", "istio-proxy", "migrate"]
+    );
+    assert_eq!(names(&spec.containers), ["web"]);
+    assert_eq!(
+        container(&out, "istio-proxy").restart_policy.as_deref(),
+        Some("Always")
+    );
+}
+
+#[test]
+fn classic_layout_appends_proxy_and_init_after_user_containers() {
+    let mut p = app_pod(json!({}));
+    p.spec.as_mut().expect("spec").init_containers = Some(vec![Container {
+        name: "migrate".into(),
+        ..Default::default()
+    }]);
+    let out = injected(&p, &classic());
+    let spec = out.spec.as_ref().expect("spec");
+    assert_eq!(
+        names(spec.init_containers.as_deref().expect("init")),
+        ["migrate", "istio-init"]
+    );
+    assert_eq!(names(&spec.containers), ["web", "istio-proxy"]);
+    assert!(
+        container(&out, "istio-proxy").lifecycle.is_none(),
+        "no preStop in classic mode"
+    );
+    assert!(
+        annotation(&out, annotations::STATUS)
+            .expect("status")
+            .contains(r#""containers":["istio-proxy"]"#)
+    );
+}
+
+#[test]
+fn native_sidecar_annotation_overrides_the_mesh() {
+    let out = injected(
+        &app_pod(json!({"sidecar.istio.io/nativeSidecar": "false"})),
+        &MeshSpec::default(),
+    );
+    assert_eq!(
+        names(&out.spec.as_ref().expect("spec").containers),
+        ["web", "istio-proxy"]
+    );
+    let out = injected(
+        &app_pod(json!({"sidecar.istio.io/nativeSidecar": "yes"})),
+        &classic(),
+    );
+    assert_eq!(names(&out.spec.as_ref().expect("spec").containers), ["web"]);
+}
+
+#[test]
+fn auto_native_sidecars_follow_the_cluster() {
+    let environment = Environment {
+        native_sidecars_supported: false,
+        ..Default::default()
+    };
+    let p = app_pod(json!({}));
+    let mesh = MeshSpec::default();
+    let request = Request {
+        pod: &p,
+        namespace: "shop",
+        mesh: &mesh,
+        profiles: &[],
+        environment: &environment,
+        workload: None,
+    };
+    let out = inject(&request).expect("injects").pod.expect("injected");
+    assert_eq!(
+        names(&out.spec.as_ref().expect("spec").containers),
+        ["web", "istio-proxy"]
+    );
+}
+
+#[test]
+fn iptables_args_follow_istio_order_with_optional_pairs() {
+    let out = injected(
+        &app_pod(json!({
+            "traffic.sidecar.istio.io/excludeInboundPorts": "4, 5,,6",
+            "traffic.sidecar.istio.io/excludeOutboundPorts": "",
+            "traffic.sidecar.istio.io/includeOutboundPorts": "7",
+            "traffic.sidecar.istio.io/kubevirtInterfaces": "old0",
+            "istio.io/reroute-virtual-interfaces": "net1",
+            "traffic.sidecar.istio.io/excludeInterfaces": "eth9",
+            "sidecar.istio.io/agentLogLevel": "default:debug"
+        })),
+        &MeshSpec::default(),
+    );
+    assert_eq!(
+        args(&out),
+        [
+            "istio-iptables",
+            "-p",
+            "15001",
+            "-z",
+            "15006",
+            "-u",
+            "1337",
+            "-m",
+            "REDIRECT",
+            "-i",
+            "*",
+            "-x",
+            "",
+            "-b",
+            "*",
+            "-d",
+            "15090,15021,4,5,6,15020",
+            "-q",
+            "7",
+            "-o",
+            "",
+            "-k",
+            "net1",
+            "-c",
+            "eth9",
+            "--log_output_level=default:debug"
+        ]
+    );
+}
+
+#[test]
+fn optional_iptables_pairs_are_absent_by_default() {
+    let a = args(&injected(&app_pod(json!({})), &MeshSpec::default()));
+    for flag in ["-q", "-o", "-k", "-c"] {
+        assert!(!a.iter().any(|x| x == flag), "{flag} in {a:?}");
+    }
+}
+
+#[test]
+fn tproxy_runs_the_proxy_as_root_with_net_admin() {
+    let mut mesh = MeshSpec::default();
+    mesh.traffic.interception_mode = InterceptionMode::Tproxy;
+    mesh.proxy.uid = 2000;
+    let out = injected(&app_pod(json!({})), &mesh);
+    let sc = container(&out, "istio-proxy")
+        .security_context
+        .clone()
+        .expect("sc");
+    assert_eq!(sc.run_as_user, Some(0));
+    assert_eq!(sc.run_as_group, Some(2000));
+    assert_eq!(sc.run_as_non_root, Some(false));
+    assert_eq!(
+        sc.capabilities.and_then(|c| c.add),
+        Some(vec!["NET_ADMIN".to_owned()])
+    );
+    let a = args(&out);
+    assert_eq!(a[6], "1337", "-u is 1337 in TPROXY");
+    assert_eq!(a[8], "TPROXY");
+    assert_eq!(
+        env(&out, "PROXY_CONFIG"),
+        Some("{\"interceptionMode\":\"TPROXY\"}\n")
+    );
+}
+
+#[test]
+fn interception_none_injects_no_init_container() {
+    let out = injected(
+        &app_pod(json!({"sidecar.istio.io/interceptionMode": "NONE"})),
+        &MeshSpec::default(),
+    );
+    let init = out
+        .spec
+        .as_ref()
+        .and_then(|s| s.init_containers.as_ref())
+        .expect("init");
+    assert_eq!(names(init), ["istio-proxy"]);
+    assert_eq!(
+        env(&out, "PROXY_CONFIG"),
+        Some("{}\n"),
+        "the annotation does not show in PROXY_CONFIG"
+    );
+    assert_eq!(env(&out, "ISTIO_META_INTERCEPTION_MODE"), Some("NONE"));
+}
+
+#[test]
+fn status_port_zero_disables_probes_and_metrics_merge() {
+    let mut mesh = MeshSpec::default();
+    mesh.proxy.status_port = 0;
+    let out = injected(&app_pod(json!({})), &mesh);
+    let proxy = container(&out, "istio-proxy");
+    assert!(proxy.readiness_probe.is_none() && proxy.startup_probe.is_none());
+    assert_eq!(args(&out)[16], "15090,15021");
+    assert!(annotation(&out, "prometheus.io/port").is_none());
+    assert_eq!(env(&out, "PROXY_CONFIG"), Some("{\"statusPort\":0}\n"));
+    let pre_stop = proxy
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.pre_stop.as_ref())
+        .and_then(|h| h.exec.as_ref());
+    assert!(
+        pre_stop
+            .and_then(|e| e.command.as_ref())
+            .is_some_and(|c| c.contains(&"--debug-port=0".to_owned()))
+    );
+}
+
+#[test]
+fn status_port_annotation_moves_probes_but_not_prometheus() {
+    let out = injected(
+        &app_pod(json!({"status.sidecar.istio.io/port": "15555"})),
+        &MeshSpec::default(),
+    );
+    assert!(args(&out)[16].ends_with(",15555"));
+    assert_eq!(annotation(&out, "prometheus.io/port"), Some("15020"));
+}
+
+#[test]
+fn env_follows_istio_order() {
+    let mut mesh = MeshSpec::default();
+    mesh.proxy.proxy_metadata = [
+        ("B_META".to_owned(), "b".to_owned()),
+        ("A_META".to_owned(), "a".to_owned()),
+    ]
+    .into();
+    let out = injected(&app_pod(json!({})), &mesh);
+    assert_eq!(
+        env_names(&out),
+        [
+            "PILOT_CERT_PROVIDER",
+            "CA_ADDR",
+            "POD_NAME",
+            "POD_NAMESPACE",
+            "INSTANCE_IP",
+            "SERVICE_ACCOUNT",
+            "HOST_IP",
+            "ISTIO_CPU_LIMIT",
+            "PROXY_CONFIG",
+            "ISTIO_META_POD_PORTS",
+            "ISTIO_META_APP_CONTAINERS",
+            "GOMEMLIMIT",
+            "ISTIO_META_CLUSTER_ID",
+            "ISTIO_META_NODE_NAME",
+            "ISTIO_META_INTERCEPTION_MODE",
+            "ISTIO_META_WORKLOAD_NAME",
+            "ISTIO_META_OWNER",
+            "ISTIO_META_MESH_ID",
+            "TRUST_DOMAIN",
+            "A_META",
+            "B_META"
+        ]
+    );
+    let init_env: Vec<_> = container(&out, "istio-init")
+        .env
+        .iter()
+        .flatten()
+        .map(|e| e.name.clone())
+        .collect();
+    assert_eq!(init_env, ["A_META", "B_META"]);
+}
+
+#[test]
+fn network_and_cluster_go_to_a_sorted_block_at_the_end() {
+    let mut mesh = MeshSpec::default();
+    mesh.cluster_id = "east".into();
+    let environment =
+        Environment::from_path("/inject/cluster/c1/net/n1/foo/a--slash--b").expect("path");
+    let mut p = app_pod(json!({}));
+    p.metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert("topology.istio.io/network".into(), "n2".into());
+    let request = Request {
+        pod: &p,
+        namespace: "shop",
+        mesh: &mesh,
+        profiles: &[],
+        environment: &environment,
+        workload: None,
+    };
+    let out = inject(&request).expect("injects").pod.expect("injected");
+    let names = env_names(&out);
+    assert_eq!(
+        names[names.len() - 3..],
+        ["FOO", "ISTIO_META_CLUSTER_ID", "ISTIO_META_NETWORK"]
+    );
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| **n == "ISTIO_META_CLUSTER_ID")
+            .count(),
+        1
+    );
+    assert_eq!(env(&out, "ISTIO_META_CLUSTER_ID"), Some("c1"));
+    assert_eq!(
+        env(&out, "ISTIO_META_NETWORK"),
+        Some("n2"),
+        "the pod label wins"
+    );
+    assert_eq!(env(&out, "FOO"), Some("a/b"));
+    assert_eq!(
+        out.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("topology.istio.io/network"))
+            .map(String::as_str),
+        Some("n2")
+    );
+}
+
+#[test]
+fn resource_annotations_replace_mesh_resources_in_canonical_form() {
+    let out = injected(
+        &app_pod(
+            json!({"sidecar.istio.io/proxyCPU": "0.5", "sidecar.istio.io/proxyMemoryLimit": "1024Mi"}),
+        ),
+        &MeshSpec::default(),
+    );
+    let resources =
+        serde_json::to_value(container(&out, "istio-proxy").resources.as_ref()).expect("json");
+    assert_eq!(
+        resources,
+        json!({"requests": {"cpu": "500m"}, "limits": {"memory": "1Gi"}})
+    );
+}
+
+#[test]
+fn mesh_resources_are_canonical() {
+    let out = injected(&app_pod(json!({})), &MeshSpec::default());
+    let resources =
+        serde_json::to_value(container(&out, "istio-proxy").resources.as_ref()).expect("json");
+    assert_eq!(
+        resources,
+        json!({"limits": {"cpu": "2", "memory": "1Gi"}, "requests": {"cpu": "100m", "memory": "128Mi"}})
+    );
+}
+
+#[test]
+fn rejects_each_invalid_annotation_naming_it_and_its_value() {
+    for (name, value) in [
+        ("sidecar.istio.io/interceptionMode", "MAGIC"),
+        ("status.sidecar.istio.io/port", "70000"),
+        (
+            "readiness.status.sidecar.istio.io/initialDelaySeconds",
+            "-1",
+        ),
+        ("readiness.status.sidecar.istio.io/periodSeconds", "x"),
+        ("readiness.status.sidecar.istio.io/failureThreshold", "1.5"),
+        (
+            "traffic.sidecar.istio.io/includeOutboundIPRanges",
+            "10.0.0.0",
+        ),
+        ("traffic.sidecar.istio.io/excludeOutboundIPRanges", "*"),
+        ("traffic.sidecar.istio.io/includeInboundPorts", "http"),
+        ("traffic.sidecar.istio.io/excludeInboundPorts", "*"),
+        ("traffic.sidecar.istio.io/excludeOutboundPorts", "99999"),
+        ("traffic.sidecar.istio.io/excludeInterfaces", "bad iface"),
+        ("istio.io/reroute-virtual-interfaces", "bad iface"),
+        ("traffic.sidecar.istio.io/kubevirtInterfaces", "bad iface"),
+        ("prometheus.istio.io/merge-metrics", "maybe"),
+        ("proxy.istio.io/config", "concurrency: lots"),
+        ("sidecar.istio.io/proxyCPU", "fast"),
+        ("sidecar.istio.io/proxyMemory", "1Gb"),
+        ("sidecar.istio.io/proxyCPULimit", "-"),
+        ("sidecar.istio.io/proxyMemoryLimit", "x1"),
+    ] {
+        let message = rejection(&app_pod(json!({ name: value })));
+        assert!(
+            message.contains(name) && message.contains(&format!("{value:?}")),
+            "{name}: {message}"
+        );
+    }
+}
+
+#[test]
+fn empty_list_annotations_are_valid() {
+    for name in [
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+        "traffic.sidecar.istio.io/excludeInboundPorts",
+        "traffic.sidecar.istio.io/excludeOutboundPorts",
+        "traffic.sidecar.istio.io/excludeInterfaces",
+    ] {
+        assert!(
+            run_with(&app_pod(json!({ name: "" })), &MeshSpec::default(), &[]).is_ok(),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn unusable_unvalidated_annotations_give_warnings() {
+    let result = run_with(
+        &app_pod(json!({
+            "sidecar.istio.io/proxyImage": "proxyv2",
+            "sidecar.istio.io/userVolume": "not json",
+            "sidecar.istio.io/rewriteAppHTTPProbers": "sure",
+            "traffic.sidecar.istio.io/includeOutboundPorts": "web"
+        })),
+        &MeshSpec::default(),
+        &[],
+    )
+    .expect("injects");
+    assert_eq!(result.warnings.len(), 4, "{:?}", result.warnings);
+    let out = result.pod.expect("injected");
+    assert_eq!(
+        container(&out, "istio-proxy").image.as_deref(),
+        Some(ferrimesh_crds::settings::DEFAULT_PROXY_IMAGE)
+    );
+}
+
+#[test]
+fn proxy_image_annotation_replaces_both_images() {
+    let out = injected(
+        &app_pod(json!({"sidecar.istio.io/proxyImage": "my.reg/proxy:2"})),
+        &MeshSpec::default(),
+    );
+    assert_eq!(
+        container(&out, "istio-proxy").image.as_deref(),
+        Some("my.reg/proxy:2")
+    );
+    assert_eq!(
+        container(&out, "istio-init").image.as_deref(),
+        Some("my.reg/proxy:2")
+    );
+}
+
+#[test]
+fn proxy_config_annotation_layers_over_the_mesh() {
+    let mut mesh = MeshSpec::default();
+    mesh.proxy.drain_duration = Some("23s".into());
+    mesh.proxy.proxy_metadata = [("A".to_owned(), "mesh".to_owned())].into();
+    let out = injected(
+        &app_pod(
+            json!({"proxy.istio.io/config": "discoveryAddress: foo:123\nconcurrency: 0\nproxyMetadata: {B: pod}\n"}),
+        ),
+        &mesh,
+    );
+    assert_eq!(
+        env(&out, "PROXY_CONFIG"),
+        Some(
+            "{\"drainDuration\":\"23s\",\"discoveryAddress\":\"foo:123\",\"concurrency\":0,\"proxyMetadata\":{\"A\":\"mesh\",\"B\":\"pod\"}}\n"
+        )
+    );
+    assert_eq!(env(&out, "B"), Some("pod"));
+}
+
+#[test]
+fn hold_application_puts_proxy_first_in_classic_mode_only() {
+    let mut mesh = classic();
+    mesh.injection.hold_application_until_proxy_starts = true;
+    let out = injected(&app_pod(json!({})), &mesh);
+    assert_eq!(
+        names(&out.spec.as_ref().expect("spec").containers),
+        ["istio-proxy", "web"]
+    );
+    let post_start = container(&out, "istio-proxy")
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.post_start.as_ref());
+    assert_eq!(
+        post_start
+            .and_then(|h| h.exec.as_ref())
+            .and_then(|e| e.command.clone()),
+        Some(vec!["pilot-agent".into(), "wait".into()])
+    );
+    let native = injected(
+        &app_pod(json!({"proxy.istio.io/config": "holdApplicationUntilProxyStarts: true"})),
+        &MeshSpec::default(),
+    );
+    assert!(
+        container(&native, "istio-proxy")
+            .lifecycle
+            .as_ref()
+            .is_some_and(|l| l.post_start.is_none())
+    );
+    assert_eq!(
+        env(&native, "PROXY_CONFIG"),
+        Some("{\"holdApplicationUntilProxyStarts\":true}\n")
+    );
+}
+
+#[test]
+fn labels_and_annotations_are_added_and_existing_values_kept() {
+    let p = pod(json!({
+        "metadata": {"name": "x", "labels": {"app.kubernetes.io/name": "-shop_", "version": "v2", "security.istio.io/tlsMode": "disabled"},
+                     "annotations": {"kubectl.kubernetes.io/default-container": "sidecar", "istio.io/rev": "old"}},
+        "spec": {"containers": [{"name": "sidecar"}, {"name": "main"}]}
+    }));
+    let mut mesh = MeshSpec::default();
+    mesh.injection.injected_annotations = [("team".to_owned(), "mesh".to_owned())].into();
+    let out = injected(&p, &mesh);
+    let labels = out.metadata.labels.clone().expect("labels");
+    assert_eq!(labels["security.istio.io/tlsMode"], "disabled");
+    assert_eq!(labels["service.istio.io/canonical-name"], "shop");
+    assert_eq!(labels["service.istio.io/canonical-revision"], "v2");
+    assert_eq!(annotation(&out, "istio.io/rev"), Some("default"));
+    assert_eq!(
+        annotation(&out, "kubectl.kubernetes.io/default-container"),
+        Some("sidecar")
+    );
+    assert_eq!(
+        annotation(&out, "kubectl.kubernetes.io/default-logs-container"),
+        Some("sidecar")
+    );
+    assert_eq!(annotation(&out, "team"), Some("mesh"));
+}
+
+#[test]
+fn pull_secrets_and_policy_come_from_the_mesh() {
+    let mut mesh = MeshSpec::default();
+    mesh.injection.image_pull_secrets = vec!["barSecret".into(), "shared".into()];
+    mesh.injection.image_pull_policy = PullPolicy::Always;
+    let mut p = app_pod(json!({}));
+    p.spec.as_mut().expect("spec").image_pull_secrets = Some(vec![
+        k8s_openapi::api::core::v1::LocalObjectReference {
+            name: "shared".into(),
+        },
+        k8s_openapi::api::core::v1::LocalObjectReference { name: "own".into() },
+    ]);
+    let out = injected(&p, &mesh);
+    let secrets: Vec<_> = out
+        .spec
+        .as_ref()
+        .and_then(|s| s.image_pull_secrets.clone())
+        .expect("secrets")
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(secrets, ["barSecret", "shared", "own"]);
+    assert!(
+        annotation(&out, annotations::STATUS)
+            .expect("status")
+            .contains(r#""imagePullSecrets":["barSecret","shared"]"#)
+    );
+    assert_eq!(
+        container(&out, "istio-proxy").image_pull_policy.as_deref(),
+        Some("Always")
+    );
+    assert_eq!(
+        container(&out, "istio-init").image_pull_policy.as_deref(),
+        Some("Always")
+    );
+}
+
+#[test]
+fn user_volumes_and_mounts_come_after_the_injected_ones_sorted() {
+    let out = injected(
+        &app_pod(json!({
+            "sidecar.istio.io/userVolume": r#"{"zcerts":{"secret":{"secretName":"z"}},"acerts":{"secret":{"secretName":"a"}}}"#,
+            "sidecar.istio.io/userVolumeMount": r#"{"zcerts":{"mountPath":"/z","readOnly":true},"acerts":{"mountPath":"/a"}}"#
+        })),
+        &MeshSpec::default(),
+    );
+    let volumes: Vec<_> = out
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.clone())
+        .expect("volumes")
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(volumes[9..], ["acerts", "zcerts"]);
+    let mounts: Vec<_> = container(&out, "istio-proxy")
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.name.clone())
+        .collect();
+    assert_eq!(mounts[9..], ["acerts", "zcerts"]);
+    assert!(
+        annotation(&out, annotations::STATUS)
+            .expect("status")
+            .contains(r#""istio-ca-crl","acerts","zcerts"]"#)
+    );
+}
+
+#[test]
+fn user_proxy_override_is_laid_over_and_recorded() {
+    let p = pod(json!({
+        "metadata": {"name": "x"},
+        "spec": {"containers": [
+            {"name": "app"},
+            {"name": "istio-proxy", "image": "auto", "env": [{"name": "EXTRA", "value": "1"}], "securityContext": {"runAsUser": 1500}}
+        ]}
+    }));
+    let out = injected(&p, &MeshSpec::default());
+    let spec = out.spec.as_ref().expect("spec");
+    assert_eq!(
+        names(&spec.containers),
+        ["app"],
+        "moved to initContainers in native mode"
+    );
+    let proxy = container(&out, "istio-proxy");
+    assert_eq!(
+        proxy.image.as_deref(),
+        Some(ferrimesh_crds::settings::DEFAULT_PROXY_IMAGE)
+    );
+    assert_eq!(
+        proxy.env.as_ref().and_then(|e| e.last()),
+        Some(&EnvVar {
+            name: "EXTRA".into(),
+            value: Some("1".into()),
+            value_from: None
+        })
+    );
+    assert_eq!(
+        proxy.security_context.as_ref().and_then(|s| s.run_as_user),
+        Some(1500)
+    );
+    assert_eq!(args(&out)[6], "1500", "a user runAsUser goes to -u");
+    assert_eq!(env(&out, "ISTIO_META_APP_CONTAINERS"), Some("app"));
+    assert_eq!(
+        annotation(&out, annotations::PROXY_OVERRIDES),
+        Some(
+            r#"{"containers":[{"name":"istio-proxy","env":[{"name":"EXTRA","value":"1"}],"resources":{},"securityContext":{"runAsUser":1500}}]}"#
+        )
+    );
+}
+
+#[test]
+fn reinjection_with_unchanged_settings_is_idempotent() {
+    for mesh in [MeshSpec::default(), classic()] {
+        let p = pod(json!({
+            "metadata": {"name": "x", "annotations": {"prometheus.io/port": "9090"}},
+            "spec": {"containers": [
+                {"name": "app", "ports": [{"name": "http", "containerPort": 80}],
+                 "livenessProbe": {"httpGet": {"path": "/live", "port": "http"}}},
+                {"name": "istio-proxy", "image": "auto", "env": [{"name": "EXTRA", "value": "1"}]}
+            ]}
+        }));
+        let once = injected(&p, &mesh);
+        let twice = injected(&once, &mesh);
+        pretty_assertions::assert_eq!(once, twice);
+        assert!(
+            env(&twice, "ISTIO_KUBE_APP_PROBERS").is_some()
+                && env(&twice, "ISTIO_PROMETHEUS_ANNOTATIONS").is_some()
+        );
+    }
+}
+
+#[test]
+fn reinjection_moves_a_classic_proxy_to_native() {
+    let classic_pod = injected(&app_pod(json!({})), &classic());
+    let native = injected(&classic_pod, &MeshSpec::default());
+    let spec = native.spec.as_ref().expect("spec");
+    assert_eq!(names(&spec.containers), ["web"]);
+    assert_eq!(
+        names(spec.init_containers.as_deref().expect("init")),
+        ["istio-init", "istio-proxy"]
+    );
+}
+
+#[test]
+fn profiles_layer_namespace_then_workload_then_annotations() {
+    let profile =
+        |name: &str, selector: Option<LabelSelector>, spec: serde_json::Value, created: &str| {
+            let mut p = ProxyProfile::new(
+                name,
+                serde_json::from_value::<ProxyProfileSpec>(spec).expect("spec"),
+            );
+            p.spec.selector = selector;
+            p.metadata = ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("shop".into()),
+                creation_timestamp: Some(serde_json::from_value(json!(created)).expect("time")),
+                ..Default::default()
+            };
+            p
+        };
+    let web = LabelSelector {
+        match_labels: Some([("app".to_owned(), "web".to_owned())].into()),
+        ..Default::default()
+    };
+    let profiles = [
+        profile(
+            "ns",
+            None,
+            json!({"proxy": {"resources": {"requests": {"cpu": "300m"}}, "logLevel": "info"}, "traffic": {"excludeOutboundPorts": "5432"}}),
+            "2026-01-01T00:00:00Z",
+        ),
+        profile(
+            "ns-newer",
+            None,
+            json!({"proxy": {"logLevel": "trace"}}),
+            "2026-02-01T00:00:00Z",
+        ),
+        profile(
+            "web",
+            Some(web),
+            json!({"proxy": {"logLevel": "debug", "proxyMetadata": {"X": "1"}}}),
+            "2026-03-01T00:00:00Z",
+        ),
+    ];
+    let result = run_with(
+        &app_pod(json!({"sidecar.istio.io/componentLogLevel": "misc:info"})),
+        &MeshSpec::default(),
+        &profiles,
+    )
+    .expect("ok");
+    assert_eq!(
+        result.warnings.len(),
+        1,
+        "the newer namespace profile is named: {:?}",
+        result.warnings
+    );
+    assert!(result.warnings[0].contains("shop/ns-newer"));
+    let out = result.pod.expect("injected");
+    let proxy_args = container(&out, "istio-proxy").args.clone().expect("args");
+    assert!(
+        proxy_args.contains(&"--proxyLogLevel=debug".to_owned()),
+        "{proxy_args:?}"
+    );
+    assert!(proxy_args.contains(&"--proxyComponentLogLevel=misc:info".to_owned()));
+    let resources =
+        serde_json::to_value(container(&out, "istio-proxy").resources.as_ref()).expect("json");
+    assert_eq!(
+        resources["requests"],
+        json!({"cpu": "300m", "memory": "128Mi"}),
+        "field-by-field merge"
+    );
+    assert!(args(&out).windows(2).any(|w| w == ["-o", "5432"]));
+    assert_eq!(env(&out, "X"), Some("1"));
+}
+
+#[test]
+fn bad_mesh_and_profile_values_name_the_field() {
+    let mut mesh = MeshSpec::default();
+    mesh.traffic.exclude_outbound_ip_ranges = "10.0.0.0/40".into();
+    let err = run_with(&app_pod(json!({})), &mesh, &[])
+        .expect_err("bad mesh")
+        .to_string();
+    assert!(
+        err.contains("traffic.excludeOutboundIPRanges") && err.contains("10.0.0.0/40"),
+        "{err}"
+    );
+}
+
+#[test]
+fn proxy_metadata_side_effects() {
+    let mut mesh = MeshSpec::default();
+    mesh.proxy.proxy_metadata = [
+        ("ISTIO_META_ENABLE_HBONE".to_owned(), "true".to_owned()),
+        ("IPTABLES_TRACE_LOGGING".to_owned(), "true".to_owned()),
+        (
+            "ENVOY_SECURE_MERGED_METRICS_PORT".to_owned(),
+            "15091".to_owned(),
+        ),
+    ]
+    .into();
+    let out = injected(&app_pod(json!({})), &mesh);
+    assert_eq!(
+        out.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("networking.istio.io/tunnel"))
+            .map(String::as_str),
+        Some("http")
+    );
+    let sc = container(&out, "istio-proxy")
+        .security_context
+        .clone()
+        .expect("sc");
+    assert_eq!((sc.privileged, sc.run_as_user), (Some(true), Some(0)));
+    assert_eq!(
+        annotation(&out, "prometheus.istio.io/secure-port"),
+        Some("15091")
+    );
+}
+
+#[test]
+fn workload_and_owner_come_from_the_controller() {
+    let p = pod(json!({
+        "metadata": {"generateName": "api-7c9f-", "labels": {"pod-template-hash": "7c9f"},
+                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "api-7c9f", "uid": "u", "controller": true}]},
+        "spec": {"containers": [{"name": "api"}]}
+    }));
+    let out = injected(&p, &MeshSpec::default());
+    assert_eq!(env(&out, "ISTIO_META_WORKLOAD_NAME"), Some("api"));
+    assert_eq!(
+        env(&out, "ISTIO_META_OWNER"),
+        Some("kubernetes://apis/apps/v1/namespaces/shop/deployments/api")
+    );
+    assert_eq!(
+        out.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("service.istio.io/canonical-name"))
+            .map(String::as_str),
+        Some("api")
+    );
+}
+
+#[test]
+fn skipped_pods_are_returned_without_a_pod() {
+    let result = run_with(
+        &app_pod(json!({"sidecar.istio.io/inject": "false"})),
+        &MeshSpec::default(),
+        &[],
+    )
+    .expect("ok");
+    assert!(!result.decision.inject && result.pod.is_none());
+}
+
+#[test]
+fn non_default_revision_uses_its_own_istiod() {
+    let mut mesh = MeshSpec::default();
+    mesh.revision = "canary".into();
+    let out = injected(&app_pod(json!({})), &mesh);
+    assert_eq!(
+        env(&out, "CA_ADDR"),
+        Some("istiod-canary.istio-system.svc:15012")
+    );
+    assert_eq!(
+        env(&out, "PROXY_CONFIG"),
+        Some("{\"discoveryAddress\":\"istiod-canary.istio-system.svc:15012\"}\n")
+    );
+    assert_eq!(annotation(&out, "istio.io/rev"), Some("canary"));
+}
