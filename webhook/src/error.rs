@@ -4,7 +4,7 @@
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A pod annotation has a value the injector refuses.
-    #[error("annotation {name}: value {value:?} {reason}")]
+    #[error("annotation {name} has invalid value {value:?}: {reason}")]
     InvalidAnnotation {
         /// The annotation's name.
         name: String,
@@ -14,7 +14,7 @@ pub enum Error {
         reason: String,
     },
     /// A Mesh or ProxyProfile field has a value the injector refuses.
-    #[error("{origin}: field {field}: value {value:?} {reason}")]
+    #[error("{origin}: field {field} has invalid value {value:?}: {reason}")]
     InvalidSetting {
         /// Which object: `Mesh default`, `ProxyProfile ns/name`.
         origin: String,

@@ -28,7 +28,7 @@ use k8s_openapi::api::core::v1::{
 use self::annotations as ann;
 use self::containers::{INIT, PROXY, PodFacts};
 use self::decision::{Decision, decide};
-use self::overrides::{Depth, Overrides, overlay};
+use self::overrides::{Depth, Overrides, canonicalize_resources, overlay};
 use self::settings::{Settings, select_profiles};
 use self::status::SidecarStatus;
 use self::workload::Workload;
@@ -231,13 +231,18 @@ fn inject_pod(
             (existing, recorded.unwrap_or_default())
         }
         None => {
-            let overrides = Overrides {
+            let mut overrides = Overrides {
                 containers: take_named(&mut spec.containers, &sidecar_names),
                 init_containers: take_named(
                     spec.init_containers.get_or_insert_with(Vec::new),
                     &sidecar_names,
                 ),
             };
+            let all = overrides
+                .containers
+                .iter_mut()
+                .chain(&mut overrides.init_containers);
+            all.for_each(canonicalize_resources);
             (Vec::new(), overrides)
         }
     };

@@ -159,20 +159,22 @@ impl Overrides {
     }
 }
 
-fn container_for_annotation(container: &Container) -> Result<Value> {
-    let mut container = container.clone();
+/// Writes the quantities of a container's resources in canonical form, so a
+/// user's `2048Mi` and the recorded `2Gi` inject the same pod.
+pub fn canonicalize_resources(container: &mut Container) {
     if let Some(resources) = container.resources.as_mut() {
-        for map in [resources.requests.as_mut(), resources.limits.as_mut()]
-            .into_iter()
-            .flatten()
-        {
-            for quantity in map.values_mut() {
-                if let Ok(canonical) = canonicalize(&quantity.0) {
-                    quantity.0 = canonical;
-                }
+        let maps = [resources.requests.as_mut(), resources.limits.as_mut()];
+        for quantity in maps.into_iter().flatten().flat_map(|m| m.values_mut()) {
+            if let Ok(canonical) = canonicalize(&quantity.0) {
+                quantity.0 = canonical;
             }
         }
     }
+}
+
+fn container_for_annotation(container: &Container) -> Result<Value> {
+    let mut container = container.clone();
+    canonicalize_resources(&mut container);
     let Value::Object(mut fields) = serde_json::to_value(&container)? else {
         return Ok(Value::Null);
     };

@@ -39,16 +39,16 @@ fn check_port(name: &str, value: &str, status_port: i32) -> Result<()> {
         Ok(port) if port == 0 => Err(Error::annotation(
             name,
             value,
-            "is not a port number (1-65535)",
+            "must be a port number (1-65535)",
         )),
         Ok(port) if RESERVED_PORTS.contains(&port) || i32::from(port) == status_port => Err(
-            Error::annotation(name, value, "is a port reserved by the Istio proxy"),
+            Error::annotation(name, value, "the port is reserved by the Istio proxy"),
         ),
         Ok(_) => Ok(()),
         Err(_) => Err(Error::annotation(
             name,
             value,
-            "is not a port number (1-65535)",
+            "must be a port number (1-65535)",
         )),
     }
 }

@@ -40,24 +40,24 @@ impl ProxyConfig {
             return Ok(Self::default());
         }
         let config: Self =
-            serde_yaml::from_str(value).map_err(|e| format!("is not a valid proxy config: {e}"))?;
+            serde_yaml::from_str(value).map_err(|e| format!("not a valid proxy config: {e}"))?;
         if let Some(mode) = &config.interception_mode {
             if crds_mode(mode).is_none() {
                 return Err(format!(
-                    "has interceptionMode {mode:?}; want REDIRECT, TPROXY or NONE"
+                    "interceptionMode {mode:?} must be REDIRECT, TPROXY or NONE"
                 ));
             }
         }
         if let Some(port) = config.status_port {
             if !(0..=65535).contains(&port) {
-                return Err(format!("has statusPort {port}; want 0-65535"));
+                return Err(format!("statusPort {port} must be 0-65535"));
             }
         }
         if let Some(duration) = &config.drain_duration {
-            parse_duration(duration).map_err(|e| format!("has drainDuration {duration:?}: {e}"))?;
+            parse_duration(duration).map_err(|e| format!("drainDuration {duration:?}: {e}"))?;
         }
         if config.concurrency.is_some_and(|c| c < 0) {
-            return Err("has a negative concurrency".to_owned());
+            return Err("concurrency must not be negative".to_owned());
         }
         Ok(config)
     }

@@ -55,7 +55,7 @@ fn parse(input: &str) -> Result<(i128, Format), QuantityError> {
     let digits = format!("{whole}{frac}");
     let digits = digits.trim_start_matches('0');
     if digits.len() > 30 {
-        return Err(err("is too large"));
+        return Err(err("too large"));
     }
     let mantissa: i128 = if digits.is_empty() {
         0
@@ -103,13 +103,13 @@ fn parse(input: &str) -> Result<(i128, Format), QuantityError> {
     let scale = exp10 + 9;
     let base = mantissa
         .checked_mul(factor)
-        .ok_or_else(|| err("is too large"))?;
+        .ok_or_else(|| err("too large"))?;
     let nanos = if scale >= 0 {
         10_i128
             .checked_pow(scale as u32)
             .and_then(|p| base.checked_mul(p))
             .filter(|n| *n <= i128::from(i64::MAX) * NANO)
-            .ok_or_else(|| err("is too large"))?
+            .ok_or_else(|| err("too large"))?
     } else {
         let divisor = 10_i128.checked_pow((-scale) as u32).unwrap_or(i128::MAX);
         (base + divisor - 1) / divisor

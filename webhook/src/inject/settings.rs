@@ -138,7 +138,7 @@ impl<'a> Annotations<'a> {
 }
 
 fn i32_value(value: &str) -> Result<i32, String> {
-    ann::parse_u32(value).and_then(|v| i32::try_from(v).map_err(|_| "is too large".to_owned()))
+    ann::parse_u32(value).and_then(|v| i32::try_from(v).map_err(|_| "too large".to_owned()))
 }
 
 /// The ProxyProfiles that apply to a pod, lowest precedence first, with a
@@ -285,7 +285,7 @@ fn check_proxy(origin: &str, proxy: &ProxySettings) -> Result<()> {
         return Err(invalid(
             "statusPort",
             &proxy.status_port.to_string(),
-            "is not a port (0-65535)".into(),
+            "must be a port number (0-65535)".into(),
         ));
     }
     Ok(())
@@ -332,7 +332,8 @@ fn annotation_resources(a: &Annotations<'_>) -> Result<Option<ResourceRequiremen
         (ann::PROXY_MEMORY_LIMIT, true, "memory"),
     ] {
         if let Some(q) = a.checked(name, |v| {
-            canonicalize(v).map_err(|_| "is not a valid quantity".to_owned())
+            canonicalize(v)
+                .map_err(|_| "must be a Kubernetes quantity such as 500m or 1Gi".to_owned())
         })? {
             let map = if is_limit { &mut limits } else { &mut requests };
             map.insert(key.to_owned(), Quantity(q));
@@ -459,7 +460,7 @@ impl Settings {
         let interception_mode = a
             .checked(ann::INTERCEPTION_MODE, |v| {
                 InterceptionMode::parse(v)
-                    .ok_or_else(|| "is not one of REDIRECT, TPROXY, NONE".to_owned())
+                    .ok_or_else(|| "must be one of REDIRECT, TPROXY, NONE".to_owned())
             })?
             .unwrap_or(config_mode);
         let status_port = a
@@ -470,7 +471,7 @@ impl Settings {
         };
         let merge_metrics = a
             .checked(ann::MERGE_METRICS, |v| {
-                ann::parse_bool(v).ok_or_else(|| "is not a boolean".to_owned())
+                ann::parse_bool(v).ok_or_else(|| "must be a boolean".to_owned())
             })?
             .unwrap_or(mesh.injection.merge_prometheus_metrics);
         let rewrite_probes = match a.get(ann::REWRITE_APP_PROBES) {
