@@ -16,6 +16,8 @@ pub const DEFAULT_REVISION: &str = "default";
 /// revision, and which namespaces the operator enrols in it.
 ///
 /// Every field has a default, so `spec: {}` is a valid, working Mesh.
+// Each `printcolumn(...)` repeats the same keys, which clippy reads as duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "mesh.ferrimesh.io",

@@ -13,6 +13,8 @@ use crate::settings::{ProxySettingsOverride, TrafficSettingsOverride};
 /// Precedence, lowest first: Mesh < namespace-wide profile (no selector) <
 /// workload profile (selector matches) < the pod's annotations; each level
 /// overrides field by field.
+// Each `printcolumn(...)` repeats the same keys, which clippy reads as duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "mesh.ferrimesh.io",

@@ -8,6 +8,8 @@ use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 /// A non-Kubernetes-native workload (here: an injected pod) as istiod sees it.
+// Each `printcolumn(...)` repeats the same keys, which clippy reads as duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[kube(
     group = "networking.istio.io",

@@ -226,6 +226,44 @@ pub struct Run<'a> {
     pub namespace_labels: Option<&'a BTreeMap<String, String>>,
 }
 
+/// Why the API server would not send a pod to the injector of `revision`,
+/// or `None` when one of the webhook's entries selects it.
+fn not_selected_reason(
+    revision: &str,
+    namespace: &str,
+    namespace_labels: &BTreeMap<String, String>,
+    pod_labels: &BTreeMap<String, String>,
+) -> Option<String> {
+    use ferrimesh_crds::selection::{
+        INJECT_LABEL, INJECTION_LABEL, NAMESPACE_NAME_LABEL, REVISION_LABEL,
+    };
+    let mut ns_labels = namespace_labels.clone();
+    ns_labels.insert(NAMESPACE_NAME_LABEL.to_owned(), namespace.to_owned());
+    if selecting_entry(revision, &SYSTEM_NAMESPACES, &ns_labels, pod_labels).is_some() {
+        return None;
+    }
+    let ns = |key: &str| ns_labels.get(key).map(String::as_str);
+    let reason = if pod_labels.get(INJECT_LABEL).is_some_and(|v| v == "false") {
+        format!("pod label {INJECT_LABEL}=false")
+    } else if SYSTEM_NAMESPACES.contains(&namespace) {
+        format!("namespace {namespace} is never injected")
+    } else if let Some(value) = ns(INJECTION_LABEL).filter(|v| *v != "enabled") {
+        format!("namespace label {INJECTION_LABEL}={value}")
+    } else if let Some(other) = ns(REVISION_LABEL).filter(|r| *r != revision) {
+        format!("namespace label {REVISION_LABEL}={other} selects another revision than {revision}")
+    } else if ns(INJECTION_LABEL).is_some() && revision != ferrimesh_crds::mesh::DEFAULT_REVISION {
+        format!(
+            "namespace label {INJECTION_LABEL}=enabled selects revision default, not {revision}"
+        )
+    } else {
+        format!(
+            "the namespace is not enabled for revision {revision} (label it {INJECTION_LABEL}=enabled or \
+             {REVISION_LABEL}={revision}) and the pod does not opt in"
+        )
+    };
+    Some(reason)
+}
+
 /// Injects the pod templates of every document of `input`.
 pub fn process(file: &str, input: &str, run: Run<'_>) -> Result<Processed, ManifestError> {
     let mut processed = Processed::default();
@@ -307,7 +345,10 @@ fn process_object(
     if let Some(meta) = pod_view.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.remove("managedFields");
     }
-    let pod: Pod = typed(Value::Object(pod_view)).map_err(|e| fail(format!("{prefix}{e}")))?;
+    let pod: Pod = typed(Value::Object(pod_view)).map_err(|e| match e.strip_prefix("field ") {
+        Some(rest) => fail(format!("field {prefix}{rest}")),
+        None => fail(e),
+    })?;
     let mut pod_for_engine = pod.clone();
     pod_for_engine
         .metadata
@@ -317,23 +358,7 @@ fn process_object(
     let empty = BTreeMap::new();
     let pod_labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
     let not_selected = run.namespace_labels.and_then(|ns_labels| {
-        let mut ns_labels = ns_labels.clone();
-        ns_labels.insert(
-            ferrimesh_crds::selection::NAMESPACE_NAME_LABEL.to_owned(),
-            namespace.clone(),
-        );
-        let selected = selecting_entry(
-            &run.config.mesh.revision,
-            &SYSTEM_NAMESPACES,
-            &ns_labels,
-            pod_labels,
-        );
-        selected.is_none().then(|| {
-            format!(
-                "no webhook entry of revision {} selects this namespace and pod labels",
-                run.config.mesh.revision
-            )
-        })
+        not_selected_reason(&run.config.mesh.revision, &namespace, ns_labels, pod_labels)
     });
     let profiles: Vec<ProxyProfile> = run
         .config
@@ -370,4 +395,115 @@ fn process_object(
         warnings: injection.warnings,
     });
     Ok(doc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEPLOYMENT: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: web, image: web}]\n";
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn explains_why_the_webhook_would_not_be_called() {
+        let reason = |ns: &[(&str, &str)], pod: &[(&str, &str)]| {
+            not_selected_reason("default", "shop", &labels(ns), &labels(pod))
+        };
+        assert_eq!(reason(&[("istio-injection", "enabled")], &[]), None);
+        assert_eq!(
+            reason(
+                &[("istio-injection", "enabled")],
+                &[("sidecar.istio.io/inject", "false")]
+            )
+            .as_deref(),
+            Some("pod label sidecar.istio.io/inject=false")
+        );
+        assert_eq!(
+            reason(&[("istio-injection", "disabled")], &[]).as_deref(),
+            Some("namespace label istio-injection=disabled")
+        );
+        assert!(
+            reason(&[("istio.io/rev", "canary")], &[])
+                .is_some_and(|r| r.contains("another revision"))
+        );
+        assert!(reason(&[], &[]).is_some_and(|r| r.contains("not enabled")));
+        assert_eq!(reason(&[], &[("sidecar.istio.io/inject", "true")]), None);
+    }
+
+    #[test]
+    fn reports_file_document_object_and_field_of_a_bad_template() {
+        let input = "kind: ConfigMap\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  template:\n    spec:\n      containers: [{name: 7, image: [x]}]\n";
+        let config = MeshConfig::default();
+        let err = process(
+            "app.yaml",
+            input,
+            Run {
+                config: &config,
+                namespace_labels: None,
+            },
+        )
+        .expect_err("bad");
+        let message = err.to_string();
+        assert!(
+            message.starts_with(
+                "app.yaml: document 1 (Deployment/web): field spec.template.spec.containers[0].name"
+            ),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn passes_other_kinds_through_and_keeps_unknown_template_fields() {
+        let input = format!(
+            "{DEPLOYMENT}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{ports: [{{port: 80}}]}}\n"
+        );
+        let input = input.replace(
+            "containers: [{name: web, image: web}]",
+            "futureField: kept\n      containers: [{name: web, image: web}]",
+        );
+        let config = MeshConfig::default();
+        let out = process(
+            "app.yaml",
+            &input,
+            Run {
+                config: &config,
+                namespace_labels: None,
+            },
+        )
+        .expect("ok");
+        assert_eq!(out.documents.len(), 2);
+        assert_eq!(
+            out.documents[0]
+                .pointer("/spec/template/spec/futureField")
+                .and_then(Value::as_str),
+            Some("kept")
+        );
+        assert!(
+            out.documents[0]
+                .pointer("/spec/template/metadata/annotations/sidecar.istio.io~1status")
+                .is_some()
+        );
+        assert_eq!(
+            out.documents[1]
+                .pointer("/spec/ports/0/port")
+                .and_then(Value::as_i64),
+            Some(80)
+        );
+        assert!(out.to_yaml().expect("yaml").matches("---\n").count() == 2);
+    }
+
+    #[test]
+    fn reads_mesh_and_profile_files_with_clear_errors() {
+        assert!(read_mesh("m.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n").is_err());
+        let err = read_mesh("m.yaml", "kind: Mesh\napiVersion: mesh.ferrimesh.io/v1alpha1\nmetadata: {name: m}\nspec: {proxy: {statusPort: many}}\n")
+            .expect_err("bad");
+        assert!(err.to_string().contains("spec.proxy.statusPort"), "{err}");
+        let profiles = read_profiles("p.yaml", "kind: ProxyProfile\napiVersion: mesh.ferrimesh.io/v1alpha1\nmetadata: {name: p}\nspec: {}\n").expect("ok");
+        assert_eq!(profiles[0].metadata.namespace.as_deref(), Some("default"));
+    }
 }

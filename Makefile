@@ -1,0 +1,81 @@
+# ferrimesh: the commands a person types. `make help` lists them.
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+K8S_VERSION ?= v1.36.3
+
+.PHONY: help
+help: ## List the targets
+	@grep -hE '^[a-z][a-zA-Z0-9_-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+.PHONY: tools
+tools: ## Install the Rust components the checks need (idempotent)
+	@echo "==> rust components (rustfmt, clippy)"
+	@rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+
+.PHONY: build
+build: ## Build every binary (debug)
+	$(CARGO) build --workspace --all-targets
+
+.PHONY: release
+release: ## Build the release binaries
+	$(CARGO) build --workspace --release --bins
+
+.PHONY: fmt
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+.PHONY: fmt-check
+fmt-check: tools ## Fail when the code is not formatted
+	@echo "==> cargo fmt --check"
+	$(CARGO) fmt --all -- --check
+
+.PHONY: lint
+lint: tools ## clippy with warnings as errors
+	@echo "==> cargo clippy"
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+.PHONY: crds
+crds: ## Regenerate config/crd/bases and config/istio-crds from the Rust types
+	$(CARGO) run --quiet -p ferrimesh-crds --bin crdgen -- config
+
+.PHONY: crds-check
+crds-check: ## Fail when the checked-in CRD YAML is stale
+	@echo "==> CRD YAML up to date"
+	$(CARGO) test --quiet -p ferrimesh-crds --test generated_yaml
+
+.PHONY: unit
+unit: ## Unit, golden and property tests
+	@echo "==> cargo test"
+	$(CARGO) test --workspace
+
+.PHONY: test
+test: fmt-check lint crds-check unit ## Everything CI runs: fmt, clippy, CRD freshness, all tests
+
+.PHONY: bench
+bench: ## Criterion benchmarks of inject + patch (see docs/benchmarks.md)
+	$(CARGO) bench -p ferrimesh-webhook --bench inject
+
+.PHONY: e2e-bins
+e2e-bins: ## Build kube-apiserver and etcd from their Go modules (cached by version)
+	K8S_VERSION=$(K8S_VERSION) e2e/hack/build-control-plane.sh
+
+.PHONY: demo
+demo: ## Inject the examples offline and show the result (check-inject, then inject)
+	@echo "==> building the ferrimesh CLI"
+	$(CARGO) build --quiet -p ferrimesh-webhook --bin ferrimesh
+	@echo
+	@echo "==> ferrimesh check-inject -f examples/deployment.yaml --namespace-labels istio-injection=enabled"
+	@target/debug/ferrimesh check-inject -f examples/deployment.yaml --namespace-labels istio-injection=enabled
+	@echo
+	@echo "==> ferrimesh check-inject -f examples/opt-out.yaml --namespace-labels istio-injection=enabled"
+	@target/debug/ferrimesh check-inject -f examples/opt-out.yaml --namespace-labels istio-injection=enabled
+	@echo
+	@echo "==> ferrimesh inject -f examples/deployment.yaml --mesh examples/mesh.yaml"
+	@target/debug/ferrimesh inject -f examples/deployment.yaml --mesh examples/mesh.yaml | tee target/demo-injected.yaml
+	@echo
+	@echo "The injected manifests are in target/demo-injected.yaml"
