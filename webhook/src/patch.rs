@@ -193,10 +193,7 @@ mod tests {
         let after = json!({"c": [{"name": "proxy"}, {"name": "app", "x": 2}, {"name": "side"}]});
         let patch = diff(&before, &after);
         assert_eq!(apply(&before, &patch), after);
-        assert!(
-            patch.0.iter().any(|op| op.path().to_string() == "/c/1/x"),
-            "{patch:?}"
-        );
+        assert!(patch.0.iter().any(|op| *op.path() == "/c/1/x"), "{patch:?}");
     }
 
     #[test]

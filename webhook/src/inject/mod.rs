@@ -69,7 +69,7 @@ impl Environment {
             return None;
         }
         let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
-        if segments.len() % 2 != 0 {
+        if !segments.len().is_multiple_of(2) {
             return None;
         }
         let mut env = Self::default();
@@ -270,10 +270,10 @@ fn inject_pod(
     drop(app_containers);
     if let Some(user) = user_overrides.get(PROXY) {
         proxy = overlay(&proxy, user, Depth::Deep)?;
-        if settings.interception_mode == ferrimesh_crds::settings::InterceptionMode::Tproxy {
-            if let Some(sc) = proxy.security_context.as_mut() {
-                sc.run_as_user = Some(0);
-            }
+        if settings.interception_mode == ferrimesh_crds::settings::InterceptionMode::Tproxy
+            && let Some(sc) = proxy.security_context.as_mut()
+        {
+            sc.run_as_user = Some(0);
         }
     }
     let mut init = containers::init_container(settings, user_uid);
@@ -287,10 +287,10 @@ fn inject_pod(
     let old_proxy = existing.iter().find(|c| c.name == PROXY);
 
     // Post-processing: prometheus merge, then probe rewriting.
-    if settings.merge_metrics {
-        if let Some(handed_over) = prometheus::merge(annotations, settings.metrics_port)? {
-            set_env(&mut proxy, "ISTIO_PROMETHEUS_ANNOTATIONS", handed_over);
-        }
+    if settings.merge_metrics
+        && let Some(handed_over) = prometheus::merge(annotations, settings.metrics_port)?
+    {
+        set_env(&mut proxy, "ISTIO_PROMETHEUS_ANNOTATIONS", handed_over);
     }
     if settings.rewrite_probes && settings.status_port != 0 {
         let mut probers = probes::Probers::new();

@@ -96,10 +96,10 @@ fn merge_object(base: &mut Map<String, Value>, over: &Map<String, Value>, depth:
 pub fn overlay(base: &Container, over: &Container, depth: Depth) -> Result<Container> {
     let mut base = serde_json::to_value(base)?;
     let mut over = serde_json::to_value(over)?;
-    if let Some(o) = over.as_object_mut() {
-        if o.get("image").and_then(Value::as_str) == Some("auto") {
-            o.remove("image");
-        }
+    if let Some(o) = over.as_object_mut()
+        && o.get("image").and_then(Value::as_str) == Some("auto")
+    {
+        o.remove("image");
     }
     if let (Some(b), Some(o)) = (base.as_object_mut(), over.as_object()) {
         merge_object(b, o, depth, true);

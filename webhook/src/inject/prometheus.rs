@@ -36,7 +36,7 @@ fn first<'a>(
 
 fn check_port(name: &str, value: &str, status_port: i32) -> Result<()> {
     match value.trim().parse::<u16>() {
-        Ok(port) if port == 0 => Err(Error::annotation(
+        Ok(0) => Err(Error::annotation(
             name,
             value,
             "must be a port number (1-65535)",

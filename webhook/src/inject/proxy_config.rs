@@ -41,17 +41,17 @@ impl ProxyConfig {
         }
         let config: Self =
             serde_yaml::from_str(value).map_err(|e| format!("not a valid proxy config: {e}"))?;
-        if let Some(mode) = &config.interception_mode {
-            if crds_mode(mode).is_none() {
-                return Err(format!(
-                    "interceptionMode {mode:?} must be REDIRECT, TPROXY or NONE"
-                ));
-            }
+        if let Some(mode) = &config.interception_mode
+            && crds_mode(mode).is_none()
+        {
+            return Err(format!(
+                "interceptionMode {mode:?} must be REDIRECT, TPROXY or NONE"
+            ));
         }
-        if let Some(port) = config.status_port {
-            if !(0..=65535).contains(&port) {
-                return Err(format!("statusPort {port} must be 0-65535"));
-            }
+        if let Some(port) = config.status_port
+            && !(0..=65535).contains(&port)
+        {
+            return Err(format!("statusPort {port} must be 0-65535"));
         }
         if let Some(duration) = &config.drain_duration {
             parse_duration(duration).map_err(|e| format!("drainDuration {duration:?}: {e}"))?;
@@ -127,9 +127,9 @@ pub fn format_duration(nanos: u128) -> String {
     let frac = nanos % 1_000_000_000;
     if frac == 0 {
         format!("{seconds}s")
-    } else if frac % 1_000_000 == 0 {
+    } else if frac.is_multiple_of(1_000_000) {
         format!("{seconds}.{:03}s", frac / 1_000_000)
-    } else if frac % 1_000 == 0 {
+    } else if frac.is_multiple_of(1_000) {
         format!("{seconds}.{:06}s", frac / 1_000)
     } else {
         format!("{seconds}.{frac:09}s")

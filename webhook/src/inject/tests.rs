@@ -363,8 +363,10 @@ fn env_follows_istio_order() {
 
 #[test]
 fn network_and_cluster_go_to_a_sorted_block_at_the_end() {
-    let mut mesh = MeshSpec::default();
-    mesh.cluster_id = "east".into();
+    let mesh = MeshSpec {
+        cluster_id: "east".into(),
+        ..Default::default()
+    };
     let environment =
         Environment::from_path("/inject/cluster/c1/net/n1/foo/a--slash--b").expect("path");
     let mut p = app_pod(json!({}));
@@ -905,8 +907,10 @@ fn skipped_pods_are_returned_without_a_pod() {
 
 #[test]
 fn non_default_revision_uses_its_own_istiod() {
-    let mut mesh = MeshSpec::default();
-    mesh.revision = "canary".into();
+    let mesh = MeshSpec {
+        revision: "canary".into(),
+        ..Default::default()
+    };
     let out = injected(&app_pod(json!({})), &mesh);
     assert_eq!(
         env(&out, "CA_ADDR"),

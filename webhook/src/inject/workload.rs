@@ -54,10 +54,10 @@ impl Workload {
                         deployment.strip_suffix('-').unwrap_or(deployment),
                     );
                 }
-            } else if owner.kind == "Job" {
-                if let Some(cron) = cron_job_name(&owner.name) {
-                    workload = Self::new("batch/v1", "CronJob", cron);
-                }
+            } else if owner.kind == "Job"
+                && let Some(cron) = cron_job_name(&owner.name)
+            {
+                workload = Self::new("batch/v1", "CronJob", cron);
             }
         }
         if workload.name.is_empty() {
