@@ -61,8 +61,15 @@ pub struct MeshConfig {
     pub environment: Environment,
 }
 
-/// One YAML document parsed to JSON.
-fn documents(file: &str, input: &str) -> Result<Vec<Value>, ManifestError> {
+/// One input document: its index in the stream, as read, and as JSON.
+struct Parsed {
+    index: usize,
+    yaml: serde_yaml::Value,
+    json: Value,
+}
+
+/// The non-empty YAML documents of `input`.
+fn documents(file: &str, input: &str) -> Result<Vec<Parsed>, ManifestError> {
     let mut out = Vec::new();
     for (index, document) in serde_yaml::Deserializer::from_str(input).enumerate() {
         let location = || Location {
@@ -81,7 +88,11 @@ fn documents(file: &str, input: &str) -> Result<Vec<Value>, ManifestError> {
             location: location(),
             message: format!("not a JSON-compatible document: {e}"),
         })?;
-        out.push(json);
+        out.push(Parsed {
+            index,
+            yaml: value,
+            json,
+        });
     }
     Ok(out)
 }
@@ -101,7 +112,10 @@ fn typed<T: DeserializeOwned>(value: Value) -> Result<T, String> {
 
 /// Reads a `--mesh` file: exactly one `Mesh`.
 pub fn read_mesh(file: &str, input: &str) -> Result<MeshSpec, ManifestError> {
-    let docs = documents(file, input)?;
+    let docs: Vec<Value> = documents(file, input)?
+        .into_iter()
+        .map(|d| d.json)
+        .collect();
     let location = |document, object| Location {
         file: file.to_owned(),
         document,
@@ -132,27 +146,32 @@ pub fn read_mesh(file: &str, input: &str) -> Result<MeshSpec, ManifestError> {
 pub fn read_profiles(file: &str, input: &str) -> Result<Vec<ProxyProfile>, ManifestError> {
     documents(file, input)?
         .into_iter()
-        .enumerate()
-        .map(|(document, doc)| {
-            let location = Location {
-                file: file.to_owned(),
-                document,
-                object: object_name(&doc),
-            };
-            if doc.get("kind").and_then(Value::as_str) != Some("ProxyProfile") {
-                return Err(ManifestError {
-                    location,
-                    message: "expected kind ProxyProfile".into(),
-                });
-            }
-            let mut profile: ProxyProfile =
-                typed(doc).map_err(|message| ManifestError { location, message })?;
-            profile
-                .metadata
-                .namespace
-                .get_or_insert_with(|| "default".to_owned());
-            Ok(profile)
-        })
+        .map(
+            |Parsed {
+                 index: document,
+                 json: doc,
+                 ..
+             }| {
+                let location = Location {
+                    file: file.to_owned(),
+                    document,
+                    object: object_name(&doc),
+                };
+                if doc.get("kind").and_then(Value::as_str) != Some("ProxyProfile") {
+                    return Err(ManifestError {
+                        location,
+                        message: "expected kind ProxyProfile".into(),
+                    });
+                }
+                let mut profile: ProxyProfile =
+                    typed(doc).map_err(|message| ManifestError { location, message })?;
+                profile
+                    .metadata
+                    .namespace
+                    .get_or_insert_with(|| "default".to_owned());
+                Ok(profile)
+            },
+        )
         .collect()
 }
 
@@ -195,11 +214,21 @@ pub struct PodReport {
     pub warnings: Vec<String>,
 }
 
+/// One output document.
+#[derive(Clone, Debug)]
+pub struct Document {
+    /// The document as JSON, injected where it had pod templates to inject.
+    pub json: Value,
+    /// The document as read, echoed when injection changed nothing (so its
+    /// key order and scalars stay exactly as the user wrote them).
+    original: Option<serde_yaml::Value>,
+}
+
 /// The result of processing a manifest stream.
 #[derive(Clone, Debug, Default)]
 pub struct Processed {
     /// The output documents, in input order.
-    pub documents: Vec<Value>,
+    pub documents: Vec<Document>,
     /// One report per pod (template).
     pub pods: Vec<PodReport>,
 }
@@ -209,7 +238,10 @@ impl Processed {
     pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
         let mut out = String::new();
         for doc in &self.documents {
-            out.push_str(&serde_yaml::to_string(doc)?);
+            match &doc.original {
+                Some(original) => out.push_str(&serde_yaml::to_string(original)?),
+                None => out.push_str(&serde_yaml::to_string(&doc.json)?),
+            }
             out.push_str("---\n");
         }
         Ok(out)
@@ -267,14 +299,18 @@ fn not_selected_reason(
 /// Injects the pod templates of every document of `input`.
 pub fn process(file: &str, input: &str, run: Run<'_>) -> Result<Processed, ManifestError> {
     let mut processed = Processed::default();
-    for (index, doc) in documents(file, input)?.into_iter().enumerate() {
+    for Parsed { index, yaml, json } in documents(file, input)? {
         let location = Location {
             file: file.to_owned(),
             document: index,
-            object: object_name(&doc),
+            object: object_name(&json),
         };
-        let doc = process_object(doc, &location, run, &mut processed.pods)?;
-        processed.documents.push(doc);
+        let processed_json = process_object(json.clone(), &location, run, &mut processed.pods)?;
+        let original = (processed_json == json).then_some(yaml);
+        processed.documents.push(Document {
+            json: processed_json,
+            original,
+        });
     }
     Ok(processed)
 }
@@ -384,7 +420,7 @@ fn process_object(
             .clone_from(&pod.metadata.namespace);
         let before = serde_json::to_value(&pod).map_err(|e| fail(e.to_string()))?;
         let after = serde_json::to_value(&injected).map_err(|e| fail(e.to_string()))?;
-        let patch = patch::diff(&before, &after);
+        let patch = patch::diff(&before, after);
         json_patch::patch(template, &patch.0)
             .map_err(|e| fail(format!("internal error applying patch: {e}")))?;
     }
@@ -437,7 +473,7 @@ mod tests {
 
     #[test]
     fn reports_file_document_object_and_field_of_a_bad_template() {
-        let input = "kind: ConfigMap\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  template:\n    spec:\n      containers: [{name: 7, image: [x]}]\n";
+        let input = "kind: ConfigMap\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  template:\n    spec:\n      containers: [{name: 7, image: x}]\n";
         let config = MeshConfig::default();
         let err = process(
             "app.yaml",
@@ -479,17 +515,20 @@ mod tests {
         assert_eq!(out.documents.len(), 2);
         assert_eq!(
             out.documents[0]
+                .json
                 .pointer("/spec/template/spec/futureField")
                 .and_then(Value::as_str),
             Some("kept")
         );
         assert!(
             out.documents[0]
+                .json
                 .pointer("/spec/template/metadata/annotations/sidecar.istio.io~1status")
                 .is_some()
         );
         assert_eq!(
             out.documents[1]
+                .json
                 .pointer("/spec/ports/0/port")
                 .and_then(Value::as_i64),
             Some(80)

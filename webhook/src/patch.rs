@@ -9,151 +9,164 @@
 //! so fields this build does not know about survive the patch.
 
 use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation, RemoveOperation, ReplaceOperation};
 use serde_json::Value;
 
-/// The patch from `before` to `after`.
-pub fn diff(before: &Value, after: &Value) -> Patch {
+/// The patch from `before` to `after`. `after` is consumed: its subtrees
+/// move into the patch rather than being copied.
+pub fn diff(before: &Value, after: Value) -> Patch {
     let mut ops = Vec::new();
     diff_value(before, after, &mut PointerBuf::new(), &mut ops);
     Patch(ops)
 }
 
-fn diff_value(before: &Value, after: &Value, path: &mut PointerBuf, ops: &mut Vec<PatchOperation>) {
+fn push(ops: &mut Vec<PatchOperation>, path: &PointerBuf, op: Op) {
+    ops.push(match op {
+        Op::Add(value) => PatchOperation::Add(AddOperation {
+            path: path.clone(),
+            value,
+        }),
+        Op::Replace(value) => PatchOperation::Replace(ReplaceOperation {
+            path: path.clone(),
+            value,
+        }),
+        Op::Remove => PatchOperation::Remove(RemoveOperation { path: path.clone() }),
+    });
+}
+
+enum Op {
+    Add(Value),
+    Replace(Value),
+    Remove,
+}
+
+fn diff_value(before: &Value, after: Value, path: &mut PointerBuf, ops: &mut Vec<PatchOperation>) {
     match (before, after) {
         (Value::Object(b), Value::Object(a)) => {
             for key in b.keys() {
                 if !a.contains_key(key) {
                     path.push_back(key.as_str());
-                    ops.push(PatchOperation::Remove(RemoveOperation {
-                        path: path.clone(),
-                    }));
+                    push(ops, path, Op::Remove);
                     path.pop_back();
                 }
             }
             for (key, new) in a {
                 path.push_back(key.as_str());
-                match b.get(key) {
+                match b.get(&key) {
                     Some(old) => diff_value(old, new, path, ops),
-                    None => ops.push(PatchOperation::Add(AddOperation {
-                        path: path.clone(),
-                        value: new.clone(),
-                    })),
+                    None => push(ops, path, Op::Add(new)),
                 }
                 path.pop_back();
             }
         }
         (Value::Array(b), Value::Array(a)) => diff_array(b, a, path, ops),
-        _ if before == after => {}
-        _ => ops.push(PatchOperation::Replace(ReplaceOperation {
-            path: path.clone(),
-            value: after.clone(),
-        })),
+        (before, after) if *before == after => {}
+        (_, after) => push(ops, path, Op::Replace(after)),
     }
 }
 
-/// An element's identity: the `name` of an object, or a scalar's value.
-fn identity(value: &Value) -> Option<String> {
+/// A hash of an element's identity: the `name` of an object, or a scalar's
+/// value. A collision only makes the patch longer, never wrong: aligned
+/// elements are diffed, not assumed equal.
+fn identity(value: &Value) -> Option<u64> {
+    let mut hasher = DefaultHasher::new();
     match value {
-        Value::Object(m) => m
-            .get("name")
-            .and_then(Value::as_str)
-            .map(|n| format!("n:{n}")),
-        Value::String(s) => Some(format!("s:{s}")),
-        Value::Number(n) => Some(format!("#:{n}")),
-        Value::Bool(b) => Some(format!("b:{b}")),
-        _ => None,
+        Value::Object(m) => ("n", m.get("name")?.as_str()?).hash(&mut hasher),
+        Value::String(s) => ("s", s.as_str()).hash(&mut hasher),
+        Value::Number(n) => {
+            ("#", n.as_i64(), n.as_u64(), n.as_f64().map(f64::to_bits)).hash(&mut hasher)
+        }
+        Value::Bool(b) => ("b", *b).hash(&mut hasher),
+        _ => return None,
     }
+    Some(hasher.finish())
 }
 
 /// Identities of every element, when each has one and none repeats.
-fn identities(values: &[Value]) -> Option<HashMap<String, usize>> {
-    let mut map = HashMap::with_capacity(values.len());
-    for (i, v) in values.iter().enumerate() {
-        if map.insert(identity(v)?, i).is_some() {
-            return None;
-        }
-    }
-    Some(map)
+fn identities(values: &[Value]) -> Option<Vec<u64>> {
+    let ids: Vec<u64> = values.iter().map(identity).collect::<Option<_>>()?;
+    let mut seen = std::collections::HashSet::with_capacity(ids.len());
+    ids.iter().all(|id| seen.insert(*id)).then_some(ids)
 }
 
 fn diff_array(
     before: &[Value],
-    after: &[Value],
+    mut after: Vec<Value>,
     path: &mut PointerBuf,
     ops: &mut Vec<PatchOperation>,
 ) {
-    let prefix = before.iter().zip(after).take_while(|(b, a)| b == a).count();
+    let prefix = before
+        .iter()
+        .zip(&after)
+        .take_while(|(b, a)| b == a)
+        .count();
     let suffix = before[prefix..]
         .iter()
         .rev()
         .zip(after[prefix..].iter().rev())
         .take_while(|(b, a)| b == a)
         .count();
+    after.truncate(after.len() - suffix);
+    let new: Vec<Value> = after.drain(prefix..).collect();
     let old = &before[prefix..before.len() - suffix];
-    let new = &after[prefix..after.len() - suffix];
     let mut at = prefix; // index in the array as patched so far
-    let add = |at: usize, value: &Value, path: &mut PointerBuf, ops: &mut Vec<PatchOperation>| {
+    let element = |at: usize, op: Op, path: &mut PointerBuf, ops: &mut Vec<PatchOperation>| {
         path.push_back(at);
-        ops.push(PatchOperation::Add(AddOperation {
-            path: path.clone(),
-            value: value.clone(),
-        }));
+        push(ops, path, op);
         path.pop_back();
     };
-    let remove = |at: usize, path: &mut PointerBuf, ops: &mut Vec<PatchOperation>| {
-        path.push_back(at);
-        ops.push(PatchOperation::Remove(RemoveOperation {
-            path: path.clone(),
-        }));
-        path.pop_back();
-    };
-    match (identities(old), identities(new)) {
-        (Some(_), Some(new_ids)) => {
-            let (mut i, mut j) = (0, 0);
-            while i < old.len() || j < new.len() {
-                let old_id = old.get(i).and_then(identity);
-                let new_id = new.get(j).and_then(identity);
-                match (old_id, new_id) {
-                    (Some(o), Some(n)) if o == n => {
+    match (identities(old), identities(&new)) {
+        (Some(old_ids), Some(new_ids)) => {
+            let position: HashMap<u64, usize> =
+                new_ids.iter().enumerate().map(|(j, id)| (*id, j)).collect();
+            let mut new = new.into_iter().enumerate().peekable();
+            let mut i = 0;
+            while i < old.len() || new.peek().is_some() {
+                match (old_ids.get(i), new.peek().map(|(j, _)| *j)) {
+                    (Some(o), Some(j)) if *o == new_ids[j] => {
+                        let (_, value) = new.next().expect("peeked");
                         path.push_back(at);
-                        diff_value(&old[i], &new[j], path, ops);
+                        diff_value(&old[i], value, path, ops);
                         path.pop_back();
-                        (i, j, at) = (i + 1, j + 1, at + 1);
+                        (i, at) = (i + 1, at + 1);
                     }
                     // The old element comes later in the new array: insert before it.
-                    (Some(o), Some(_)) if new_ids.get(&o).is_some_and(|&pos| pos > j) => {
-                        add(at, &new[j], path, ops);
-                        (j, at) = (j + 1, at + 1);
+                    (Some(o), Some(j)) if position.get(o).is_some_and(|&pos| pos > j) => {
+                        let (_, value) = new.next().expect("peeked");
+                        element(at, Op::Add(value), path, ops);
+                        at += 1;
                     }
                     (Some(_), _) => {
-                        remove(at, path, ops);
+                        element(at, Op::Remove, path, ops);
                         i += 1;
                     }
-                    (None, Some(_)) => {
-                        add(at, &new[j], path, ops);
-                        (j, at) = (j + 1, at + 1);
+                    (None, _) => {
+                        let (_, value) = new.next().expect("peeked");
+                        element(at, Op::Add(value), path, ops);
+                        at += 1;
                     }
-                    (None, None) => break,
                 }
             }
         }
         _ => {
             let common = old.len().min(new.len());
-            for k in 0..common {
+            let mut new = new.into_iter();
+            for (k, old_value) in old.iter().enumerate().take(common) {
+                let value = new.next().expect("common length");
                 path.push_back(at + k);
-                diff_value(&old[k], &new[k], path, ops);
+                diff_value(old_value, value, path, ops);
                 path.pop_back();
             }
             at += common;
-            for value in &new[common..] {
-                add(at, value, path, ops);
+            for value in new {
+                element(at, Op::Add(value), path, ops);
                 at += 1;
             }
             for _ in common..old.len() {
-                remove(at, path, ops);
+                element(at, Op::Remove, path, ops);
             }
         }
     }
@@ -178,7 +191,7 @@ mod tests {
         let raw = json!({"volumes": [{"name": "data", "unknownField": 1}]});
         let before = json!({"volumes": [{"name": "data"}]});
         let after = json!({"volumes": [{"name": "a"}, {"name": "b"}, {"name": "data"}]});
-        let patch = diff(&before, &after);
+        let patch = diff(&before, after.clone());
         assert_eq!(patch.0.len(), 2, "{patch:?}");
         let patched = apply(&raw, &patch);
         assert_eq!(
@@ -191,7 +204,7 @@ mod tests {
     fn aligns_moved_and_modified_named_elements() {
         let before = json!({"c": [{"name": "app", "x": 1}, {"name": "side"}]});
         let after = json!({"c": [{"name": "proxy"}, {"name": "app", "x": 2}, {"name": "side"}]});
-        let patch = diff(&before, &after);
+        let patch = diff(&before, after.clone());
         assert_eq!(apply(&before, &patch), after);
         assert!(patch.0.iter().any(|op| *op.path() == "/c/1/x"), "{patch:?}");
     }
@@ -200,13 +213,13 @@ mod tests {
     fn removes_and_replaces() {
         let before = json!({"a": 1, "b": [1, 2, 3], "c": {"d": true}});
         let after = json!({"b": [1, 3], "c": "x"});
-        assert_eq!(apply(&before, &diff(&before, &after)), after);
+        assert_eq!(apply(&before, &diff(&before, after.clone())), after);
     }
 
     #[test]
     fn equal_documents_give_an_empty_patch() {
         let doc = json!({"a": [1, {"b": null}]});
-        assert!(diff(&doc, &doc).0.is_empty());
+        assert!(diff(&doc, doc.clone()).0.is_empty());
     }
 
     fn arb_json() -> impl Strategy<Value = Value> {
@@ -228,7 +241,7 @@ mod tests {
     proptest! {
         #[test]
         fn patch_turns_before_into_after(before in arb_json(), after in arb_json()) {
-            prop_assert_eq!(apply(&before, &diff(&before, &after)), after);
+            prop_assert_eq!(apply(&before, &diff(&before, after.clone())), after);
         }
     }
 }

@@ -199,7 +199,7 @@ proptest! {
             let before = serde_json::to_value(&pod).expect("json");
             let after = serde_json::to_value(&injected).expect("json");
             let mut patched = before.clone();
-            json_patch::patch(&mut patched, &patch::diff(&before, &after).0).expect("patch applies");
+            json_patch::patch(&mut patched, &patch::diff(&before, after.clone()).0).expect("patch applies");
             prop_assert_eq!(patched, after);
         }
     }

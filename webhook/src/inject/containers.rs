@@ -11,8 +11,8 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use serde_json::{Map, Value};
 
+use super::json::Object;
 use super::settings::Settings;
 use super::workload::Workload;
 
@@ -164,24 +164,24 @@ pub fn pod_ports(containers: &[&Container]) -> String {
     let mut out = String::from("[\n");
     let mut first = true;
     for port in containers.iter().flat_map(|c| c.ports.iter().flatten()) {
-        let mut map = Map::new();
+        let mut object = Object::new();
         if let Some(name) = port.name.as_ref().filter(|n| !n.is_empty()) {
-            map.insert("name".into(), Value::String(name.clone()));
+            object.insert("name", name);
         }
         if let Some(host_port) = port.host_port.filter(|p| *p != 0) {
-            map.insert("hostPort".into(), Value::from(host_port));
+            object.insert("hostPort", &host_port);
         }
         if port.container_port != 0 {
-            map.insert("containerPort".into(), Value::from(port.container_port));
+            object.insert("containerPort", &port.container_port);
         }
         if let Some(protocol) = port.protocol.as_ref().filter(|p| !p.is_empty()) {
-            map.insert("protocol".into(), Value::String(protocol.clone()));
+            object.insert("protocol", protocol);
         }
         if let Some(host_ip) = port.host_ip.as_ref().filter(|h| !h.is_empty()) {
-            map.insert("hostIP".into(), Value::String(host_ip.clone()));
+            object.insert("hostIP", host_ip);
         }
         out.push_str(if first { "    " } else { "    ," });
-        out.push_str(&Value::Object(map).to_string());
+        out.push_str(&object.to_string());
         out.push('\n');
         first = false;
     }

@@ -7,6 +7,7 @@
 pub mod annotations;
 pub mod containers;
 pub mod decision;
+pub mod json;
 pub mod overrides;
 pub mod probes;
 pub mod prometheus;

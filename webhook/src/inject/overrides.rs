@@ -6,6 +6,7 @@ use k8s_openapi::api::core::v1::Container;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::json::Object;
 use super::quantity::canonicalize;
 use crate::Result;
 
@@ -137,20 +138,17 @@ impl Overrides {
     /// order, `resources` always present, an `auto` image left out, and
     /// quantities in canonical form.
     pub fn to_annotation(&self) -> Result<String> {
-        let render = |list: &[Container]| -> Result<Value> {
-            list.iter()
-                .map(container_for_annotation)
-                .collect::<Result<Vec<_>>>()
-                .map(Value::Array)
+        let render = |list: &[Container]| -> Result<Vec<Object>> {
+            list.iter().map(container_for_annotation).collect()
         };
-        let mut m = Map::new();
+        let mut object = Object::new();
         if !self.containers.is_empty() {
-            m.insert("containers".into(), render(&self.containers)?);
+            object.insert("containers", &render(&self.containers)?);
         }
         if !self.init_containers.is_empty() {
-            m.insert("initContainers".into(), render(&self.init_containers)?);
+            object.insert("initContainers", &render(&self.init_containers)?);
         }
-        Ok(Value::Object(m).to_string())
+        Ok(object.to_string())
     }
 
     /// Parses the annotation value.
@@ -172,11 +170,11 @@ pub fn canonicalize_resources(container: &mut Container) {
     }
 }
 
-fn container_for_annotation(container: &Container) -> Result<Value> {
+fn container_for_annotation(container: &Container) -> Result<Object> {
     let mut container = container.clone();
     canonicalize_resources(&mut container);
     let Value::Object(mut fields) = serde_json::to_value(&container)? else {
-        return Ok(Value::Null);
+        return Ok(Object::new());
     };
     if fields.get("image").and_then(Value::as_str) == Some("auto") {
         fields.remove("image");
@@ -184,14 +182,16 @@ fn container_for_annotation(container: &Container) -> Result<Value> {
     fields
         .entry("resources")
         .or_insert_with(|| Value::Object(Map::new()));
-    let mut ordered = Map::new();
+    let mut ordered = Object::new();
     for field in CONTAINER_FIELD_ORDER {
         if let Some(value) = fields.remove(field) {
-            ordered.insert(field.to_owned(), value);
+            ordered.insert(field, &value);
         }
     }
-    ordered.extend(fields);
-    Ok(Value::Object(ordered))
+    for (field, value) in &fields {
+        ordered.insert(field, value);
+    }
+    Ok(ordered)
 }
 
 #[cfg(test)]

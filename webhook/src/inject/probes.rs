@@ -6,12 +6,14 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Container, HTTPGetAction, LifecycleHandler, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use serde_json::{Map, Value};
+use serde_json::value::{RawValue, to_raw_value};
+
+use super::json::Object;
 
 use super::containers::named_ports;
 
-/// Original probes by their rewritten path.
-pub type Probers = BTreeMap<String, Value>;
+/// Original probes (rendered JSON) by their rewritten path.
+pub type Probers = BTreeMap<String, Box<RawValue>>;
 
 fn resolve(port: &IntOrString, named: &BTreeMap<&str, i32>) -> Option<i32> {
     match port {
@@ -31,51 +33,48 @@ fn original(
     grpc: Option<(i32, Option<&String>)>,
     named: &BTreeMap<&str, i32>,
     status_port: i32,
-) -> Option<(&'static str, Value)> {
+) -> Option<(&'static str, Object)> {
+    let mut check = Object::new();
     if let Some(http) = http {
         let port = resolve(&http.port, named).filter(|p| *p != status_port)?;
-        let mut m = Map::new();
         if let Some(path) = http.path.as_ref().filter(|p| !p.is_empty()) {
-            m.insert("path".into(), Value::String(path.clone()));
+            check.insert("path", path);
         }
-        m.insert("port".into(), Value::from(port));
+        check.insert("port", &port);
         if let Some(host) = http.host.as_ref().filter(|h| !h.is_empty()) {
-            m.insert("host".into(), Value::String(host.clone()));
+            check.insert("host", host);
         }
         if let Some(scheme) = http.scheme.as_ref().filter(|s| !s.is_empty()) {
-            m.insert("scheme".into(), Value::String(scheme.clone()));
+            check.insert("scheme", scheme);
         }
         if let Some(headers) = http.http_headers.as_ref().filter(|h| !h.is_empty()) {
-            let headers = headers
-                .iter()
-                .map(|h| {
-                    let mut header = Map::new();
-                    header.insert("name".into(), Value::String(h.name.clone()));
-                    header.insert("value".into(), Value::String(h.value.clone()));
-                    Value::Object(header)
-                })
-                .collect();
-            m.insert("httpHeaders".into(), Value::Array(headers));
+            check.insert("httpHeaders", headers);
         }
-        return Some(("httpGet", Value::Object(m)));
+        return Some(("httpGet", check));
     }
     if let Some(port) = tcp_port {
         let port = resolve(port, named).filter(|p| *p != status_port)?;
-        let mut m = Map::new();
-        m.insert("port".into(), Value::from(port));
-        return Some(("tcpSocket", Value::Object(m)));
+        check.insert("port", &port);
+        return Some(("tcpSocket", check));
     }
     let (port, service) = grpc?;
     if port == status_port {
         return None;
     }
-    let mut m = Map::new();
-    m.insert("port".into(), Value::from(port));
-    m.insert(
-        "service".into(),
-        service.map_or(Value::Null, |s| Value::String(s.clone())),
-    );
-    Some(("grpc", Value::Object(m)))
+    check.insert("port", &port);
+    check.insert("service", &service);
+    Some(("grpc", check))
+}
+
+fn record(out: &mut Probers, path: &str, kind: &str, check: Object, timeout: Option<i32>) {
+    let mut entry = Object::new();
+    entry.insert(kind, &check);
+    if let Some(timeout) = timeout.filter(|t| *t != 0) {
+        entry.insert("timeoutSeconds", &timeout);
+    }
+    if let Ok(raw) = to_raw_value(&entry) {
+        out.insert(path.to_owned(), raw);
+    }
 }
 
 fn redirected(path: String, status_port: i32, original: Option<&HTTPGetAction>) -> HTTPGetAction {
@@ -106,12 +105,7 @@ fn rewrite_probe(
         named,
         status_port,
     ) {
-        let mut entry = Map::new();
-        entry.insert(kind.into(), check);
-        if let Some(timeout) = probe.timeout_seconds.filter(|t| *t != 0) {
-            entry.insert("timeoutSeconds".into(), Value::from(timeout));
-        }
-        out.insert(path.clone(), Value::Object(entry));
+        record(out, &path, kind, check, probe.timeout_seconds);
     }
     probe.http_get = Some(redirected(path, status_port, probe.http_get.as_ref()));
     probe.tcp_socket = None;
@@ -135,9 +129,7 @@ fn rewrite_hook(
         named,
         status_port,
     ) {
-        let mut entry = Map::new();
-        entry.insert(kind.into(), check);
-        out.insert(path.clone(), Value::Object(entry));
+        record(out, &path, kind, check, None);
     }
     hook.http_get = Some(redirected(path, status_port, hook.http_get.as_ref()));
     hook.tcp_socket = None;
@@ -345,11 +337,8 @@ mod tests {
 
     #[test]
     fn old_probers_win_on_reinjection() {
-        let new: Probers = [
-            ("/a".to_owned(), Value::from(1)),
-            ("/b".to_owned(), Value::from(2)),
-        ]
-        .into();
+        let raw = |v: &str| RawValue::from_string(v.to_owned()).expect("json");
+        let new: Probers = [("/a".to_owned(), raw("1")), ("/b".to_owned(), raw("2"))].into();
         assert_eq!(
             probers_env(new, Some(r#"{"/a":0}"#)).as_deref(),
             Some(r#"{"/a":0,"/b":2}"#)

@@ -3,9 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::{Map, Value};
-
 use super::annotations::{SCRAPE_TARGETS, parse_bool};
+use super::json::Object;
 use crate::{Error, Result};
 
 const SCRAPE: [&str; 3] = [
@@ -83,17 +82,16 @@ pub fn merge(
         .map(|t| scrape_targets(t, metrics_port))
         .transpose()?;
     let handed_over = if scrape.is_some() || port.is_some() || path.is_some() || targets.is_some() {
-        let text = |entry: Option<(&str, &String)>| {
-            Value::String(entry.map(|(_, v)| v.clone()).unwrap_or_default())
-        };
-        let mut m = Map::new();
-        m.insert("scrape".into(), text(scrape));
-        m.insert("path".into(), text(path));
-        m.insert("port".into(), text(port));
+        let text =
+            |entry: Option<(&str, &String)>| entry.map(|(_, v)| v.clone()).unwrap_or_default();
+        let mut object = Object::new();
+        object.insert("scrape", &text(scrape));
+        object.insert("path", &text(path));
+        object.insert("port", &text(port));
         if let Some(targets) = targets {
-            m.insert("targets".into(), targets);
+            object.insert("targets", &targets);
         }
-        Some(Value::Object(m).to_string())
+        Some(object.to_string())
     } else {
         None
     };
@@ -112,22 +110,20 @@ pub fn merge(
 }
 
 /// `prometheus.istio.io/scrape-targets`: comma-separated `port[:path]`.
-fn scrape_targets(value: &str, metrics_port: i32) -> Result<Value> {
-    let targets = value
+fn scrape_targets(value: &str, metrics_port: i32) -> Result<Vec<Object>> {
+    value
         .split(',')
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .map(|target| {
             let (port, path) = target.split_once(':').unwrap_or((target, "/metrics"));
             check_port(SCRAPE_TARGETS, port, metrics_port)?;
-            let path = if path.is_empty() { "/metrics" } else { path };
-            let mut m = Map::new();
-            m.insert("port".into(), Value::String(port.trim().to_owned()));
-            m.insert("path".into(), Value::String(path.to_owned()));
-            Ok(Value::Object(m))
+            let mut object = Object::new();
+            object.insert("port", &port.trim());
+            object.insert("path", &if path.is_empty() { "/metrics" } else { path });
+            Ok(object)
         })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Value::Array(targets))
+        .collect()
 }
 
 #[cfg(test)]

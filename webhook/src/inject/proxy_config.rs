@@ -3,8 +3,10 @@
 
 use std::collections::BTreeMap;
 
+use ferrimesh_crds::settings::InterceptionMode;
 use serde::Deserialize;
-use serde_json::{Map, Value};
+
+use super::json::Object;
 
 /// The fields of Istio's ProxyConfig that change what is injected. Other
 /// ProxyConfig fields are accepted and reported as not applied.
@@ -42,7 +44,7 @@ impl ProxyConfig {
         let config: Self =
             serde_yaml::from_str(value).map_err(|e| format!("not a valid proxy config: {e}"))?;
         if let Some(mode) = &config.interception_mode
-            && crds_mode(mode).is_none()
+            && InterceptionMode::parse(mode).is_none()
         {
             return Err(format!(
                 "interceptionMode {mode:?} must be REDIRECT, TPROXY or NONE"
@@ -61,10 +63,6 @@ impl ProxyConfig {
         }
         Ok(config)
     }
-}
-
-fn crds_mode(mode: &str) -> Option<ferrimesh_crds::settings::InterceptionMode> {
-    ferrimesh_crds::settings::InterceptionMode::parse(mode)
 }
 
 /// Parses a Go duration (`"1m30s"`, `"250ms"`, `"45s"`) into nanoseconds.
@@ -166,47 +164,39 @@ pub const DEFAULT_DISCOVERY_ADDRESS: &str = "istiod.istio-system.svc:15012";
 impl ProxyConfigEnv {
     /// Renders `PROXY_CONFIG`: compact JSON in Istio's field order, then a newline.
     pub fn render(&self) -> String {
-        let mut map = Map::new();
+        let mut config = Object::new();
         if let Some(drain) = self.drain_duration.filter(|d| *d != DEFAULT_DRAIN) {
-            map.insert(
-                "drainDuration".into(),
-                Value::String(format_duration(drain)),
-            );
+            config.insert("drainDuration", &format_duration(drain));
         }
         if let Some(address) = self
             .discovery_address
             .as_ref()
             .filter(|a| *a != DEFAULT_DISCOVERY_ADDRESS)
         {
-            map.insert("discoveryAddress".into(), Value::String(address.clone()));
+            config.insert("discoveryAddress", address);
         }
         if let Some(concurrency) = self.concurrency {
-            map.insert("concurrency".into(), Value::from(concurrency));
+            config.insert("concurrency", &concurrency);
         }
         if let Some(mode) = self.interception_mode.filter(|m| *m != "REDIRECT") {
-            map.insert("interceptionMode".into(), Value::String(mode.to_owned()));
+            config.insert("interceptionMode", &mode);
         }
         if !self.proxy_metadata.is_empty() {
-            let metadata = self
-                .proxy_metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-                .collect();
-            map.insert("proxyMetadata".into(), Value::Object(metadata));
+            config.insert("proxyMetadata", &self.proxy_metadata);
         }
         if let Some(port) = self
             .status_port
             .filter(|p| *p != ferrimesh_crds::settings::DEFAULT_STATUS_PORT)
         {
-            map.insert("statusPort".into(), Value::from(port));
+            config.insert("statusPort", &port);
         }
         if let Some(mesh_id) = self.mesh_id.as_ref().filter(|m| !m.is_empty()) {
-            map.insert("meshId".into(), Value::String(mesh_id.clone()));
+            config.insert("meshId", mesh_id);
         }
         if let Some(hold) = self.hold_application_until_proxy_starts {
-            map.insert("holdApplicationUntilProxyStarts".into(), Value::Bool(hold));
+            config.insert("holdApplicationUntilProxyStarts", &hold);
         }
-        let mut out = Value::Object(map).to_string();
+        let mut out = config.to_string();
         out.push('\n');
         out
     }

@@ -1,0 +1,102 @@
+//! Inject + JSONPatch, the work of one admission: a typical Deployment pod,
+//! a pod with 2,000 env vars, a 64 KB pod spec, and a size sweep showing
+//! that cost grows linearly with the pod.
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use ferrimesh_crds::MeshSpec;
+use ferrimesh_webhook::inject::{Environment, Request, inject};
+use ferrimesh_webhook::patch;
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{Value, json};
+
+/// A Deployment-created pod as the API server sends it.
+fn typical() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "generateName": "reviews-v1-5d4f8c7b9-", "namespace": "bookinfo",
+            "labels": {"app": "reviews", "version": "v1", "pod-template-hash": "5d4f8c7b9"},
+            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "9080"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "reviews-v1-5d4f8c7b9",
+                                 "uid": "8f1a2b3c", "controller": true, "blockOwnerDeletion": true}]
+        },
+        "spec": {
+            "serviceAccountName": "bookinfo-reviews",
+            "containers": [{
+                "name": "reviews", "image": "docker.io/istio/examples-bookinfo-reviews-v1:1.20.1",
+                "ports": [{"containerPort": 9080, "name": "http", "protocol": "TCP"}],
+                "env": [{"name": "LOG_DIR", "value": "/tmp/logs"}],
+                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+                "readinessProbe": {"httpGet": {"path": "/health", "port": 9080}, "periodSeconds": 5},
+                "livenessProbe": {"tcpSocket": {"port": 9080}},
+                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]
+            }],
+            "volumes": [{"name": "tmp", "emptyDir": {}}]
+        }
+    })
+}
+
+/// The typical pod with `n` env vars on its container.
+fn with_env(n: usize) -> Value {
+    let mut pod = typical();
+    let env: Vec<Value> = (0..n)
+        .map(|i| json!({"name": format!("VAR_{i}"), "value": format!("value-{i}")}))
+        .collect();
+    pod["spec"]["containers"][0]["env"] = Value::Array(env);
+    pod
+}
+
+/// Inject and diff, as the webhook does for one request.
+fn admit(pod: &Pod, mesh: &MeshSpec, environment: &Environment) -> usize {
+    let request = Request {
+        pod,
+        namespace: "bookinfo",
+        mesh,
+        profiles: &[],
+        environment,
+        workload: None,
+    };
+    let injected = inject(&request).expect("valid pod").pod.expect("injected");
+    let before = serde_json::to_value(pod).expect("json");
+    let after = serde_json::to_value(&injected).expect("json");
+    patch::diff(&before, after).0.len()
+}
+
+fn bench(c: &mut Criterion) {
+    let mesh = MeshSpec::default();
+    let environment = Environment::default();
+    let mut group = c.benchmark_group("inject+patch");
+    for (name, value) in [("typical", typical()), ("env-2000", with_env(2000))] {
+        let pod: Pod = serde_json::from_value(value).expect("pod");
+        group.bench_function(name, |b| {
+            b.iter(|| admit(black_box(&pod), &mesh, &environment))
+        });
+    }
+    // A 64 KB pod spec: env vars until the serialised pod reaches 64 KiB.
+    let mut n = 0;
+    while serde_json::to_vec(&with_env(n)).expect("json").len() < 64 * 1024 {
+        n += 50;
+    }
+    let pod: Pod = serde_json::from_value(with_env(n)).expect("pod");
+    group.bench_function("spec-64KiB", |b| {
+        b.iter(|| admit(black_box(&pod), &mesh, &environment))
+    });
+    group.finish();
+
+    let mut sweep = c.benchmark_group("size-sweep");
+    for n in [250, 500, 1000, 2000, 4000] {
+        let value = with_env(n);
+        let bytes = serde_json::to_vec(&value).expect("json").len();
+        let pod: Pod = serde_json::from_value(value).expect("pod");
+        sweep.throughput(Throughput::Bytes(bytes as u64));
+        sweep.bench_with_input(BenchmarkId::new("env-vars", n), &pod, |b, pod| {
+            b.iter(|| admit(black_box(pod), &mesh, &environment))
+        });
+    }
+    sweep.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
