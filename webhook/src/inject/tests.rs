@@ -79,6 +79,14 @@ fn names(list: &[Container]) -> Vec<&str> {
     list.iter().map(|c| c.name.as_str()).collect()
 }
 
+fn label<'p>(pod: &'p Pod, name: &str) -> Option<&'p str> {
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(name))
+        .map(String::as_str)
+}
+
 fn annotation<'p>(pod: &'p Pod, name: &str) -> Option<&'p str> {
     pod.metadata
         .annotations
@@ -402,14 +410,7 @@ fn network_and_cluster_go_to_a_sorted_block_at_the_end() {
         "the pod label wins"
     );
     assert_eq!(env(&out, "FOO"), Some("a/b"));
-    assert_eq!(
-        out.metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get("topology.istio.io/network"))
-            .map(String::as_str),
-        Some("n2")
-    );
+    assert_eq!(label(&out, "topology.istio.io/network"), Some("n2"));
 }
 
 #[test]
@@ -852,14 +853,7 @@ fn proxy_metadata_side_effects() {
     ]
     .into();
     let out = injected(&app_pod(json!({})), &mesh);
-    assert_eq!(
-        out.metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get("networking.istio.io/tunnel"))
-            .map(String::as_str),
-        Some("http")
-    );
+    assert_eq!(label(&out, "networking.istio.io/tunnel"), Some("http"));
     let sc = container(&out, "istio-proxy")
         .security_context
         .clone()
@@ -884,14 +878,7 @@ fn workload_and_owner_come_from_the_controller() {
         env(&out, "ISTIO_META_OWNER"),
         Some("kubernetes://apis/apps/v1/namespaces/shop/deployments/api")
     );
-    assert_eq!(
-        out.metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get("service.istio.io/canonical-name"))
-            .map(String::as_str),
-        Some("api")
-    );
+    assert_eq!(label(&out, "service.istio.io/canonical-name"), Some("api"));
 }
 
 #[test]
