@@ -379,20 +379,20 @@ fn inject_pod(
     labels
         .entry(ann::TLS_MODE_LABEL.to_owned())
         .or_insert_with(|| "istio".to_owned());
-    let canonical_name = canonical_name(labels, &workload.name);
-    labels
-        .entry(ann::CANONICAL_NAME_LABEL.to_owned())
-        .or_insert(canonical_name);
-    let canonical_revision = ["app.kubernetes.io/version", "version"]
-        .iter()
-        .find_map(|k| labels.get(*k).filter(|v| !v.is_empty()).cloned())
-        .unwrap_or_else(|| "latest".to_owned());
-    if labels
-        .get(ann::CANONICAL_REVISION_LABEL)
-        .is_none_or(String::is_empty)
-    {
-        labels.insert(ann::CANONICAL_REVISION_LABEL.to_owned(), canonical_revision);
-    }
+    // An existing non-empty value is kept; an empty one counts as absent.
+    let mut set_if_absent = |key: &str, value: String| {
+        if labels.get(key).is_none_or(String::is_empty) {
+            labels.insert(key.to_owned(), value);
+        }
+    };
+    set_if_absent(
+        ann::CANONICAL_NAME_LABEL,
+        canonical_name(request.pod, &workload.name),
+    );
+    set_if_absent(
+        ann::CANONICAL_REVISION_LABEL,
+        canonical_revision(request.pod),
+    );
     if let Some(network) = &settings.network {
         labels.insert(ann::NETWORK_LABEL.to_owned(), network.clone());
     }
@@ -448,14 +448,25 @@ fn inject_pod(
     Ok(pod)
 }
 
-/// `service.istio.io/canonical-name` for a pod that has none.
-fn canonical_name(labels: &BTreeMap<String, String>, workload: &str) -> String {
-    let raw = ["app.kubernetes.io/name", "app"]
-        .iter()
+fn first_label<'p>(pod: &'p Pod, keys: &[&str]) -> Option<&'p str> {
+    let labels = pod.metadata.labels.as_ref()?;
+    keys.iter()
         .find_map(|k| labels.get(*k).filter(|v| !v.is_empty()).map(String::as_str))
-        .unwrap_or(workload);
+}
+
+/// `service.istio.io/canonical-name` for a pod that has none: the app's
+/// name label, else the workload's name, cut to a valid label value.
+fn canonical_name(pod: &Pod, workload: &str) -> String {
+    let raw = first_label(pod, &["app.kubernetes.io/name", "app"]).unwrap_or(workload);
     let cut: String = raw.chars().take(63).collect();
     cut.trim_matches(|c| matches!(c, '-' | '_' | '.'))
+        .to_owned()
+}
+
+/// `service.istio.io/canonical-revision` for a pod that has none.
+fn canonical_revision(pod: &Pod) -> String {
+    first_label(pod, &["app.kubernetes.io/version", "version"])
+        .unwrap_or("latest")
         .to_owned()
 }
 
