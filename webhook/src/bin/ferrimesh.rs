@@ -9,6 +9,11 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use ferrimesh_webhook::manifests::{self, MeshConfig, Run};
 
+// Injection allocates many small JSON nodes; mimalloc does that about twice
+// as fast as the system allocator (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Istio-compatible sidecar injection, offline.
 #[derive(Parser, Debug)]
 #[command(name = "ferrimesh", version, about)]
