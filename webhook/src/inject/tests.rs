@@ -918,7 +918,10 @@ fn empty_canonical_labels_count_as_absent() {
     }));
     let out = injected(&p, &MeshSpec::default());
     assert_eq!(label(&out, "service.istio.io/canonical-name"), Some("shop"));
-    assert_eq!(label(&out, "service.istio.io/canonical-revision"), Some("r1"));
+    assert_eq!(
+        label(&out, "service.istio.io/canonical-revision"),
+        Some("r1")
+    );
 }
 
 #[test]
@@ -929,13 +932,25 @@ fn probe_rewriting_follows_the_pod_annotation() {
             "spec": {"containers": [{"name": "main", "readinessProbe": {"httpGet": {"path": "/r", "port": 80}}}]}
         }))
     };
-    let off = injected(&probed(json!({"sidecar.istio.io/rewriteAppHTTPProbers": "false"})), &MeshSpec::default());
-    let http = |p: &Pod| container(p, "main").readiness_probe.as_ref().and_then(|r| r.http_get.clone()).expect("http");
+    let off = injected(
+        &probed(json!({"sidecar.istio.io/rewriteAppHTTPProbers": "false"})),
+        &MeshSpec::default(),
+    );
+    let http = |p: &Pod| {
+        container(p, "main")
+            .readiness_probe
+            .as_ref()
+            .and_then(|r| r.http_get.clone())
+            .expect("http")
+    };
     assert_eq!(http(&off).path.as_deref(), Some("/r"));
     assert!(env(&off, "ISTIO_KUBE_APP_PROBERS").is_none());
     let mut mesh = MeshSpec::default();
     mesh.injection.rewrite_app_probes = false;
-    let on = injected(&probed(json!({"sidecar.istio.io/rewriteAppHTTPProbers": "true"})), &mesh);
+    let on = injected(
+        &probed(json!({"sidecar.istio.io/rewriteAppHTTPProbers": "true"})),
+        &mesh,
+    );
     assert_eq!(http(&on).path.as_deref(), Some("/app-health/main/readyz"));
 }
 
@@ -945,18 +960,38 @@ fn metrics_merge_follows_the_pod_annotation() {
     mesh.injection.merge_prometheus_metrics = false;
     let off = injected(&app_pod(json!({"prometheus.io/port": "9090"})), &mesh);
     assert_eq!(annotation(&off, "prometheus.io/port"), Some("9090"));
-    let on = injected(&app_pod(json!({"prometheus.io/port": "9090", "prometheus.istio.io/merge-metrics": "true"})), &mesh);
+    let on = injected(
+        &app_pod(
+            json!({"prometheus.io/port": "9090", "prometheus.istio.io/merge-metrics": "true"}),
+        ),
+        &mesh,
+    );
     assert_eq!(annotation(&on, "prometheus.io/port"), Some("15020"));
-    assert_eq!(env(&on, "ISTIO_PROMETHEUS_ANNOTATIONS"), Some(r#"{"scrape":"","path":"","port":"9090"}"#));
+    assert_eq!(
+        env(&on, "ISTIO_PROMETHEUS_ANNOTATIONS"),
+        Some(r#"{"scrape":"","path":"","port":"9090"}"#)
+    );
 }
 
 #[test]
 fn log_level_annotations_set_proxy_and_init_arguments() {
     let out = injected(
-        &app_pod(json!({"sidecar.istio.io/logLevel": "debug", "sidecar.istio.io/componentLogLevel": "rbac:debug", "sidecar.istio.io/agentLogLevel": "all:warn"})),
+        &app_pod(
+            json!({"sidecar.istio.io/logLevel": "debug", "sidecar.istio.io/componentLogLevel": "rbac:debug", "sidecar.istio.io/agentLogLevel": "all:warn"}),
+        ),
         &MeshSpec::default(),
     );
     let proxy_args = container(&out, "istio-proxy").args.clone().expect("args");
-    assert_eq!(proxy_args[4..], ["--proxyLogLevel=debug", "--proxyComponentLogLevel=rbac:debug", "--log_output_level=all:warn"]);
-    assert_eq!(args(&out).last().map(String::as_str), Some("--log_output_level=all:warn"));
+    assert_eq!(
+        proxy_args[4..],
+        [
+            "--proxyLogLevel=debug",
+            "--proxyComponentLogLevel=rbac:debug",
+            "--log_output_level=all:warn"
+        ]
+    );
+    assert_eq!(
+        args(&out).last().map(String::as_str),
+        Some("--log_output_level=all:warn")
+    );
 }
