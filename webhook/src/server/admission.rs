@@ -1,0 +1,374 @@
+//! One admission review: read it, run the engine, answer with the same
+//! `uid` and API version, a JSONPatch and warnings (injection.md section 5).
+//!
+//! This is plain code over bytes, tested without a server; `server::mod`
+//! only moves bytes in and out over HTTPS.
+
+use std::time::Instant;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use ferrimesh_crds::mesh::MeshSpec;
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, Operation};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::metrics::Metrics;
+use crate::config::ConfigSource;
+use crate::inject::{Environment, Request, inject};
+use crate::patch;
+
+/// An HTTP-level failure: the review could not even be read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not an injection path.
+    NotFound,
+    /// The body is not JSON.
+    UnsupportedMediaType(String),
+    /// Empty, malformed, or without a request and uid.
+    BadRequest(String),
+}
+
+impl Refusal {
+    /// The HTTP status code.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::NotFound => 404,
+            Self::UnsupportedMediaType(_) => 415,
+            Self::BadRequest(_) => 400,
+        }
+    }
+
+    /// The message for the response body.
+    pub fn message(&self) -> String {
+        match self {
+            Self::NotFound => "not found: POST AdmissionReviews to /inject".to_owned(),
+            Self::UnsupportedMediaType(got) => {
+                format!("unsupported content type {got:?}: send application/json")
+            }
+            Self::BadRequest(why) => why.clone(),
+        }
+    }
+}
+
+/// What the review came to, for logs and metrics.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The pod was injected.
+    Injected,
+    /// Not injected, with the reason's metric label.
+    Skipped(&'static str),
+    /// Not a Pod CREATE: allowed untouched.
+    Ignored,
+    /// The pod was refused (a bad annotation or setting).
+    Rejected,
+}
+
+/// The serialised AdmissionReview response.
+#[derive(Debug)]
+pub struct Answer {
+    /// JSON body.
+    pub body: Vec<u8>,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "apiVersion", default)]
+    api_version: Option<String>,
+    #[serde(borrow, default)]
+    request: Option<&'a RawValue>,
+}
+
+/// The response half of an AdmissionReview. Written here rather than with
+/// kube's `AdmissionResponse`, which serialises the patch as a JSON array of
+/// bytes, about 3.5 times the size of the base64 string the API server reads
+/// just as well.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewOut<'a> {
+    api_version: &'a str,
+    kind: &'static str,
+    response: ResponseOut<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResponseOut<'a> {
+    uid: &'a str,
+    allowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<StatusOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct StatusOut {
+    status: &'static str,
+    message: String,
+    reason: &'static str,
+    code: u16,
+}
+
+/// Whether a Content-Type header names JSON.
+fn is_json(content_type: &str) -> bool {
+    let media = content_type.split(';').next().unwrap_or_default().trim();
+    media.eq_ignore_ascii_case("application/json")
+}
+
+/// Reads and answers one review posted to `path`.
+pub fn review(
+    path: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+    source: &dyn ConfigSource,
+    metrics: &Metrics,
+) -> Result<Answer, Refusal> {
+    let started = Instant::now();
+    metrics.requests.inc();
+    let result = answer(path, content_type, body, source);
+    metrics.time.observe(started.elapsed().as_secs_f64());
+    match &result {
+        Ok(answer) => match answer.outcome {
+            Outcome::Injected => {
+                metrics.success.inc();
+            }
+            Outcome::Skipped(reason) => metrics.skip(reason),
+            Outcome::Ignored => metrics.skip("not_a_pod_create"),
+            Outcome::Rejected => metrics.fail("rejected"),
+        },
+        Err(_) => metrics.fail("invalid_request"),
+    }
+    result
+}
+
+fn answer(
+    path: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+    source: &dyn ConfigSource,
+) -> Result<Answer, Refusal> {
+    let environment = Environment::from_path(path).ok_or(Refusal::NotFound)?;
+    let content_type = content_type.unwrap_or_default();
+    if !is_json(content_type) {
+        return Err(Refusal::UnsupportedMediaType(content_type.to_owned()));
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(Refusal::BadRequest(
+            "empty body: expected an AdmissionReview".to_owned(),
+        ));
+    }
+    let envelope: Envelope<'_> = serde_json::from_slice(body)
+        .map_err(|e| Refusal::BadRequest(format!("malformed AdmissionReview: {e}")))?;
+    let api_version = envelope
+        .api_version
+        .as_deref()
+        .unwrap_or("admission.k8s.io/v1");
+    if !matches!(
+        api_version,
+        "admission.k8s.io/v1" | "admission.k8s.io/v1beta1"
+    ) {
+        return Err(Refusal::BadRequest(format!(
+            "unsupported AdmissionReview apiVersion {api_version:?}: want admission.k8s.io/v1 or v1beta1"
+        )));
+    }
+    let raw = envelope
+        .request
+        .ok_or_else(|| Refusal::BadRequest("AdmissionReview has no request".to_owned()))?;
+    let request: AdmissionRequest<Pod> = match serde_json::from_str(raw.get()) {
+        Ok(request) => request,
+        Err(pod_error) => {
+            // Not readable as a Pod review: answer by uid when there is one.
+            let generic: AdmissionRequest<DynamicObject> = serde_json::from_str(raw.get())
+                .map_err(|e| {
+                    Refusal::BadRequest(format!("malformed AdmissionReview request: {e}"))
+                })?;
+            check_uid(&generic.uid)?;
+            return if generic.kind.kind == "Pod" && generic.kind.group.is_empty() {
+                let message = format!("pod cannot be read: {pod_error}");
+                Ok(respond(
+                    api_version,
+                    &generic.uid,
+                    Verdict::Deny(message),
+                    Vec::new(),
+                    Outcome::Rejected,
+                ))
+            } else {
+                Ok(respond(
+                    api_version,
+                    &generic.uid,
+                    Verdict::Allow(None),
+                    Vec::new(),
+                    Outcome::Ignored,
+                ))
+            };
+        }
+    };
+    check_uid(&request.uid)?;
+    let is_pod_create = request.kind.kind == "Pod"
+        && request.kind.group.is_empty()
+        && matches!(request.operation, Operation::Create)
+        && request.sub_resource.is_none();
+    let Some(mut pod) = request.object.filter(|_| is_pod_create) else {
+        return Ok(respond(
+            api_version,
+            &request.uid,
+            Verdict::Allow(None),
+            Vec::new(),
+            Outcome::Ignored,
+        ));
+    };
+    pod.metadata.managed_fields = None;
+    let namespace = request
+        .namespace
+        .clone()
+        .or_else(|| pod.metadata.namespace.clone())
+        .unwrap_or_else(|| "default".to_owned());
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+    let view = source.view(&namespace, node);
+    let environment = Environment {
+        native_sidecars_supported: view.native_sidecars_supported,
+        ..environment
+    };
+    let mesh: &MeshSpec = &view.mesh;
+    let engine_request = Request {
+        pod: &pod,
+        namespace: &namespace,
+        mesh,
+        profiles: &view.profiles,
+        environment: &environment,
+        workload: None,
+    };
+    let mut warnings: Vec<String> = view.warning.iter().cloned().collect();
+    let log_pod = |decision: &str, detail: &str| {
+        tracing::info!(
+            namespace = %namespace,
+            name = pod.metadata.name.as_deref().unwrap_or_default(),
+            generate_name = pod.metadata.generate_name.as_deref().unwrap_or_default(),
+            dry_run = request.dry_run,
+            decision,
+            detail,
+            "admission"
+        );
+    };
+    match inject(&engine_request) {
+        Err(e) => {
+            log_pod("rejected", &e.to_string());
+            let message = format!("ferrimesh sidecar injector: {e}");
+            Ok(respond(
+                api_version,
+                &request.uid,
+                Verdict::Deny(message),
+                warnings,
+                Outcome::Rejected,
+            ))
+        }
+        Ok(injection) => {
+            warnings.extend(injection.warnings);
+            let reason = injection.decision.reason.to_string();
+            match injection.pod {
+                None => {
+                    log_pod("skipped", &reason);
+                    let outcome = Outcome::Skipped(injection.decision.reason.metric_label());
+                    Ok(respond(
+                        api_version,
+                        &request.uid,
+                        Verdict::Allow(None),
+                        warnings,
+                        outcome,
+                    ))
+                }
+                Some(injected) => {
+                    log_pod("injected", &reason);
+                    let (before, after) =
+                        match (serde_json::to_value(&pod), serde_json::to_value(&injected)) {
+                            (Ok(before), Ok(after)) => (before, after),
+                            (Err(e), _) | (_, Err(e)) => {
+                                let message =
+                                    format!("ferrimesh sidecar injector: internal error: {e}");
+                                return Ok(respond(
+                                    api_version,
+                                    &request.uid,
+                                    Verdict::Deny(message),
+                                    warnings,
+                                    Outcome::Rejected,
+                                ));
+                            }
+                        };
+                    let patch = patch::diff(&before, after);
+                    let patch = serde_json::to_vec(&patch).unwrap_or_default();
+                    let verdict = Verdict::Allow(Some(STANDARD.encode(patch)));
+                    Ok(respond(
+                        api_version,
+                        &request.uid,
+                        verdict,
+                        warnings,
+                        Outcome::Injected,
+                    ))
+                }
+            }
+        }
+    }
+}
+
+fn check_uid(uid: &str) -> Result<(), Refusal> {
+    if uid.is_empty() {
+        return Err(Refusal::BadRequest(
+            "AdmissionReview request has no uid".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+enum Verdict {
+    /// Allowed, with a base64 JSONPatch when the pod changes.
+    Allow(Option<String>),
+    /// Refused with a message for the user.
+    Deny(String),
+}
+
+fn respond(
+    api_version: &str,
+    uid: &str,
+    verdict: Verdict,
+    warnings: Vec<String>,
+    outcome: Outcome,
+) -> Answer {
+    let (allowed, status, patch) = match verdict {
+        Verdict::Allow(patch) => (true, None, patch),
+        Verdict::Deny(message) => (
+            false,
+            Some(StatusOut {
+                status: "Failure",
+                message,
+                reason: "BadRequest",
+                code: 400,
+            }),
+            None,
+        ),
+    };
+    let review = ReviewOut {
+        api_version,
+        kind: "AdmissionReview",
+        response: ResponseOut {
+            uid,
+            allowed,
+            status,
+            patch_type: patch.as_ref().map(|_| "JSONPatch"),
+            patch,
+            warnings,
+        },
+    };
+    Answer {
+        body: serde_json::to_vec(&review).unwrap_or_default(),
+        outcome,
+    }
+}
