@@ -1,0 +1,222 @@
+//! Test support: certificates made in the test (rcgen), a webhook server
+//! started in-process on loopback, and AdmissionReview bodies.
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrimesh_webhook::config::FileSource;
+use ferrimesh_webhook::server::{self, Running, Settings, tls};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+use serde_json::{Value, json};
+
+/// A CA and the means to issue serving certificates from it.
+pub struct Authority {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A serving certificate and key, PEM.
+pub struct Leaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub der: Vec<u8>,
+}
+
+impl Authority {
+    pub fn new() -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "ferrimesh test CA");
+        let issuer =
+            CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA");
+        Self { issuer }
+    }
+
+    pub fn ca_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A certificate for 127.0.0.1 and localhost.
+    pub fn leaf(&self) -> Leaf {
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("leaf");
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+        }
+    }
+}
+
+/// A scratch directory removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "ferrimesh-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Self(dir)
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes a file atomically (write then rename), as a Secret volume swaps.
+pub fn write_atomic(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+pub const MESH: &str =
+    "apiVersion: mesh.ferrimesh.io/v1alpha1\nkind: Mesh\nmetadata: {name: default}\nspec: {}\n";
+
+/// A webhook server on loopback with a fresh CA, serving `mesh`.
+pub struct TestServer {
+    pub running: Option<Running>,
+    pub authority: Authority,
+    pub scratch: Scratch,
+    pub client: reqwest::Client,
+}
+
+impl TestServer {
+    pub async fn start(name: &str, mesh: &str) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let scratch = Scratch::new(name);
+        let authority = Authority::new();
+        let leaf = authority.leaf();
+        std::fs::write(scratch.path("tls.crt"), &leaf.cert_pem).expect("cert");
+        std::fs::write(scratch.path("tls.key"), &leaf.key_pem).expect("key");
+        std::fs::write(scratch.path("mesh.yaml"), mesh).expect("mesh");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certificate = Arc::new(
+            tls::ReloadingCertificate::load(
+                scratch.path("tls.crt"),
+                scratch.path("tls.key"),
+                Arc::clone(&provider),
+            )
+            .expect("certificate"),
+        );
+        let tls = tls::server_config(provider, certificate, None).expect("tls");
+        let source = FileSource::load(scratch.path("mesh.yaml"), Vec::new(), true).expect("mesh");
+        source.watch(Duration::from_millis(100));
+        let running = server::start(Settings {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            admin_listen: "127.0.0.1:0".parse().expect("addr"),
+            tls: Arc::new(tls),
+            source,
+            max_concurrent_requests: 64,
+            header_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
+        })
+        .await
+        .expect("server starts");
+        let client = client(&authority, true);
+        Self {
+            running: Some(running),
+            authority,
+            scratch,
+            client,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!(
+            "https://127.0.0.1:{}{path}",
+            self.running.as_ref().expect("running").addr.port()
+        )
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!(
+            "http://127.0.0.1:{}{path}",
+            self.running.as_ref().expect("running").admin_addr.port()
+        )
+    }
+
+    /// Posts `body` as JSON to `path` and returns status and body.
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+}
+
+/// An HTTPS client trusting the authority; `keep_alive: false` makes every
+/// request a new TLS handshake.
+pub fn client(authority: &Authority, keep_alive: bool) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(authority.ca_pem().as_bytes()).expect("ca");
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .tls_info(true)
+        .timeout(Duration::from_secs(20));
+    if !keep_alive {
+        builder = builder.pool_max_idle_per_host(0);
+    }
+    builder.build().expect("client")
+}
+
+/// A pod AdmissionReview.
+pub fn review(uid: &str, pod: Value) -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop",
+            "operation": "CREATE",
+            "userInfo": {"username": "tester"},
+            "object": pod,
+            "dryRun": false
+        }
+    })
+}
+
+/// A Deployment-style pod.
+pub fn pod(annotations: Value) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "web-7c9f-",
+            "namespace": "shop",
+            "labels": {"app": "web", "pod-template-hash": "7c9f"},
+            "annotations": annotations,
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-7c9f", "uid": "u1", "controller": true}],
+            "managedFields": [{"manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1"}]
+        },
+        "spec": {"containers": [{"name": "web", "image": "web:1", "ports": [{"containerPort": 8080, "name": "http"}]}]}
+    })
+}
