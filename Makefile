@@ -60,6 +60,10 @@ test: fmt-check lint crds-check unit ## Everything CI runs: fmt, clippy, CRD fre
 bench: ## Criterion benchmarks of inject + patch (see docs/benchmarks.md)
 	$(CARGO) bench -p ferrimesh-webhook --bench inject
 
+.PHONY: bench-webhook
+bench-webhook: ## Load test of the release webhook binary over TLS (see docs/benchmarks.md)
+	$(CARGO) bench -p ferrimesh-webhook --bench load
+
 .PHONY: e2e-bins
 e2e-bins: ## Build kube-apiserver and etcd from their Go modules (cached by version)
 	K8S_VERSION=$(K8S_VERSION) e2e/hack/build-control-plane.sh

@@ -3,12 +3,17 @@
 //! that cost grows linearly with the pod.
 
 use std::hint::black_box;
+use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ferrimesh_crds::MeshSpec;
+use ferrimesh_webhook::config::{ConfigSource, View};
 use ferrimesh_webhook::inject::{Environment, Request, inject};
 use ferrimesh_webhook::patch;
+use ferrimesh_webhook::server::admission::review as review_fn;
+use ferrimesh_webhook::server::metrics::Metrics;
 use k8s_openapi::api::core::v1::Pod;
+use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 
 // Injection allocates many small JSON nodes; mimalloc does that about twice
@@ -53,6 +58,24 @@ fn with_env(n: usize) -> Value {
     pod
 }
 
+/// A fixed Mesh, no profiles.
+struct StaticSource(Arc<MeshSpec>);
+
+impl ConfigSource for StaticSource {
+    fn view(&self, _namespace: &str, _node: Option<&str>) -> View {
+        View {
+            mesh: Arc::clone(&self.0),
+            profiles: Vec::new(),
+            native_sidecars_supported: true,
+            warning: None,
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+}
+
 /// Inject and diff, as the webhook does for one request.
 fn admit(pod: &Pod, mesh: &MeshSpec, environment: &Environment) -> usize {
     let request = Request {
@@ -89,6 +112,29 @@ fn bench(c: &mut Criterion) {
         b.iter(|| admit(black_box(&pod), &mesh, &environment))
     });
     group.finish();
+
+    // The whole review as the server runs it, without HTTP and TLS: parse
+    // the AdmissionReview, inject, diff, encode the response.
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                    "resource": {"group": "", "version": "v1", "resource": "pods"}, "namespace": "bookinfo",
+                    "operation": "CREATE", "userInfo": {"username": "bench"}, "object": typical()}
+    })
+    .to_string();
+    let source = StaticSource(Arc::new(MeshSpec::default()));
+    let metrics = Metrics::register(&mut Registry::default());
+    c.bench_function("admission-review/typical", |b| {
+        b.iter(|| {
+            review_fn(
+                "/inject",
+                Some("application/json"),
+                black_box(review.as_bytes()),
+                &source,
+                &metrics,
+            )
+        })
+    });
 
     let mut sweep = c.benchmark_group("size-sweep");
     for n in [250, 500, 1000, 2000, 4000] {

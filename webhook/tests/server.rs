@@ -438,3 +438,39 @@ async fn reports_readiness_and_istio_metrics() {
         "the admin server is gone after shutdown"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requires_client_certificates_when_given_a_client_ca() {
+    let server = TestServer::start_with("client-ca", MESH, true).await;
+    let body = review("uid-c", pod(json!({})));
+    assert!(
+        server
+            .client
+            .post(server.url("/inject"))
+            .json(&body)
+            .send()
+            .await
+            .is_err(),
+        "no client certificate: refused"
+    );
+
+    let leaf = server.authority.leaf();
+    let identity =
+        reqwest::Identity::from_pem(format!("{}{}", leaf.cert_pem, leaf.key_pem).as_bytes())
+            .expect("identity");
+    let ca = reqwest::Certificate::from_pem(server.authority.ca_pem().as_bytes()).expect("ca");
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .identity(identity)
+        .build()
+        .expect("client");
+    let response = client
+        .post(server.url("/inject"))
+        .json(&body)
+        .send()
+        .await
+        .expect("accepted with a certificate");
+    assert_eq!(response.status().as_u16(), 200);
+}

@@ -21,7 +21,8 @@ use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum_server::Handle;
-use axum_server::tls_rustls::RustlsConfig;
+use axum_server::accept::NoDelayAcceptor;
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use hyper_util::rt::TokioTimer;
 use prometheus_client::registry::Registry;
 use rustls::ServerConfig;
@@ -185,12 +186,13 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     };
 
     let handle = Handle::new();
-    let mut server = axum_server::bind_rustls(
-        settings.listen,
-        RustlsConfig::from_config(Arc::clone(&settings.tls)),
-    )
-    .handle(handle.clone())
-    .http1_only();
+    // TCP_NODELAY: a response leaves at once, not held back by Nagle.
+    let acceptor = RustlsAcceptor::new(RustlsConfig::from_config(Arc::clone(&settings.tls)))
+        .acceptor(NoDelayAcceptor::new());
+    let mut server = axum_server::bind(settings.listen)
+        .acceptor(acceptor)
+        .handle(handle.clone())
+        .http1_only();
     server
         .http_builder()
         .http1()

@@ -102,6 +102,12 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(name: &str, mesh: &str) -> Self {
+        Self::start_with(name, mesh, false).await
+    }
+
+    /// With `require_client_certs`, clients must present a certificate from
+    /// the test authority.
+    pub async fn start_with(name: &str, mesh: &str, require_client_certs: bool) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let scratch = Scratch::new(name);
         let authority = Authority::new();
@@ -118,7 +124,9 @@ impl TestServer {
             )
             .expect("certificate"),
         );
-        let tls = tls::server_config(provider, certificate, None).expect("tls");
+        std::fs::write(scratch.path("client-ca.crt"), authority.ca_pem()).expect("client ca");
+        let client_ca = require_client_certs.then(|| scratch.path("client-ca.crt"));
+        let tls = tls::server_config(provider, certificate, client_ca.as_deref()).expect("tls");
         let source = FileSource::load(scratch.path("mesh.yaml"), Vec::new(), true).expect("mesh");
         source.watch(Duration::from_millis(100));
         let running = server::start(Settings {
