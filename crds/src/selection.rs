@@ -5,10 +5,15 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, WebhookClientConfig,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta,
+};
 use kube::core::{Selector, SelectorExt};
 
-use crate::mesh::DEFAULT_REVISION;
+use crate::mesh::{DEFAULT_REVISION, FailurePolicy, MeshSpec, ReinvocationPolicy};
 
 /// Namespace label that enables injection by the default revision.
 pub const INJECTION_LABEL: &str = "istio-injection";
@@ -120,6 +125,71 @@ pub fn selecting_entry(
     })
 }
 
+/// Name of the MutatingWebhookConfiguration of `revision`:
+/// `ferrimesh-sidecar-injector`, or `ferrimesh-sidecar-injector-<revision>`.
+pub fn webhook_configuration_name(revision: &str) -> String {
+    if revision == DEFAULT_REVISION {
+        "ferrimesh-sidecar-injector".to_owned()
+    } else {
+        format!("ferrimesh-sidecar-injector-{revision}")
+    }
+}
+
+/// The MutatingWebhookConfiguration for a Mesh: one entry per row of the
+/// selector matrix, all calling `client_config`, with the Mesh's failure,
+/// timeout and reinvocation policies.
+pub fn webhook_configuration(
+    mesh: &MeshSpec,
+    client_config: &WebhookClientConfig,
+    excluded_namespaces: &[&str],
+) -> MutatingWebhookConfiguration {
+    let failure_policy = match mesh.webhook.failure_policy {
+        FailurePolicy::Fail => "Fail",
+        FailurePolicy::Ignore => "Ignore",
+    };
+    let reinvocation_policy = match mesh.webhook.reinvocation_policy {
+        ReinvocationPolicy::Never => "Never",
+        ReinvocationPolicy::IfNeeded => "IfNeeded",
+    };
+    let webhooks = webhook_selectors(&mesh.revision, excluded_namespaces)
+        .into_iter()
+        .map(|entry| MutatingWebhook {
+            name: entry.name,
+            admission_review_versions: vec!["v1".to_owned()],
+            client_config: client_config.clone(),
+            failure_policy: Some(failure_policy.to_owned()),
+            match_policy: Some("Equivalent".to_owned()),
+            namespace_selector: Some(entry.namespace_selector),
+            object_selector: Some(entry.object_selector),
+            reinvocation_policy: Some(reinvocation_policy.to_owned()),
+            rules: Some(vec![RuleWithOperations {
+                api_groups: Some(vec![String::new()]),
+                api_versions: Some(vec!["v1".to_owned()]),
+                operations: Some(vec!["CREATE".to_owned()]),
+                resources: Some(vec!["pods".to_owned()]),
+                scope: None,
+            }]),
+            side_effects: "None".to_owned(),
+            timeout_seconds: Some(mesh.webhook.timeout_seconds),
+            match_conditions: None,
+        })
+        .collect();
+    MutatingWebhookConfiguration {
+        metadata: ObjectMeta {
+            name: Some(webhook_configuration_name(&mesh.revision)),
+            labels: Some(BTreeMap::from([
+                (
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    "ferrimesh-operator".to_owned(),
+                ),
+                (REVISION_LABEL.to_owned(), mesh.revision.clone()),
+            ])),
+            ..ObjectMeta::default()
+        },
+        webhooks: Some(webhooks),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,6 +249,44 @@ mod tests {
             Some("rev.object.sidecar-injector.ferrimesh.io")
         );
         assert_eq!(entry("canary", &[], &[(INJECT_LABEL, "true")]), None);
+    }
+
+    #[test]
+    fn webhook_configuration_carries_the_mesh_policies() {
+        let mut mesh = MeshSpec {
+            revision: "canary".into(),
+            ..MeshSpec::default()
+        };
+        mesh.webhook.failure_policy = FailurePolicy::Ignore;
+        mesh.webhook.timeout_seconds = 7;
+        let client = WebhookClientConfig {
+            url: Some("https://127.0.0.1:1/inject".into()),
+            ..Default::default()
+        };
+        let config = webhook_configuration(&mesh, &client, &SYSTEM_NAMESPACES);
+        assert_eq!(
+            config.metadata.name.as_deref(),
+            Some("ferrimesh-sidecar-injector-canary")
+        );
+        let webhooks = config.webhooks.expect("webhooks");
+        assert_eq!(
+            webhooks.len(),
+            2,
+            "a non-default revision has only the rev.* entries"
+        );
+        for webhook in &webhooks {
+            assert_eq!(webhook.failure_policy.as_deref(), Some("Ignore"));
+            assert_eq!(webhook.timeout_seconds, Some(7));
+            assert_eq!(webhook.side_effects, "None");
+            assert_eq!(webhook.admission_review_versions, ["v1"]);
+            assert_eq!(webhook.client_config, client);
+        }
+        let default = webhook_configuration(&MeshSpec::default(), &client, &SYSTEM_NAMESPACES);
+        assert_eq!(
+            default.metadata.name.as_deref(),
+            Some("ferrimesh-sidecar-injector")
+        );
+        assert_eq!(default.webhooks.map(|w| w.len()), Some(4));
     }
 
     #[test]

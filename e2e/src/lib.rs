@@ -1,0 +1,390 @@
+//! The end-to-end harness: a real `etcd` and `kube-apiserver` on loopback
+//! (the envtest model: no kubelet, scheduler or controllers), the project's
+//! binaries as local processes, and certificates made on the spot.
+//!
+//! The control-plane binaries are built from their Go modules by
+//! `e2e/hack/build-control-plane.sh` and cached by version outside the
+//! repository; the first test to need them builds them.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use kube::Client;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read and released).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A child process killed when dropped, so a failing test leaves nothing
+/// running.
+pub struct Process {
+    name: String,
+    child: Child,
+}
+
+impl Process {
+    /// Starts `command`, its output appended to `log`.
+    pub fn spawn(name: &str, command: &mut Command, log: &Path) -> anyhow::Result<Self> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let child = command
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+        })
+    }
+
+    /// The process ID.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails when the process has exited.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited early: {status}", self.name);
+        }
+        Ok(())
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit.
+    pub fn terminate(mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {timeout:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The directory holding `kube-apiserver` and `etcd`, built when missing.
+pub fn control_plane_binaries() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("FERRIMESH_K8S_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let script = repo_root().join("e2e/hack/build-control-plane.sh");
+    let output = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running build-control-plane.sh")?;
+    if !output.status.success() {
+        bail!("{} failed", script.display());
+    }
+    let dir = String::from_utf8(output.stdout)?
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    Ok(PathBuf::from(dir))
+}
+
+/// A binary of this workspace, built (debug) when needed.
+pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(cargo)
+        .current_dir(repo_root())
+        .args(["build", "--quiet", "--bin", name])
+        .status()
+        .with_context(|| format!("building {name}"))?;
+    if !status.success() {
+        bail!("cargo build --bin {name} failed");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| repo_root().join("target"), PathBuf::from);
+    Ok(target.join("debug").join(name))
+}
+
+/// A scratch directory, removed on drop unless `FERRIMESH_E2E_KEEP` is set.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// A new, empty directory.
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let unique = format!(
+            "ferrimesh-e2e-{name}-{}-{}",
+            std::process::id(),
+            free_port()?
+        );
+        let dir = std::env::temp_dir().join(unique);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+
+    /// A path inside the directory.
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::env::var_os("FERRIMESH_E2E_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// The admin bearer token of the test control plane.
+pub const ADMIN_TOKEN: &str = "ferrimesh-e2e-admin";
+
+/// etcd and kube-apiserver, running.
+pub struct ControlPlane {
+    /// `https://127.0.0.1:<port>`.
+    pub url: String,
+    /// An admin kubeconfig.
+    pub kubeconfig: PathBuf,
+    apiserver: Option<Process>,
+    etcd: Process,
+    apiserver_args: Vec<String>,
+    bin_dir: PathBuf,
+    // Dropped last: the processes above write into it.
+    scratch: Scratch,
+}
+
+impl ControlPlane {
+    /// Starts etcd and kube-apiserver on free loopback ports and waits for
+    /// `/readyz`. Extra token lines (`token,user,uid,"group"`) give the
+    /// binaries their own identities for RBAC.
+    pub async fn start(extra_tokens: &[String]) -> anyhow::Result<Self> {
+        let bin_dir = control_plane_binaries()?;
+        let scratch = Scratch::new("control-plane")?;
+        let (etcd_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
+        let etcd = Process::spawn(
+            "etcd",
+            Command::new(bin_dir.join("etcd"))
+                .arg("--data-dir")
+                .arg(scratch.path("etcd"))
+                .args([
+                    "--listen-client-urls",
+                    &format!("http://127.0.0.1:{etcd_port}"),
+                ])
+                .args([
+                    "--advertise-client-urls",
+                    &format!("http://127.0.0.1:{etcd_port}"),
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &format!("http://127.0.0.1:{peer_port}"),
+                ])
+                .args([
+                    "--initial-advertise-peer-urls",
+                    &format!("http://127.0.0.1:{peer_port}"),
+                ])
+                .args([
+                    "--initial-cluster",
+                    &format!("default=http://127.0.0.1:{peer_port}"),
+                ])
+                .args(["--unsafe-no-fsync", "--log-level", "warn"]),
+            &scratch.path("etcd.log"),
+        )?;
+
+        let key = KeyPair::generate()?;
+        std::fs::write(scratch.path("sa.key"), key.serialize_pem())?;
+        std::fs::write(scratch.path("sa.pub"), key.public_key_pem())?;
+        let mut tokens = std::fs::File::create(scratch.path("tokens.csv"))?;
+        writeln!(tokens, "{ADMIN_TOKEN},admin,admin-uid,\"system:masters\"")?;
+        for line in extra_tokens {
+            writeln!(tokens, "{line}")?;
+        }
+        let url = format!("https://127.0.0.1:{api_port}");
+        let path = |p: &str| scratch.path(p).display().to_string();
+        let apiserver_args = vec![
+            format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+            "--bind-address=127.0.0.1".to_owned(),
+            "--advertise-address=127.0.0.1".to_owned(),
+            format!("--secure-port={api_port}"),
+            format!("--cert-dir={}", path("certs")),
+            "--service-cluster-ip-range=10.0.0.0/24".to_owned(),
+            "--authorization-mode=RBAC".to_owned(),
+            format!("--token-auth-file={}", path("tokens.csv")),
+            format!("--service-account-issuer={url}"),
+            format!("--service-account-key-file={}", path("sa.pub")),
+            format!("--service-account-signing-key-file={}", path("sa.key")),
+            "--disable-admission-plugins=ServiceAccount".to_owned(),
+            "--allow-privileged=true".to_owned(),
+            "--v=1".to_owned(),
+        ];
+        let mut plane = Self {
+            url,
+            kubeconfig: scratch.path("kubeconfig"),
+            apiserver: None,
+            etcd,
+            apiserver_args,
+            bin_dir,
+            scratch,
+        };
+        plane.start_apiserver().await?;
+        plane.write_kubeconfig(ADMIN_TOKEN, &plane.kubeconfig.clone())?;
+        Ok(plane)
+    }
+
+    async fn start_apiserver(&mut self) -> anyhow::Result<()> {
+        let process = Process::spawn(
+            "kube-apiserver",
+            Command::new(self.bin_dir.join("kube-apiserver")).args(&self.apiserver_args),
+            &self.scratch.path("apiserver.log"),
+        )?;
+        self.apiserver = Some(process);
+        self.wait_ready(Duration::from_secs(90)).await
+    }
+
+    /// Stops and starts the API server (same etcd, same ports).
+    pub async fn restart_apiserver(&mut self) -> anyhow::Result<()> {
+        if let Some(apiserver) = self.apiserver.take() {
+            apiserver.terminate(Duration::from_secs(30))?;
+        }
+        self.start_apiserver().await
+    }
+
+    async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.etcd.check_running()?;
+            if let Some(apiserver) = self.apiserver.as_mut() {
+                apiserver
+                    .check_running()
+                    .with_context(|| self.log_tail("apiserver.log"))?;
+            }
+            let ready = Command::new("curl")
+                .args([
+                    "-sk",
+                    "--max-time",
+                    "2",
+                    "-H",
+                    &format!("Authorization: Bearer {ADMIN_TOKEN}"),
+                ])
+                .arg(format!("{}/readyz", self.url))
+                .output()
+                .map(|o| o.stdout == b"ok")
+                .unwrap_or(false);
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "kube-apiserver not ready after {timeout:?}; {}",
+                    self.log_tail("apiserver.log")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The last lines of a log in the scratch directory.
+    pub fn log_tail(&self, log: &str) -> String {
+        let text = std::fs::read_to_string(self.scratch.path(log)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "last lines of {log}:\n{}",
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        )
+    }
+
+    /// Writes a kubeconfig for `token` to `path`, trusting the API server's
+    /// own self-signed certificate.
+    pub fn write_kubeconfig(&self, token: &str, path: &Path) -> anyhow::Result<()> {
+        let ca = std::fs::read(self.scratch.path("certs/apiserver.crt"))
+            .context("apiserver certificate")?;
+        let ca = STANDARD.encode(ca);
+        let config = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\nusers:\n- name: user\n  user:\n    token: {token}\ncontexts:\n- name: e2e\n  context: {{cluster: e2e, user: user}}\ncurrent-context: e2e\n",
+            self.url
+        );
+        std::fs::write(path, config)?;
+        Ok(())
+    }
+
+    /// An admin client.
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        client_for(&self.kubeconfig).await
+    }
+
+    /// The scratch directory of this control plane.
+    pub fn scratch(&self) -> &Scratch {
+        &self.scratch
+    }
+}
+
+/// A client from a kubeconfig file.
+pub async fn client_for(kubeconfig: &Path) -> anyhow::Result<Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let kubeconfig = Kubeconfig::read_from(kubeconfig)?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// A CA and a serving certificate for 127.0.0.1, written as PEM files.
+pub struct ServingCertificate {
+    /// The CA, PEM (for a `caBundle`).
+    pub ca_pem: String,
+    /// The certificate file.
+    pub cert: PathBuf,
+    /// The key file.
+    pub key: PathBuf,
+}
+
+impl ServingCertificate {
+    /// Issues a new CA and a certificate for 127.0.0.1 and localhost into `dir`.
+    pub fn issue(dir: &Path) -> anyhow::Result<Self> {
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "ferrimesh e2e CA");
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+        let mut leaf = CertificateParams::new(vec!["localhost".to_owned()])?;
+        leaf.subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse()?));
+        let key = KeyPair::generate()?;
+        let cert = leaf.signed_by(&key, &ca)?;
+        let (cert_path, key_path) = (dir.join("webhook.crt"), dir.join("webhook.key"));
+        std::fs::write(&cert_path, cert.pem())?;
+        std::fs::write(&key_path, key.serialize_pem())?;
+        Ok(Self {
+            ca_pem: ca.pem(),
+            cert: cert_path,
+            key: key_path,
+        })
+    }
+}

@@ -1,0 +1,325 @@
+//! The webhook called by a real kube-apiserver over TLS: pods created
+//! through the API server come back injected (or untouched) as the selector
+//! matrix and the Mesh say, the webhook reads its Mesh from the cluster and
+//! follows changes without a restart, and a bad annotation fails the create
+//! with the injector's message.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferrimesh_crds::selection::{SYSTEM_NAMESPACES, webhook_configuration};
+use ferrimesh_crds::{Mesh, MeshSpec, istio_crds, mesh_crds};
+use ferrimesh_e2e::{ControlPlane, Process, ServingCertificate, free_port, workspace_binary};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, WebhookClientConfig,
+};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+async fn install_crds(client: &Client) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in mesh_crds().into_iter().chain(istio_crds()) {
+        crds.create(&PostParams::default(), &crd).await?;
+    }
+    for crd in mesh_crds().into_iter().chain(istio_crds()) {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let established = crds
+                .get(&name)
+                .await?
+                .status
+                .and_then(|s| s.conditions)
+                .is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                });
+            if established {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "CRD {name} not established");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+async fn namespace(client: &Client, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<()> {
+    let labels: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let ns: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await?;
+    Ok(())
+}
+
+fn pod(name: &str, labels: serde_json::Value, annotations: serde_json::Value) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels, "annotations": annotations},
+        // No ServiceAccount admission plugin here: name the account ourselves.
+        "spec": {"serviceAccountName": "default", "containers": [{"name": "app", "image": "registry.example/app:1", "ports": [{"name": "http", "containerPort": 8080}]}]}
+    }))
+    .expect("pod")
+}
+
+fn injected(pod: &Pod) -> bool {
+    let spec = pod.spec.as_ref().expect("spec");
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .any(|c| c.name == "istio-proxy")
+}
+
+fn proxy_env(pod: &Pod, name: &str) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    let proxy = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .find(|c| c.name == "istio-proxy")?;
+    proxy
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)?
+        .value
+        .clone()
+}
+
+struct Webhook {
+    _process: Process,
+    url: String,
+}
+
+/// Starts `ferrimesh-webhook` in cluster mode and waits until it is ready.
+async fn start_webhook(plane: &ControlPlane, cert: &ServingCertificate) -> anyhow::Result<Webhook> {
+    let binary = workspace_binary("ferrimesh-webhook")?;
+    let (port, admin) = (free_port()?, free_port()?);
+    let mut process = Process::spawn(
+        "ferrimesh-webhook",
+        Command::new(binary)
+            .env("KUBECONFIG", &plane.kubeconfig)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--admin-listen",
+                &format!("127.0.0.1:{admin}"),
+            ])
+            .arg("--tls-cert-file")
+            .arg(&cert.cert)
+            .arg("--tls-key-file")
+            .arg(&cert.key),
+        &plane.scratch().path("webhook.log"),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        process.check_running()?;
+        let ready = Command::new("curl")
+            .args([
+                "-s",
+                "--max-time",
+                "2",
+                &format!("http://127.0.0.1:{admin}/readyz"),
+            ])
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"ready"));
+        if ready {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "webhook not ready; {}",
+            plane.log_tail("webhook.log")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(Webhook {
+        _process: process,
+        url: format!("https://127.0.0.1:{port}/inject"),
+    })
+}
+
+async fn configure_webhook(
+    client: &Client,
+    mesh: &MeshSpec,
+    webhook: &Webhook,
+    ca_pem: &str,
+) -> anyhow::Result<()> {
+    let client_config = WebhookClientConfig {
+        url: Some(webhook.url.clone()),
+        ca_bundle: Some(ByteString(ca_pem.as_bytes().to_vec())),
+        service: None,
+    };
+    let config = webhook_configuration(mesh, &client_config, &SYSTEM_NAMESPACES);
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let name = config.metadata.name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply("ferrimesh-e2e").force(),
+        &Patch::Apply(&config),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn create(client: &Client, ns: &str, pod: &Pod) -> kube::Result<Pod> {
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), pod)
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_api_server_calls_the_webhook_over_tls() -> anyhow::Result<()> {
+    let plane = ControlPlane::start(&[]).await?;
+    let client = plane.client().await?;
+    install_crds(&client).await?;
+    let meshes: Api<Mesh> = Api::all(client.clone());
+    meshes
+        .create(
+            &PostParams::default(),
+            &Mesh::new("default", MeshSpec::default()),
+        )
+        .await?;
+    let cert = ServingCertificate::issue(plane.scratch().path("").as_path())?;
+    let webhook = start_webhook(&plane, &cert).await?;
+    configure_webhook(&client, &MeshSpec::default(), &webhook, &cert.ca_pem).await?;
+
+    namespace(&client, "enabled", &[("istio-injection", "enabled")]).await?;
+    namespace(&client, "plain", &[]).await?;
+    namespace(&client, "disabled", &[("istio-injection", "disabled")]).await?;
+    namespace(&client, "rev-default", &[("istio.io/rev", "default")]).await?;
+
+    // The webhook configuration takes a moment to reach the admission chain.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        let created = create(&client, "enabled", &pod("first", json!({}), json!({}))).await?;
+        if injected(&created) || Instant::now() > deadline {
+            break created;
+        }
+        Api::<Pod>::namespaced(client.clone(), "enabled")
+            .delete("first", &DeleteParams::default())
+            .await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(
+        injected(&first),
+        "a pod in an istio-injection=enabled namespace is injected"
+    );
+    let annotations = first.metadata.annotations.clone().unwrap_or_default();
+    assert!(annotations.contains_key("sidecar.istio.io/status"));
+    assert_eq!(
+        annotations.get("istio.io/rev").map(String::as_str),
+        Some("default")
+    );
+
+    assert!(
+        !injected(&create(&client, "plain", &pod("p1", json!({}), json!({}))).await?),
+        "unlabelled namespace"
+    );
+    assert!(!injected(
+        &create(
+            &client,
+            "disabled",
+            &pod("p2", json!({"sidecar.istio.io/inject": "true"}), json!({}))
+        )
+        .await?
+    ));
+    let opted_out = pod("p3", json!({"sidecar.istio.io/inject": "false"}), json!({}));
+    assert!(
+        !injected(&create(&client, "enabled", &opted_out).await?),
+        "pod label inject=false"
+    );
+    let opted_in = pod("p4", json!({"sidecar.istio.io/inject": "true"}), json!({}));
+    assert!(
+        injected(&create(&client, "plain", &opted_in).await?),
+        "pod opt-in in an unlabelled namespace"
+    );
+    assert!(
+        injected(&create(&client, "rev-default", &pod("p5", json!({}), json!({}))).await?),
+        "istio.io/rev=default"
+    );
+    let other_rev = pod("p6", json!({"istio.io/rev": "canary"}), json!({}));
+    assert!(
+        !injected(&create(&client, "plain", &other_rev).await?),
+        "another revision's pod label"
+    );
+
+    // A Deployment's pod: generateName and a controlling ReplicaSet.
+    let mut generated = pod(
+        "",
+        json!({"app": "web", "pod-template-hash": "5f6d7c"}),
+        json!({}),
+    );
+    generated.metadata.name = None;
+    generated.metadata.generate_name = Some("web-5f6d7c-".to_owned());
+    generated.metadata.owner_references = Some(vec![serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-5f6d7c", "uid": "0c2e4a6b-1111-2222-3333-444455556666", "controller": true
+    }))?]);
+    let created = create(&client, "enabled", &generated).await?;
+    assert_eq!(
+        proxy_env(&created, "ISTIO_META_WORKLOAD_NAME").as_deref(),
+        Some("web")
+    );
+    assert_eq!(
+        proxy_env(&created, "ISTIO_META_OWNER").as_deref(),
+        Some("kubernetes://apis/apps/v1/namespaces/enabled/deployments/web")
+    );
+
+    // A bad annotation: the create fails with the injector's message.
+    let bad = pod(
+        "bad",
+        json!({}),
+        json!({"traffic.sidecar.istio.io/excludeInboundPorts": "*"}),
+    );
+    let error = create(&client, "enabled", &bad)
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        error.contains("traffic.sidecar.istio.io/excludeInboundPorts"),
+        "{error}"
+    );
+
+    // The webhook follows a Mesh change through its watch, without a restart.
+    meshes
+        .patch(
+            "default",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"proxy": {"image": "my.registry/proxyv2:9"}}})),
+        )
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut image = None;
+    for attempt in 0.. {
+        let created = create(
+            &client,
+            "enabled",
+            &pod(&format!("after-{attempt}"), json!({}), json!({})),
+        )
+        .await?;
+        let spec = created.spec.unwrap_or_default();
+        image = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .find(|c| c.name == "istio-proxy")
+            .and_then(|c| c.image.clone());
+        if image.as_deref() == Some("my.registry/proxyv2:9") || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(image.as_deref(), Some("my.registry/proxyv2:9"));
+    Ok(())
+}
