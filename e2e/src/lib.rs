@@ -286,18 +286,9 @@ impl ControlPlane {
                     .check_running()
                     .with_context(|| self.log_tail("apiserver.log"))?;
             }
-            let ready = Command::new("curl")
-                .args([
-                    "-sk",
-                    "--max-time",
-                    "2",
-                    "-H",
-                    &format!("Authorization: Bearer {ADMIN_TOKEN}"),
-                ])
-                .arg(format!("{}/readyz", self.url))
-                .output()
-                .map(|o| o.stdout == b"ok")
-                .unwrap_or(false);
+            let ready = http_get(&format!("{}/readyz", self.url), Some(ADMIN_TOKEN))
+                .await
+                .is_some_and(|body| body == "ok");
             if ready {
                 return Ok(());
             }
@@ -344,6 +335,27 @@ impl ControlPlane {
     pub fn scratch(&self) -> &Scratch {
         &self.scratch
     }
+}
+
+/// GETs `url` (any certificate accepted: the test control plane's is
+/// self-signed), with a bearer token when given; the body of a 2xx answer.
+pub async fn http_get(url: &str, token: Option<&str>) -> Option<String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .danger_accept_invalid_certs(true)
+        .timeout(Duration::from_secs(2))
+        .build()
+        .ok()?;
+    let mut request = client.get(url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    response.text().await.ok()
 }
 
 /// A client from a kubeconfig file.

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use ferrimesh_crds::selection::{SYSTEM_NAMESPACES, webhook_configuration};
 use ferrimesh_crds::{Mesh, MeshSpec, istio_crds, mesh_crds};
-use ferrimesh_e2e::{ControlPlane, Process, ServingCertificate, free_port, workspace_binary};
+use ferrimesh_e2e::{
+    ControlPlane, Process, ServingCertificate, free_port, http_get, workspace_binary,
+};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, WebhookClientConfig,
@@ -125,15 +127,9 @@ async fn start_webhook(plane: &ControlPlane, cert: &ServingCertificate) -> anyho
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         process.check_running()?;
-        let ready = Command::new("curl")
-            .args([
-                "-s",
-                "--max-time",
-                "2",
-                &format!("http://127.0.0.1:{admin}/readyz"),
-            ])
-            .output()
-            .is_ok_and(|o| o.stdout.starts_with(b"ready"));
+        let ready = http_get(&format!("http://127.0.0.1:{admin}/readyz"), None)
+            .await
+            .is_some();
         if ready {
             break;
         }
