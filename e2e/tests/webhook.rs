@@ -100,7 +100,7 @@ fn proxy_env(pod: &Pod, name: &str) -> Option<String> {
 }
 
 struct Webhook {
-    _process: Process,
+    _process: Option<Process>,
     url: String,
 }
 
@@ -141,7 +141,7 @@ async fn start_webhook(plane: &ControlPlane, cert: &ServingCertificate) -> anyho
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(Webhook {
-        _process: process,
+        _process: Some(process),
         url: format!("https://127.0.0.1:{port}/inject"),
     })
 }
@@ -317,5 +317,66 @@ async fn real_api_server_calls_the_webhook_over_tls() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(image.as_deref(), Some("my.registry/proxyv2:9"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_down_fails_or_ignores_as_the_mesh_says() -> anyhow::Result<()> {
+    let plane = ControlPlane::start(&[]).await?;
+    let client = plane.client().await?;
+    install_crds(&client).await?;
+    let cert = ServingCertificate::issue(plane.scratch().path("").as_path())?;
+    let webhook = start_webhook(&plane, &cert).await?;
+    namespace(&client, "enabled", &[("istio-injection", "enabled")]).await?;
+    let url = webhook.url.clone();
+    drop(webhook); // killed: nothing listens on its port any more
+
+    let mut mesh = MeshSpec::default();
+    mesh.webhook.timeout_seconds = 2;
+    let dead = Webhook {
+        _process: None,
+        url,
+    };
+    configure_webhook(&client, &mesh, &dead, &cert.ca_pem).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let error = loop {
+        match create(&client, "enabled", &pod("refused", json!({}), json!({}))).await {
+            Err(e) => break e.to_string(),
+            Ok(_) => {
+                Api::<Pod>::namespaced(client.clone(), "enabled")
+                    .delete("refused", &DeleteParams::default())
+                    .await?;
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "failurePolicy Fail never took effect"
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    assert!(
+        error.contains("failed calling webhook") && error.contains("sidecar-injector.ferrimesh.io"),
+        "{error}"
+    );
+
+    mesh.webhook.failure_policy = ferrimesh_crds::mesh::FailurePolicy::Ignore;
+    configure_webhook(&client, &mesh, &dead, &cert.ca_pem).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let created = loop {
+        match create(&client, "enabled", &pod("ignored", json!({}), json!({}))).await {
+            Ok(pod) => break pod,
+            Err(e) => {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "failurePolicy Ignore never took effect: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    assert!(
+        !injected(&created),
+        "with Ignore the pod is created uninjected"
+    );
     Ok(())
 }
