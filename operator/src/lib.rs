@@ -1,0 +1,29 @@
+//! ferrimesh's operator: the only writer of cluster state (operator.md).
+//!
+//! The desired state is computed by pure functions, tested with plain
+//! objects: which labels a namespace gets ([`namespaces`]), when the
+//! webhook's certificate renews ([`certificates`]), and the WorkloadEntry of
+//! an injected pod ([`workloads`]). The MutatingWebhookConfiguration itself
+//! comes from `ferrimesh_crds::selection`, shared with `ferrimesh
+//! check-inject`.
+
+pub mod certificates;
+pub mod namespaces;
+pub mod workloads;
+
+/// The field manager of every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "ferrimesh-operator";
+
+/// What can go wrong in the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Making or reading a certificate failed.
+    #[error("certificate: {0}")]
+    Certificate(String),
+    /// A Kubernetes API call failed.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// The operator's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

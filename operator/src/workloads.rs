@@ -1,0 +1,261 @@
+//! The WorkloadEntry that stands for an injected pod (operator.md section
+//! 4), as a pure function of the pod, its Mesh and its node.
+
+use std::collections::BTreeMap;
+
+use ferrimesh_crds::workload_entry::{WorkloadCondition, WorkloadPort};
+use ferrimesh_crds::{MeshSpec, WorkloadEntry, WorkloadEntrySpec, WorkloadEntryStatus};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+
+/// Label on every WorkloadEntry the operator writes; entries without it are
+/// never touched.
+pub const MANAGED_BY_LABEL: &str = "ferrimesh.io/managed-by";
+/// Value of [`MANAGED_BY_LABEL`].
+pub const MANAGED_BY: &str = "ferrimesh-operator";
+/// Annotation with the UID of the pod an entry stands for.
+pub const POD_UID_ANNOTATION: &str = "ferrimesh.io/pod-uid";
+/// Annotation present on every injected pod.
+pub const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+
+/// Whether the pod was injected (and so is registered).
+pub fn is_injected(pod: &Pod) -> bool {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(SIDECAR_STATUS))
+}
+
+/// Whether the pod has finished (succeeded or failed) or is being deleted:
+/// its entry must go.
+pub fn is_gone(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_some()
+        || pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|p| p == "Succeeded" || p == "Failed")
+}
+
+/// The app containers' named ports: containers the injection did not add.
+fn app_ports(pod: &Pod) -> BTreeMap<String, WorkloadPort> {
+    let injected: Vec<String> = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SIDECAR_STATUS))
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+        .map(|status| {
+            ["containers", "initContainers"]
+                .iter()
+                .filter_map(|k| status.get(*k).and_then(|v| v.as_array()).cloned())
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    pod.spec
+        .iter()
+        .flat_map(|spec| &spec.containers)
+        .filter(|c| !injected.contains(&c.name))
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            p.name
+                .as_ref()
+                .map(|name| (name.clone(), WorkloadPort(p.container_port)))
+        })
+        .collect()
+}
+
+/// `<region>/<zone>` from the node's topology labels.
+fn locality(node: Option<&Node>) -> Option<String> {
+    let labels = node?.metadata.labels.as_ref()?;
+    let region = labels.get("topology.kubernetes.io/region")?;
+    Some(match labels.get("topology.kubernetes.io/zone") {
+        Some(zone) => format!("{region}/{zone}"),
+        None => region.clone(),
+    })
+}
+
+/// The pod's `Ready` condition as the entry's `Healthy` condition.
+fn healthy(pod: &Pod) -> WorkloadCondition {
+    let ready = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"));
+    WorkloadCondition {
+        type_: "Healthy".to_owned(),
+        status: ready.map_or("Unknown", |c| c.status.as_str()).to_owned(),
+        last_probe_time: None,
+        last_transition_time: ready
+            .and_then(|c| c.last_transition_time.as_ref())
+            .map(|t| t.0.to_string()),
+        reason: None,
+        message: None,
+    }
+}
+
+/// The WorkloadEntry for `pod`, or `None` while it has no IP.
+pub fn desired_entry(pod: &Pod, mesh: &MeshSpec, node: Option<&Node>) -> Option<WorkloadEntry> {
+    let ip = pod
+        .status
+        .as_ref()?
+        .pod_ip
+        .clone()
+        .filter(|ip| !ip.is_empty())?;
+    let name = pod.metadata.name.clone()?;
+    let uid = pod.metadata.uid.clone()?;
+    let spec = WorkloadEntrySpec {
+        address: Some(ip),
+        ports: app_ports(pod),
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        network: (!mesh.network.is_empty()).then(|| mesh.network.clone()),
+        locality: locality(node),
+        weight: None,
+        service_account: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone()),
+    };
+    let mut entry = WorkloadEntry::new(&name, spec);
+    entry.metadata = ObjectMeta {
+        name: Some(name.clone()),
+        namespace: pod.metadata.namespace.clone(),
+        labels: Some(BTreeMap::from([(
+            MANAGED_BY_LABEL.to_owned(),
+            MANAGED_BY.to_owned(),
+        )])),
+        annotations: Some(BTreeMap::from([(
+            POD_UID_ANNOTATION.to_owned(),
+            uid.clone(),
+        )])),
+        owner_references: Some(vec![OwnerReference {
+            api_version: "v1".to_owned(),
+            kind: "Pod".to_owned(),
+            name,
+            uid,
+            controller: Some(true),
+            block_owner_deletion: Some(false),
+        }]),
+        ..ObjectMeta::default()
+    };
+    entry.status = Some(WorkloadEntryStatus {
+        conditions: vec![healthy(pod)],
+    });
+    Some(entry)
+}
+
+/// Whether an entry of ours is an orphan: its pod is not among `live`
+/// (namespace, name, uid) triples.
+pub fn is_orphan(entry: &WorkloadEntry, live: &dyn Fn(&str, &str, &str) -> bool) -> bool {
+    let meta = &entry.metadata;
+    let ours = meta
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY_LABEL))
+        .is_some_and(|v| v == MANAGED_BY);
+    let uid = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(POD_UID_ANNOTATION));
+    match (ours, meta.namespace.as_deref(), meta.name.as_deref(), uid) {
+        (true, Some(ns), Some(name), Some(uid)) => !live(ns, name, uid),
+        (true, ..) => true,
+        (false, ..) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn pod() -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "uid": "pod-uid-1", "labels": {"app": "web"},
+                         "annotations": {"sidecar.istio.io/status": "{\"initContainers\":[\"istio-init\",\"istio-proxy\"],\"containers\":null}"}},
+            "spec": {"serviceAccountName": "web", "nodeName": "n1",
+                     "containers": [{"name": "web", "ports": [{"name": "http", "containerPort": 8080}, {"containerPort": 9999}]}],
+                     "initContainers": [{"name": "istio-proxy", "ports": [{"name": "http-envoy-prom", "containerPort": 15090}]}]},
+            "status": {"podIP": "10.1.2.3", "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn entry_mirrors_the_pod() {
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": "n1", "labels": {
+            "topology.kubernetes.io/region": "eu-west", "topology.kubernetes.io/zone": "eu-west-1a"}}}))
+        .expect("node");
+        let mesh = MeshSpec {
+            network: "net1".into(),
+            ..MeshSpec::default()
+        };
+        let entry = desired_entry(&pod(), &mesh, Some(&node)).expect("entry");
+        assert_eq!(entry.spec.address.as_deref(), Some("10.1.2.3"));
+        assert_eq!(
+            entry.spec.ports,
+            BTreeMap::from([("http".to_owned(), WorkloadPort(8080))])
+        );
+        assert_eq!(
+            entry.spec.labels.get("app").map(String::as_str),
+            Some("web")
+        );
+        assert_eq!(entry.spec.service_account.as_deref(), Some("web"));
+        assert_eq!(entry.spec.network.as_deref(), Some("net1"));
+        assert_eq!(entry.spec.locality.as_deref(), Some("eu-west/eu-west-1a"));
+        let owner = &entry.metadata.owner_references.as_ref().expect("owner")[0];
+        assert_eq!(
+            (
+                owner.kind.as_str(),
+                owner.uid.as_str(),
+                owner.controller,
+                owner.block_owner_deletion
+            ),
+            ("Pod", "pod-uid-1", Some(true), Some(false))
+        );
+        assert_eq!(entry.status.expect("status").conditions[0].status, "True");
+    }
+
+    #[test]
+    fn no_entry_without_an_ip_and_unknown_health_without_ready() {
+        let mut p = pod();
+        p.status.as_mut().expect("status").pod_ip = None;
+        assert!(desired_entry(&p, &MeshSpec::default(), None).is_none());
+        let mut p = pod();
+        p.status.as_mut().expect("status").conditions = None;
+        let entry = desired_entry(&p, &MeshSpec::default(), None).expect("entry");
+        assert_eq!(
+            entry.status.expect("status").conditions[0].status,
+            "Unknown"
+        );
+        assert!(entry.spec.locality.is_none() && entry.spec.network.is_none());
+    }
+
+    #[test]
+    fn finds_orphans_among_its_own_entries_only() {
+        let entry = desired_entry(&pod(), &MeshSpec::default(), None).expect("entry");
+        assert!(!is_orphan(&entry, &|ns, name, uid| (ns, name, uid)
+            == ("shop", "web-1", "pod-uid-1")));
+        assert!(
+            is_orphan(&entry, &|_, _, uid| uid == "another-uid"),
+            "a new pod of the same name"
+        );
+        let mut foreign = entry.clone();
+        foreign.metadata.labels = None;
+        assert!(
+            !is_orphan(&foreign, &|_, _, _| false),
+            "entries without our label are never touched"
+        );
+    }
+
+    #[test]
+    fn finished_and_deleted_pods_are_gone() {
+        let mut p = pod();
+        assert!(!is_gone(&p));
+        p.status.as_mut().expect("status").phase = Some("Succeeded".into());
+        assert!(is_gone(&p));
+    }
+}
