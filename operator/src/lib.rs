@@ -7,8 +7,11 @@
 //! comes from `ferrimesh_crds::selection`, shared with `ferrimesh
 //! check-inject`.
 
+pub mod certificate_store;
 pub mod certificates;
+pub mod mesh_controller;
 pub mod namespaces;
+pub mod workload_controller;
 pub mod workloads;
 
 /// The field manager of every server-side apply the operator makes.
@@ -20,6 +23,9 @@ pub enum Error {
     /// Making or reading a certificate failed.
     #[error("certificate: {0}")]
     Certificate(String),
+    /// Adding or removing the Mesh finalizer, or the cleanup, failed.
+    #[error("finalizer: {0}")]
+    Finalizer(String),
     /// A Kubernetes API call failed.
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),

@@ -6,7 +6,7 @@
 //! a label a user set by hand is co-owned by the user and survives, exactly
 //! the "remove only what it set" rule.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ferrimesh_crds::Mesh;
 use ferrimesh_crds::mesh::DEFAULT_REVISION;
@@ -90,6 +90,43 @@ pub fn managed_by_operator(namespace: &Namespace) -> bool {
             entry.manager.as_deref() == Some(FIELD_MANAGER)
                 && entry.operation.as_deref() == Some("Apply")
         })
+}
+
+/// The labels the operator's field manager owns on `namespace`, read from
+/// its managed fields (`f:metadata` / `f:labels` / `f:<key>`).
+pub fn owned_labels(namespace: &Namespace) -> BTreeSet<String> {
+    namespace
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|entry| {
+            entry.manager.as_deref() == Some(FIELD_MANAGER)
+                && entry.operation.as_deref() == Some("Apply")
+        })
+        .filter_map(|entry| entry.fields_v1.as_ref())
+        .filter_map(|fields| {
+            fields
+                .0
+                .get("f:metadata")?
+                .get("f:labels")?
+                .as_object()
+                .cloned()
+        })
+        .flat_map(|labels| {
+            labels
+                .into_iter()
+                .filter_map(|(k, _)| k.strip_prefix("f:").map(str::to_owned))
+        })
+        .collect()
+}
+
+/// Whether the namespace already carries exactly what the operator wants
+/// to own: nothing to apply.
+pub fn up_to_date(namespace: &Namespace, desired: &BTreeMap<String, String>) -> bool {
+    let current = namespace.metadata.labels.clone().unwrap_or_default();
+    let owned = owned_labels(namespace);
+    owned.iter().eq(desired.keys()) && desired.iter().all(|(k, v)| current.get(k) == Some(v))
 }
 
 #[cfg(test)]
@@ -202,6 +239,35 @@ mod tests {
         assert_eq!(
             selecting_mesh(&ns, &meshes, "x").and_then(|m| m.metadata.name.as_deref()),
             Some("canary")
+        );
+    }
+
+    #[test]
+    fn reads_the_labels_it_owns_from_managed_fields() {
+        let mut ns = namespace("shop", &[("istio-injection", "enabled"), ("team", "a")]);
+        let desired = BTreeMap::from([("istio-injection".to_owned(), "enabled".to_owned())]);
+        assert!(
+            !up_to_date(&ns, &desired),
+            "labelled by hand, not owned yet"
+        );
+        ns.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+            manager: Some(FIELD_MANAGER.to_owned()),
+            operation: Some("Apply".to_owned()),
+            fields_v1: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1(
+                serde_json::json!({
+                    "f:metadata": {"f:labels": {"f:istio-injection": {}}}
+                }),
+            )),
+            ..ManagedFieldsEntry::default()
+        }]);
+        assert_eq!(
+            owned_labels(&ns),
+            BTreeSet::from(["istio-injection".to_owned()])
+        );
+        assert!(up_to_date(&ns, &desired));
+        assert!(
+            !up_to_date(&ns, &BTreeMap::new()),
+            "owned but no longer wanted: must be released"
         );
     }
 

@@ -13,6 +13,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 pub const MANAGED_BY_LABEL: &str = "ferrimesh.io/managed-by";
 /// Value of [`MANAGED_BY_LABEL`].
 pub const MANAGED_BY: &str = "ferrimesh-operator";
+/// Label with the revision of the Mesh that registered the entry.
+pub const REVISION_LABEL: &str = "ferrimesh.io/revision";
 /// Annotation with the UID of the pod an entry stands for.
 pub const POD_UID_ANNOTATION: &str = "ferrimesh.io/pod-uid";
 /// Annotation present on every injected pod.

@@ -1,0 +1,327 @@
+//! The operator against a real API server: it issues the webhook's
+//! certificate, writes the MutatingWebhookConfiguration the API server then
+//! uses (so injection works through the operator's CA), labels and
+//! unlabels namespaces, reports status, and registers injected pods as
+//! WorkloadEntries while they live.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use ferrimesh_crds::{Mesh, MeshSpec, WorkloadEntry, istio_crds, mesh_crds};
+use ferrimesh_e2e::{ControlPlane, Process, eventually, free_port, http_get, workspace_binary};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn install_crds(client: &Client) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in mesh_crds().into_iter().chain(istio_crds()) {
+        let name = crd.name_any();
+        crds.create(&PostParams::default(), &crd).await?;
+        eventually(&format!("CRD {name} established"), WAIT, || {
+            let crds = crds.clone();
+            let name = name.clone();
+            async move {
+                let established = crds
+                    .get(&name)
+                    .await?
+                    .status
+                    .and_then(|s| s.conditions)
+                    .is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
+                    });
+                Ok(established.then_some(()))
+            }
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+async fn namespace(client: &Client, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<()> {
+    let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+    let ns: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await?;
+    Ok(())
+}
+
+async fn namespace_label(client: &Client, name: &str, key: &str) -> anyhow::Result<Option<String>> {
+    let ns = Api::<Namespace>::all(client.clone()).get(name).await?;
+    Ok(ns.labels().get(key).cloned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_configures_injection_and_registers_workloads() -> anyhow::Result<()> {
+    let plane = ControlPlane::start(&[]).await?;
+    let client = plane.client().await?;
+    install_crds(&client).await?;
+    namespace(&client, "ferrimesh-system", &[]).await?;
+    namespace(&client, "apps", &[("mesh", "on")]).await?;
+    namespace(&client, "manual", &[("istio-injection", "enabled")]).await?;
+    namespace(
+        &client,
+        "opted-out",
+        &[("mesh", "on"), ("istio-injection", "disabled")],
+    )
+    .await?;
+
+    // The operator, pointing the API server at a loopback webhook URL.
+    let webhook_port = free_port()?;
+    let webhook_url = format!("https://127.0.0.1:{webhook_port}/inject");
+    let _operator = Process::spawn(
+        "ferrimesh-operator",
+        Command::new(workspace_binary("ferrimesh-operator")?)
+            .env("KUBECONFIG", &plane.kubeconfig)
+            .args([
+                "--webhook-url",
+                &webhook_url,
+                "--admin-listen",
+                &format!("127.0.0.1:{}", free_port()?),
+            ])
+            .args(["--sweep-interval-seconds", "2"]),
+        &plane.scratch().path("operator.log"),
+    )?;
+    let meshes: Api<Mesh> = Api::all(client.clone());
+    let spec = MeshSpec {
+        namespace_selector: Some(serde_json::from_value(
+            json!({"matchLabels": {"mesh": "on"}}),
+        )?),
+        ..MeshSpec::default()
+    };
+    meshes
+        .create(&PostParams::default(), &Mesh::new("default", spec))
+        .await?;
+
+    // Certificate Secret -> files, as a Secret volume would give the webhook.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "ferrimesh-system");
+    let tls = eventually("the serving certificate Secret", WAIT, || {
+        let secrets = secrets.clone();
+        async move { Ok(secrets.get_opt("ferrimesh-webhook-tls").await?) }
+    })
+    .await?;
+    let data = tls.data.unwrap_or_default();
+    for key in ["tls.crt", "tls.key", "ca.crt"] {
+        std::fs::write(plane.scratch().path(key), &data.get(key).expect(key).0)?;
+    }
+    let admin = free_port()?;
+    let _webhook = Process::spawn(
+        "ferrimesh-webhook",
+        Command::new(workspace_binary("ferrimesh-webhook")?)
+            .env("KUBECONFIG", &plane.kubeconfig)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{webhook_port}"),
+                "--admin-listen",
+                &format!("127.0.0.1:{admin}"),
+            ])
+            .arg("--tls-cert-file")
+            .arg(plane.scratch().path("tls.crt"))
+            .arg("--tls-key-file")
+            .arg(plane.scratch().path("tls.key")),
+        &plane.scratch().path("webhook.log"),
+    )?;
+    eventually("webhook ready", WAIT, || async move {
+        Ok(http_get(&format!("http://127.0.0.1:{admin}/readyz"), None)
+            .await
+            .map(|_| ()))
+    })
+    .await?;
+
+    // Namespaces: the selected one labelled, the opted-out one left alone.
+    eventually("apps labelled", WAIT, || {
+        let client = client.clone();
+        async move {
+            Ok(namespace_label(&client, "apps", "istio-injection")
+                .await?
+                .filter(|v| v == "enabled"))
+        }
+    })
+    .await?;
+    assert_eq!(
+        namespace_label(&client, "opted-out", "istio-injection")
+            .await?
+            .as_deref(),
+        Some("disabled")
+    );
+
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let config = configs.get("ferrimesh-sidecar-injector").await?;
+    let webhooks = config.webhooks.unwrap_or_default();
+    assert_eq!(webhooks.len(), 4);
+    assert!(
+        webhooks
+            .iter()
+            .all(|w| w.client_config.url.as_deref() == Some(webhook_url.as_str()))
+    );
+
+    let status = eventually("Mesh status", WAIT, || {
+        let meshes = meshes.clone();
+        async move {
+            let mesh = meshes.get("default").await?;
+            Ok(mesh.status.filter(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            }))
+        }
+    })
+    .await?;
+    assert_eq!(status.labelled_namespaces, 1);
+    assert!(
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "CertificateReady" && c.message.contains("valid until"))
+    );
+
+    // A pod in the labelled namespace is injected through the operator's webhook configuration.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "apps");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "web-1", "labels": {"app": "web"}},
+        "spec": {"serviceAccountName": "web", "nodeName": "node-a",
+                 "containers": [{"name": "web", "image": "registry.example/web:1", "ports": [{"name": "http", "containerPort": 8080}]}]}
+    }))?;
+    let created = eventually("an injected pod", WAIT, || {
+        let (pods, pod) = (pods.clone(), pod.clone());
+        async move {
+            let created = pods.create(&PostParams::default(), &pod).await?;
+            let injected = created
+                .annotations()
+                .contains_key("sidecar.istio.io/status");
+            if !injected {
+                pods.delete("web-1", &DeleteParams::default().grace_period(0))
+                    .await?;
+            }
+            Ok(injected.then_some(created))
+        }
+    })
+    .await?;
+    assert!(created.labels().get("security.istio.io/tlsMode").is_some());
+
+    // Play the kubelet: an IP and Ready -> a WorkloadEntry.
+    Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "node-a", "labels": {
+            "topology.kubernetes.io/region": "eu-1", "topology.kubernetes.io/zone": "eu-1b"}}}))?,
+        )
+        .await?;
+    let ready = |status: &str| json!({"status": {"podIP": "10.1.0.5", "phase": "Running", "conditions": [{"type": "Ready", "status": status}]}});
+    pods.patch_status(
+        "web-1",
+        &PatchParams::default(),
+        &Patch::Merge(ready("True")),
+    )
+    .await?;
+    let entries: Api<WorkloadEntry> = Api::namespaced(client.clone(), "apps");
+    let entry = eventually("a WorkloadEntry", WAIT, || {
+        let entries = entries.clone();
+        async move {
+            Ok(entries
+                .get_opt("web-1")
+                .await?
+                .filter(|e| e.status.is_some()))
+        }
+    })
+    .await?;
+    assert_eq!(entry.spec.address.as_deref(), Some("10.1.0.5"));
+    assert_eq!(entry.spec.service_account.as_deref(), Some("web"));
+    assert_eq!(entry.spec.ports.get("http").map(|p| p.0), Some(8080));
+    assert_eq!(entry.spec.locality.as_deref(), Some("eu-1/eu-1b"));
+    let owner = entry.metadata.owner_references.clone().unwrap_or_default();
+    assert_eq!(
+        owner
+            .first()
+            .map(|o| (o.kind.as_str(), Some(o.uid.clone()))),
+        Some(("Pod", created.uid()))
+    );
+    assert_eq!(
+        entry
+            .status
+            .as_ref()
+            .map(|s| s.conditions[0].status.as_str()),
+        Some("True")
+    );
+
+    pods.patch_status(
+        "web-1",
+        &PatchParams::default(),
+        &Patch::Merge(ready("False")),
+    )
+    .await?;
+    eventually("Healthy=False", WAIT, || {
+        let entries = entries.clone();
+        async move {
+            let entry = entries.get("web-1").await?;
+            Ok(entry.status.filter(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Healthy" && c.status == "False")
+            }))
+        }
+    })
+    .await?;
+
+    pods.delete("web-1", &DeleteParams::default().grace_period(0))
+        .await?;
+    eventually("the entry deleted with its pod", WAIT, || {
+        let entries = entries.clone();
+        async move { Ok(entries.get_opt("web-1").await?.is_none().then_some(())) }
+    })
+    .await?;
+
+    // Selector no longer matches: the operator's label goes, the hand-made one stays.
+    meshes
+        .patch(
+            "default",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"namespaceSelector": {"matchLabels": {"mesh": "other"}}}}),
+            ),
+        )
+        .await?;
+    eventually("apps unlabelled", WAIT, || {
+        let client = client.clone();
+        async move {
+            Ok(namespace_label(&client, "apps", "istio-injection")
+                .await?
+                .is_none()
+                .then_some(()))
+        }
+    })
+    .await?;
+    meshes.delete("default", &DeleteParams::default()).await?;
+    eventually(
+        "the webhook configuration deleted with the Mesh",
+        WAIT,
+        || {
+            let configs = configs.clone();
+            async move {
+                Ok(configs
+                    .get_opt("ferrimesh-sidecar-injector")
+                    .await?
+                    .is_none()
+                    .then_some(()))
+            }
+        },
+    )
+    .await?;
+    assert_eq!(
+        namespace_label(&client, "manual", "istio-injection")
+            .await?
+            .as_deref(),
+        Some("enabled"),
+        "user label survives"
+    );
+    Ok(())
+}

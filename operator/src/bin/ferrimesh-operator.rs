@@ -1,0 +1,292 @@
+//! `ferrimesh-operator`: reconciles Meshes (webhook configuration,
+//! certificate, namespace labels, status) and registers injected pods as
+//! WorkloadEntries.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use clap::{Parser, ValueEnum};
+use ferrimesh_crds::Mesh;
+use ferrimesh_operator::certificate_store::Lifetimes;
+use ferrimesh_operator::mesh_controller::{self, WebhookTarget};
+use ferrimesh_operator::workload_controller::{self, INJECTED_PODS};
+use futures::StreamExt;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use kube::runtime::controller::Controller;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+/// The ferrimesh operator.
+///
+/// Writes, with server-side apply as `ferrimesh-operator`: the webhook's CA
+/// and serving certificate (Secrets in its namespace), one
+/// MutatingWebhookConfiguration per Mesh, the injection labels of the
+/// namespaces a Mesh selects, each Mesh's status, and a WorkloadEntry per
+/// injected pod.
+#[derive(Parser, Debug)]
+#[command(name = "ferrimesh-operator", version, about, long_about)]
+struct Args {
+    /// The operator's own namespace: never labelled, holds the certificate Secrets.
+    #[arg(long, env = "FERRIMESH_NAMESPACE", default_value = "ferrimesh-system")]
+    namespace: String,
+    /// Name of the webhook's Service (in the operator's namespace).
+    #[arg(
+        long,
+        env = "FERRIMESH_WEBHOOK_SERVICE",
+        default_value = "ferrimesh-webhook"
+    )]
+    webhook_service: String,
+    /// Port of the webhook's Service.
+    #[arg(long, env = "FERRIMESH_WEBHOOK_SERVICE_PORT", default_value_t = 443)]
+    webhook_service_port: i32,
+    /// Call the webhook at this URL instead of the Service (local control
+    /// planes); its host goes into the serving certificate.
+    #[arg(long, env = "FERRIMESH_WEBHOOK_URL")]
+    webhook_url: Option<String>,
+    /// Lifetime of the serving certificate, seconds (renewed at two thirds).
+    #[arg(long, env = "FERRIMESH_CERT_LIFETIME_SECONDS", default_value_t = 90 * 24 * 3600)]
+    cert_lifetime_seconds: i64,
+    /// Lifetime of the CA, seconds (renewed at two thirds).
+    #[arg(long, env = "FERRIMESH_CA_LIFETIME_SECONDS", default_value_t = 5 * 365 * 24 * 3600)]
+    ca_lifetime_seconds: i64,
+    /// Seconds between sweeps for WorkloadEntries whose pod is gone.
+    #[arg(long, env = "FERRIMESH_SWEEP_INTERVAL_SECONDS", default_value_t = 60)]
+    sweep_interval_seconds: u64,
+    /// Address of the admin server (/metrics, /healthz, /readyz).
+    #[arg(long, env = "FERRIMESH_ADMIN_LISTEN", default_value = "0.0.0.0:15015")]
+    admin_listen: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "FERRIMESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How logs are written (levels from `RUST_LOG`, default `info`).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReconcileLabels {
+    controller: String,
+    result: String,
+}
+
+#[derive(Clone)]
+struct Admin {
+    registry: Arc<Registry>,
+    ready: Arc<AtomicBool>,
+}
+
+async fn metrics(State(admin): State<Admin>) -> (StatusCode, String) {
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, &admin.registry) {
+        Ok(()) => (StatusCode::OK, text),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn readiness(State(admin): State<Admin>) -> (StatusCode, &'static str) {
+    if admin.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not synced\n")
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = Client::try_default().await?;
+    let mut registry = Registry::default();
+    let reconciles = Family::<ReconcileLabels, Counter>::default();
+    registry.register(
+        "ferrimesh_operator_reconciles",
+        "Reconciles by controller and result",
+        reconciles.clone(),
+    );
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = Admin {
+        registry: Arc::new(registry),
+        ready: Arc::clone(&ready),
+    };
+    let listener = tokio::net::TcpListener::bind(args.admin_listen).await?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readiness))
+        .with_state(admin);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let webhook = match &args.webhook_url {
+        Some(url) => WebhookTarget::Url(url.clone()),
+        None => WebhookTarget::Service {
+            name: args.webhook_service.clone(),
+            namespace: args.namespace.clone(),
+            port: args.webhook_service_port,
+        },
+    };
+    let config = watcher::Config::default();
+    let meshes = Controller::new(Api::<Mesh>::all(client.clone()), config.clone());
+    let store = meshes.store();
+    let context = Arc::new(mesh_controller::Context {
+        client: client.clone(),
+        namespace: args.namespace.clone(),
+        webhook,
+        lifetimes: Lifetimes {
+            ca: args.ca_lifetime_seconds,
+            serving: args.cert_lifetime_seconds,
+        },
+        meshes: store.clone(),
+    });
+    let every_mesh = {
+        let store = store.clone();
+        move || {
+            store
+                .state()
+                .iter()
+                .map(|m| ObjectRef::from_obj(&**m))
+                .collect::<Vec<_>>()
+        }
+    };
+    let (on_namespace, on_secret) = (every_mesh.clone(), every_mesh);
+    let counter = reconciles.clone();
+    let mesh_loop = meshes
+        .owns(
+            Api::<MutatingWebhookConfiguration>::all(client.clone()),
+            config.clone(),
+        )
+        .watches(
+            Api::<Namespace>::all(client.clone()),
+            config.clone(),
+            move |_: Namespace| on_namespace(),
+        )
+        .watches(
+            Api::<Secret>::namespaced(client.clone(), &args.namespace),
+            config.clone(),
+            move |_: Secret| on_secret(),
+        )
+        .shutdown_on_signal()
+        .run(
+            mesh_controller::reconcile,
+            mesh_controller::error_policy,
+            context,
+        )
+        .for_each(move |result| {
+            let outcome = if result.is_ok() { "ok" } else { "error" };
+            counter
+                .get_or_create(&ReconcileLabels {
+                    controller: "mesh".into(),
+                    result: outcome.into(),
+                })
+                .inc();
+            async {}
+        });
+
+    let pods_config = watcher::Config::default().labels(INJECTED_PODS);
+    let workload_context = Arc::new(workload_controller::Context {
+        client: client.clone(),
+        meshes: store.clone(),
+    });
+    let counter = reconciles;
+    let workload_loop = Controller::new(Api::<Pod>::all(client.clone()), pods_config.clone())
+        .shutdown_on_signal()
+        .run(
+            workload_controller::reconcile,
+            workload_controller::error_policy,
+            workload_context,
+        )
+        .for_each(move |result| {
+            let outcome = if result.is_ok() { "ok" } else { "error" };
+            counter
+                .get_or_create(&ReconcileLabels {
+                    controller: "workload".into(),
+                    result: outcome.into(),
+                })
+                .inc();
+            async {}
+        });
+
+    // Deleted pods: their entries go at once, not at the next sweep.
+    let deletions = {
+        let client = client.clone();
+        watcher(Api::<Pod>::all(client.clone()), pods_config).default_backoff().for_each(move |event| {
+            let client = client.clone();
+            async move {
+                if let Ok(watcher::Event::Delete(pod)) = event
+                    && let Err(e) = workload_controller::on_pod_deleted(&client, &pod).await {
+                        tracing::warn!(error = %e, "deleting a WorkloadEntry failed; the sweep will retry");
+                    }
+            }
+        })
+    };
+    let sweep = {
+        let client = client.clone();
+        let interval = Duration::from_secs(args.sweep_interval_seconds.max(1));
+        async move {
+            loop {
+                match workload_controller::sweep_orphans(&client).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(deleted = n, "removed WorkloadEntries whose pods are gone")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "sweep failed"),
+                }
+                tokio::time::sleep(interval).await;
+            }
+        }
+    };
+    tokio::spawn(async move {
+        if store.wait_until_ready().await.is_ok() {
+            ready.store(true, Ordering::Release);
+        }
+    });
+    tokio::spawn(deletions);
+    tokio::spawn(sweep);
+    tracing::info!(namespace = %args.namespace, "ferrimesh-operator started");
+    futures::join!(mesh_loop, workload_loop);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("ferrimesh-operator: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! The Mesh controller: the webhook's certificate, the
+//! MutatingWebhookConfiguration, namespace labels and the Mesh's status
+//! (operator.md sections 1, 2, 3 and 5). Level-triggered: every reconcile
+//! computes the whole desired state and applies what differs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferrimesh_crds::selection::{SYSTEM_NAMESPACES, webhook_configuration};
+use ferrimesh_crds::{Mesh, MeshStatus, WorkloadEntry};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ServiceReference, WebhookClientConfig,
+};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event, finalizer};
+use kube::runtime::reflector::Store;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::certificate_store::{self, Lifetimes};
+use crate::namespaces::{desired_labels, managed_by_operator, selecting_mesh, up_to_date};
+use crate::workloads::{MANAGED_BY, MANAGED_BY_LABEL, REVISION_LABEL};
+use crate::{Error, FIELD_MANAGER, Result};
+
+/// The finalizer that lets a deleted Mesh release its namespaces and
+/// webhook configuration first.
+pub const FINALIZER: &str = "mesh.ferrimesh.io/cleanup";
+
+/// Where the API server reaches the webhook.
+#[derive(Clone, Debug)]
+pub enum WebhookTarget {
+    /// A Service in the cluster (port, path `/inject`).
+    Service {
+        /// Service name.
+        name: String,
+        /// Service namespace.
+        namespace: String,
+        /// Service port.
+        port: i32,
+    },
+    /// A URL (local control planes).
+    Url(String),
+}
+
+impl WebhookTarget {
+    /// The names the serving certificate must cover.
+    pub fn certificate_names(&self) -> Vec<String> {
+        match self {
+            Self::Service {
+                name, namespace, ..
+            } => {
+                vec![
+                    format!("{name}.{namespace}.svc"),
+                    format!("{name}.{namespace}.svc.cluster.local"),
+                ]
+            }
+            Self::Url(url) => {
+                let host = url
+                    .split("://")
+                    .nth(1)
+                    .unwrap_or(url)
+                    .split(['/', '?'])
+                    .next()
+                    .unwrap_or_default();
+                let host = match host.rsplit_once(':') {
+                    Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+                    _ => host,
+                };
+                vec![
+                    host.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_owned(),
+                ]
+            }
+        }
+    }
+
+    fn client_config(&self, ca_bundle: &str) -> WebhookClientConfig {
+        let ca_bundle = Some(ByteString(ca_bundle.as_bytes().to_vec()));
+        match self {
+            Self::Service {
+                name,
+                namespace,
+                port,
+            } => WebhookClientConfig {
+                ca_bundle,
+                service: Some(ServiceReference {
+                    name: name.clone(),
+                    namespace: namespace.clone(),
+                    path: Some("/inject".to_owned()),
+                    port: Some(*port),
+                }),
+                url: None,
+            },
+            Self::Url(url) => WebhookClientConfig {
+                ca_bundle,
+                service: None,
+                url: Some(url.clone()),
+            },
+        }
+    }
+}
+
+/// What the Mesh controller needs.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// The operator's own namespace (never labelled; holds the Secrets).
+    pub namespace: String,
+    /// Where the webhook is.
+    pub webhook: WebhookTarget,
+    /// Certificate lifetimes.
+    pub lifetimes: Lifetimes,
+    /// Every Mesh, from the controller's cache.
+    pub meshes: Store<Mesh>,
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Reconciles one Mesh.
+pub async fn reconcile(mesh: Arc<Mesh>, ctx: Arc<Context>) -> Result<Action> {
+    let api: Api<Mesh> = Api::all(ctx.client.clone());
+    finalizer(&api, FINALIZER, mesh, |event| async {
+        match event {
+            Event::Apply(mesh) => apply(&mesh, &ctx).await,
+            Event::Cleanup(mesh) => cleanup(&mesh, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(e.to_string()))
+}
+
+/// Retries a failed reconcile after a pause.
+pub fn error_policy(mesh: Arc<Mesh>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(mesh = %mesh.name_any(), %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(15))
+}
+
+fn all_meshes(ctx: &Context, current: &Mesh) -> Vec<Mesh> {
+    let mut meshes: Vec<Mesh> = ctx.meshes.state().iter().map(|m| (**m).clone()).collect();
+    // The cache may lag behind the object being reconciled.
+    meshes.retain(|m| m.metadata.name != current.metadata.name);
+    meshes.push(current.clone());
+    meshes
+}
+
+/// Applies the namespace labels every Mesh wants; returns how many
+/// namespaces each Mesh (by name) labels.
+async fn label_namespaces(ctx: &Context, meshes: &[Mesh]) -> Result<BTreeMap<String, i32>> {
+    let api: Api<Namespace> = Api::all(ctx.client.clone());
+    let mut counts = BTreeMap::new();
+    for namespace in api.list(&ListParams::default()).await? {
+        if let Some(mesh) = selecting_mesh(&namespace, meshes, &ctx.namespace) {
+            *counts.entry(mesh.name_any()).or_insert(0) += 1;
+        }
+        let desired = desired_labels(&namespace, meshes, &ctx.namespace);
+        if up_to_date(&namespace, &desired)
+            || (desired.is_empty() && !managed_by_operator(&namespace))
+        {
+            continue;
+        }
+        let name = namespace.name_any();
+        let patch = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": desired}});
+        match api
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(namespace = %name, labels = ?desired, "namespace labels applied")
+            }
+            // Someone else owns the label with another value: theirs stands.
+            Err(kube::Error::Api(status)) if status.is_conflict() => {
+                tracing::warn!(namespace = %name, error = %status.message, "namespace label owned by another manager; left alone")
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(counts)
+}
+
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    old: &[Condition],
+) -> Condition {
+    let status = if ok { "True" } else { "False" }.to_owned();
+    let last_transition_time = old
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| Time(jiff::Timestamp::now()));
+    Condition {
+        type_: type_.to_owned(),
+        status,
+        reason: reason.to_owned(),
+        message,
+        last_transition_time,
+        observed_generation: generation,
+    }
+}
+
+async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
+    let now = now();
+    let generation = mesh.metadata.generation;
+    let old_conditions = mesh
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let certificate = certificate_store::reconcile(
+        &secrets,
+        &ctx.namespace,
+        &ctx.webhook.certificate_names(),
+        ctx.lifetimes,
+        now,
+    )
+    .await?;
+
+    let mut excluded: Vec<&str> = SYSTEM_NAMESPACES.to_vec();
+    excluded.push(&ctx.namespace);
+    let mut config = webhook_configuration(
+        &mesh.spec,
+        &ctx.webhook.client_config(&certificate.ca_bundle),
+        &excluded,
+    );
+    config.metadata.owner_references = mesh.controller_owner_ref(&()).map(|r| vec![r]);
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(ctx.client.clone());
+    let config_name = config.metadata.name.clone().unwrap_or_default();
+    configs
+        .patch(
+            &config_name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&config),
+        )
+        .await?;
+
+    let counts = label_namespaces(ctx, &all_meshes(ctx, mesh)).await?;
+    let labelled = counts.get(&mesh.name_any()).copied().unwrap_or(0);
+    let entries: Api<WorkloadEntry> = Api::all(ctx.client.clone());
+    let selector = format!(
+        "{MANAGED_BY_LABEL}={MANAGED_BY},{REVISION_LABEL}={}",
+        mesh.spec.revision
+    );
+    let registered = entries
+        .list_metadata(&ListParams::default().labels(&selector))
+        .await?
+        .items
+        .len() as i32;
+
+    let expiry = jiff::Timestamp::from_second(certificate.serving_not_after)
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    let conditions = vec![
+        condition(
+            "Ready",
+            true,
+            "Reconciled",
+            "webhook configured, certificate valid, namespaces labelled".into(),
+            generation,
+            &old_conditions,
+        ),
+        condition(
+            "WebhookConfigured",
+            true,
+            "Applied",
+            format!("MutatingWebhookConfiguration {config_name}"),
+            generation,
+            &old_conditions,
+        ),
+        condition(
+            "CertificateReady",
+            true,
+            "Valid",
+            format!("serving certificate valid until {expiry}"),
+            generation,
+            &old_conditions,
+        ),
+        condition(
+            "NamespacesLabelled",
+            true,
+            "Applied",
+            format!("{labelled} namespaces labelled"),
+            generation,
+            &old_conditions,
+        ),
+    ];
+    let status = MeshStatus {
+        observed_generation: generation,
+        conditions,
+        labelled_namespaces: labelled,
+        registered_workloads: registered,
+    };
+    let api: Api<Mesh> = Api::all(ctx.client.clone());
+    let patch =
+        json!({"apiVersion": Mesh::api_version(&()), "kind": Mesh::kind(&()), "status": status});
+    api.patch_status(
+        &mesh.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+
+    let until_renewal = u64::try_from(certificate.next_renewal - now)
+        .unwrap_or(0)
+        .max(1);
+    Ok(Action::requeue(Duration::from_secs(until_renewal.min(300))))
+}
+
+async fn cleanup(mesh: &Mesh, ctx: &Context) -> Result<Action> {
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(ctx.client.clone());
+    let name = ferrimesh_crds::selection::webhook_configuration_name(&mesh.spec.revision);
+    match configs.delete(&name, &DeleteParams::default()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.is_not_found() => {}
+        Err(e) => return Err(e.into()),
+    }
+    // The Mesh carries a deletion timestamp now: it selects nothing.
+    label_namespaces(ctx, &all_meshes(ctx, mesh)).await?;
+    tracing::info!(mesh = %mesh.name_any(), "released namespaces and webhook configuration");
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WebhookTarget;
+
+    #[test]
+    fn certificate_names_follow_the_target() {
+        let service = WebhookTarget::Service {
+            name: "ferrimesh-webhook".into(),
+            namespace: "ferrimesh-system".into(),
+            port: 443,
+        };
+        assert_eq!(
+            service.certificate_names(),
+            [
+                "ferrimesh-webhook.ferrimesh-system.svc",
+                "ferrimesh-webhook.ferrimesh-system.svc.cluster.local"
+            ]
+        );
+        assert_eq!(
+            WebhookTarget::Url("https://127.0.0.1:9443/inject".into()).certificate_names(),
+            ["127.0.0.1"]
+        );
+        assert_eq!(
+            WebhookTarget::Url("https://[::1]:9443/inject".into()).certificate_names(),
+            ["::1"]
+        );
+        assert_eq!(
+            WebhookTarget::Url("https://webhook.example/inject".into()).certificate_names(),
+            ["webhook.example"]
+        );
+    }
+}
