@@ -325,3 +325,93 @@ async fn operator_configures_injection_and_registers_workloads() -> anyhow::Resu
     );
     Ok(())
 }
+
+fn operator(plane: &ControlPlane, identity: &str, webhook_url: &str) -> anyhow::Result<Process> {
+    Process::spawn(
+        identity,
+        Command::new(workspace_binary("ferrimesh-operator")?)
+            .env("KUBECONFIG", &plane.kubeconfig)
+            .env("POD_NAME", identity)
+            .args([
+                "--webhook-url",
+                webhook_url,
+                "--admin-listen",
+                &format!("127.0.0.1:{}", free_port()?),
+            ])
+            .args(["--lease-duration-seconds", "6"]),
+        &plane.scratch().path(&format!("{identity}.log")),
+    )
+}
+
+async fn holder(client: &Client) -> anyhow::Result<Option<String>> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "ferrimesh-system");
+    Ok(leases
+        .get_opt("ferrimesh-operator")
+        .await?
+        .and_then(|l| l.spec?.holder_identity))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lease_holder_reconciles_and_a_standby_takes_over() -> anyhow::Result<()> {
+    let plane = ControlPlane::start(&[]).await?;
+    let client = plane.client().await?;
+    install_crds(&client).await?;
+    namespace(&client, "ferrimesh-system", &[]).await?;
+    let url = format!("https://127.0.0.1:{}/inject", free_port()?);
+    let first = operator(&plane, "replica-a", &url)?;
+    eventually("replica-a holds the lease", WAIT, || {
+        let client = client.clone();
+        async move { Ok(holder(&client).await?.filter(|h| h == "replica-a")) }
+    })
+    .await?;
+    let _second = operator(&plane, "replica-b", &url)?;
+    let meshes: Api<Mesh> = Api::all(client.clone());
+    let spec = MeshSpec {
+        namespace_selector: Some(serde_json::from_value(
+            json!({"matchLabels": {"mesh": "on"}}),
+        )?),
+        ..MeshSpec::default()
+    };
+    meshes
+        .create(&PostParams::default(), &Mesh::new("default", spec))
+        .await?;
+    namespace(&client, "one", &[("mesh", "on")]).await?;
+    eventually("one labelled by the leader", WAIT, || {
+        let client = client.clone();
+        async move {
+            Ok(namespace_label(&client, "one", "istio-injection")
+                .await?
+                .map(|_| ()))
+        }
+    })
+    .await?;
+    let standby_log = std::fs::read_to_string(plane.scratch().path("replica-b.log"))?;
+    assert!(
+        standby_log.contains("waiting for the lease"),
+        "{standby_log}"
+    );
+    assert!(
+        !standby_log.contains("holding the lease") && !standby_log.contains("labels applied"),
+        "{standby_log}"
+    );
+
+    // The leader dies without releasing: the standby takes over within the lease duration.
+    drop(first);
+    eventually("replica-b holds the lease", WAIT, || {
+        let client = client.clone();
+        async move { Ok(holder(&client).await?.filter(|h| h == "replica-b")) }
+    })
+    .await?;
+    namespace(&client, "two", &[("mesh", "on")]).await?;
+    eventually("two labelled by the new leader", WAIT, || {
+        let client = client.clone();
+        async move {
+            Ok(namespace_label(&client, "two", "istio-injection")
+                .await?
+                .map(|_| ()))
+        }
+    })
+    .await?;
+    Ok(())
+}

@@ -23,6 +23,7 @@ use kube::runtime::controller::Controller;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
+use kube_lease_manager::LeaseManagerBuilder;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -67,6 +68,21 @@ struct Args {
     /// Address of the admin server (/metrics, /healthz, /readyz).
     #[arg(long, env = "FERRIMESH_ADMIN_LISTEN", default_value = "0.0.0.0:15015")]
     admin_listen: SocketAddr,
+    /// Elect a leader among replicas with a coordination.k8s.io Lease; only
+    /// the holder reconciles. Turn off only for a single replica.
+    #[arg(long, env = "FERRIMESH_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Name of the Lease (in the operator's namespace).
+    #[arg(
+        long,
+        env = "FERRIMESH_LEASE_NAME",
+        default_value = "ferrimesh-operator"
+    )]
+    lease_name: String,
+    /// Seconds a holder keeps the lease without renewing it; a standby takes
+    /// over within this time when the holder dies.
+    #[arg(long, env = "FERRIMESH_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    lease_duration_seconds: u64,
     /// Log format.
     #[arg(long, env = "FERRIMESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -146,6 +162,84 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_state(admin);
     tokio::spawn(async move { axum::serve(listener, app).await });
 
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    if !args.leader_election {
+        tokio::select! {
+            () = controllers(&args, client, reconciles, ready) => {},
+            () = &mut shutdown => {},
+        }
+        tracing::info!("stopped");
+        return Ok(());
+    }
+
+    let identity = std::env::var("POD_NAME")
+        .unwrap_or_else(|_| format!("ferrimesh-operator-{}", std::process::id()));
+    let manager = LeaseManagerBuilder::new(client.clone(), &args.lease_name)
+        .with_namespace(&args.namespace)
+        .with_identity(&identity)
+        .with_duration(args.lease_duration_seconds)
+        .with_grace(args.lease_duration_seconds.div_ceil(3))
+        .build()
+        .await?;
+    let (mut leader, lease_task) = manager.watch().await;
+    // Standing by is a ready state: the Service should not flap on followers.
+    ready.store(true, Ordering::Release);
+    'terms: loop {
+        while !*leader.borrow_and_update() {
+            tracing::info!(%identity, lease = %args.lease_name, "waiting for the lease");
+            tokio::select! {
+                changed = leader.changed() => changed?,
+                () = &mut shutdown => break 'terms,
+            }
+        }
+        tracing::info!(%identity, "holding the lease");
+        ready.store(false, Ordering::Release);
+        let lost = async {
+            while *leader.borrow_and_update() {
+                if leader.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        // Dropping the controllers when the lease is lost stops every write at once.
+        tokio::select! {
+            () = controllers(&args, client.clone(), reconciles.clone(), Arc::clone(&ready)) => break 'terms,
+            () = lost => tracing::warn!("lost the lease; stopped reconciling"),
+            () = &mut shutdown => break 'terms,
+        }
+        ready.store(true, Ordering::Release);
+    }
+    drop(leader); // releases the lease
+    if let Ok(Err(e)) = lease_task.await {
+        tracing::warn!(error = %e, "releasing the lease failed; it expires on its own");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = terminate => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// Runs the controllers until they stop (or the future is dropped).
+async fn controllers(
+    args: &Args,
+    client: Client,
+    reconciles: Family<ReconcileLabels, Counter>,
+    ready: Arc<AtomicBool>,
+) {
     let webhook = match &args.webhook_url {
         Some(url) => WebhookTarget::Url(url.clone()),
         None => WebhookTarget::Service {
@@ -194,7 +288,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             config.clone(),
             move |_: Secret| on_secret(),
         )
-        .shutdown_on_signal()
         .run(
             mesh_controller::reconcile,
             mesh_controller::error_policy,
@@ -218,7 +311,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     let counter = reconciles;
     let workload_loop = Controller::new(Api::<Pod>::all(client.clone()), pods_config.clone())
-        .shutdown_on_signal()
         .run(
             workload_controller::reconcile,
             workload_controller::error_policy,
@@ -264,17 +356,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     };
-    tokio::spawn(async move {
+    let synced = async move {
         if store.wait_until_ready().await.is_ok() {
             ready.store(true, Ordering::Release);
         }
-    });
-    tokio::spawn(deletions);
-    tokio::spawn(sweep);
-    tracing::info!(namespace = %args.namespace, "ferrimesh-operator started");
-    futures::join!(mesh_loop, workload_loop);
-    tracing::info!("stopped");
-    Ok(())
+    };
+    tracing::info!(namespace = %args.namespace, "reconciling");
+    futures::join!(mesh_loop, workload_loop, deletions, sweep, synced);
 }
 
 #[tokio::main]
