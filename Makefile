@@ -49,9 +49,13 @@ crds-check: ## Fail when the checked-in CRD YAML is stale
 	$(CARGO) test --quiet -p ferrimesh-crds --test generated_yaml
 
 .PHONY: unit
-unit: ## Unit, golden and property tests
-	@echo "==> cargo test"
+unit: ## All tests: unit, golden, property, server and end-to-end (builds the control plane if needed)
+	@echo "==> cargo test (the end-to-end suite builds kube-apiserver and etcd on first use)"
 	$(CARGO) test --workspace
+
+.PHONY: e2e
+e2e: ## The end-to-end suite alone, against a real kube-apiserver and etcd
+	$(CARGO) test -p ferrimesh-e2e
 
 .PHONY: test
 test: fmt-check lint crds-check unit ## Everything CI runs: fmt, clippy, CRD freshness, all tests
