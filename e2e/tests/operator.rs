@@ -415,3 +415,108 @@ async fn only_the_lease_holder_reconciles_and_a_standby_takes_over() -> anyhow::
     .await?;
     Ok(())
 }
+
+/// A pod as the webhook leaves it (label and status annotation), created
+/// directly, then given an IP and Ready as a kubelet would.
+async fn injected_pod(client: &Client, ns: &str, name: &str, ip: &str) -> anyhow::Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app": name, "security.istio.io/tlsMode": "istio"},
+                     "annotations": {"sidecar.istio.io/status": "{\"initContainers\":[\"istio-init\",\"istio-proxy\"],\"containers\":null}"}},
+        "spec": {"serviceAccountName": "default", "containers": [{"name": "app", "image": "registry.example/app:1"}]}
+    }))?;
+    pods.create(&PostParams::default(), &pod).await?;
+    let status = json!({"status": {"podIP": ip, "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+        .await?;
+    Ok(())
+}
+
+async fn entry_exists(client: &Client, ns: &str, name: &str) -> anyhow::Result<bool> {
+    Ok(Api::<WorkloadEntry>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await?
+        .is_some())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converges_after_operator_and_api_server_restarts() -> anyhow::Result<()> {
+    let mut plane = ControlPlane::start(&[]).await?;
+    let client = plane.client().await?;
+    install_crds(&client).await?;
+    namespace(&client, "ferrimesh-system", &[]).await?;
+    namespace(&client, "apps", &[]).await?;
+    let spec = MeshSpec {
+        namespace_selector: Some(serde_json::from_value(
+            json!({"matchLabels": {"mesh": "on"}}),
+        )?),
+        ..MeshSpec::default()
+    };
+    Api::<Mesh>::all(client.clone())
+        .create(&PostParams::default(), &Mesh::new("default", spec))
+        .await?;
+    let url = format!("https://127.0.0.1:{}/inject", free_port()?);
+    let first = operator(&plane, "operator-1", &url)?;
+    injected_pod(&client, "apps", "kept", "10.2.0.1").await?;
+    injected_pod(&client, "apps", "gone", "10.2.0.2").await?;
+    for name in ["kept", "gone"] {
+        eventually(&format!("entry {name}"), WAIT, || {
+            let client = client.clone();
+            async move { Ok(entry_exists(&client, "apps", name).await?.then_some(())) }
+        })
+        .await?;
+    }
+
+    // The operator stops; a pod goes while it is down; at restart its entry goes too.
+    let status = first.terminate(Duration::from_secs(20))?;
+    assert!(
+        status.success(),
+        "the operator exits cleanly on SIGTERM: {status}"
+    );
+    Api::<Pod>::namespaced(client.clone(), "apps")
+        .delete("gone", &DeleteParams::default().grace_period(0))
+        .await?;
+    assert!(
+        entry_exists(&client, "apps", "gone").await?,
+        "no one removed it while the operator was down"
+    );
+    let _second = operator(&plane, "operator-2", &url)?;
+    eventually("the orphan removed at restart", WAIT, || {
+        let client = client.clone();
+        async move { Ok((!entry_exists(&client, "apps", "gone").await?).then_some(())) }
+    })
+    .await?;
+    assert!(
+        entry_exists(&client, "apps", "kept").await?,
+        "a live pod keeps its entry"
+    );
+
+    // The API server restarts under the operator: it reconnects and converges.
+    plane.restart_apiserver().await?;
+    let client = plane.client().await?;
+    injected_pod(&client, "apps", "after", "10.2.0.3").await?;
+    namespace(&client, "late", &[("mesh", "on")]).await?;
+    eventually(
+        "entry after the API server restart",
+        Duration::from_secs(60),
+        || {
+            let client = client.clone();
+            async move { Ok(entry_exists(&client, "apps", "after").await?.then_some(())) }
+        },
+    )
+    .await?;
+    eventually(
+        "namespace labelled after the API server restart",
+        Duration::from_secs(60),
+        || {
+            let client = client.clone();
+            async move {
+                Ok(namespace_label(&client, "late", "istio-injection")
+                    .await?
+                    .map(|_| ()))
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
