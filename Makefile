@@ -76,17 +76,17 @@ e2e-bins: ## Build kube-apiserver and etcd from their Go modules (cached by vers
 	K8S_VERSION=$(K8S_VERSION) e2e/hack/build-control-plane.sh
 
 .PHONY: demo
-demo: ## Inject the examples offline and show the result (check-inject, then inject)
-	@echo "==> building the ferrimesh CLI"
+demo: tools ## A local control plane with the operator and webhook, a sample namespace and workload, the injected result shown (DEMO_EXIT=1 to exit at once)
+	@echo "==> building ferrimesh (first run: a few minutes)"
+	$(CARGO) build --quiet --bins
+	@target/debug/ferrimesh-demo
+
+.PHONY: demo-offline
+demo-offline: ## The offline CLI on examples/: check-inject, then inject
 	$(CARGO) build --quiet -p ferrimesh-webhook --bin ferrimesh
-	@echo
 	@echo "==> ferrimesh check-inject -f examples/deployment.yaml --namespace-labels istio-injection=enabled"
 	@target/debug/ferrimesh check-inject -f examples/deployment.yaml --namespace-labels istio-injection=enabled
-	@echo
 	@echo "==> ferrimesh check-inject -f examples/opt-out.yaml --namespace-labels istio-injection=enabled"
 	@target/debug/ferrimesh check-inject -f examples/opt-out.yaml --namespace-labels istio-injection=enabled
-	@echo
 	@echo "==> ferrimesh inject -f examples/deployment.yaml --mesh examples/mesh.yaml"
-	@target/debug/ferrimesh inject -f examples/deployment.yaml --mesh examples/mesh.yaml | tee target/demo-injected.yaml
-	@echo
-	@echo "The injected manifests are in target/demo-injected.yaml"
+	@target/debug/ferrimesh inject -f examples/deployment.yaml --mesh examples/mesh.yaml

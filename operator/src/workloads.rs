@@ -124,10 +124,10 @@ pub fn desired_entry(pod: &Pod, mesh: &MeshSpec, node: Option<&Node>) -> Option<
     entry.metadata = ObjectMeta {
         name: Some(name.clone()),
         namespace: pod.metadata.namespace.clone(),
-        labels: Some(BTreeMap::from([(
-            MANAGED_BY_LABEL.to_owned(),
-            MANAGED_BY.to_owned(),
-        )])),
+        labels: Some(BTreeMap::from([
+            (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
+            (REVISION_LABEL.to_owned(), mesh.revision.clone()),
+        ])),
         annotations: Some(BTreeMap::from([(
             POD_UID_ANNOTATION.to_owned(),
             uid.clone(),
@@ -170,6 +170,7 @@ pub fn is_orphan(entry: &WorkloadEntry, live: &dyn Fn(&str, &str, &str) -> bool)
 
 #[cfg(test)]
 mod tests {
+    use kube::ResourceExt;
     use serde_json::json;
 
     use super::*;
@@ -197,6 +198,10 @@ mod tests {
         };
         let entry = desired_entry(&pod(), &mesh, Some(&node)).expect("entry");
         assert_eq!(entry.spec.address.as_deref(), Some("10.1.2.3"));
+        assert_eq!(
+            entry.labels().get(REVISION_LABEL).map(String::as_str),
+            Some("default")
+        );
         assert_eq!(
             entry.spec.ports,
             BTreeMap::from([("http".to_owned(), WorkloadPort(8080))])

@@ -12,10 +12,11 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use clap::{Parser, ValueEnum};
-use ferrimesh_crds::Mesh;
+use ferrimesh_crds::{Mesh, WorkloadEntry};
 use ferrimesh_operator::certificate_store::Lifetimes;
 use ferrimesh_operator::mesh_controller::{self, WebhookTarget};
 use ferrimesh_operator::workload_controller::{self, INJECTED_PODS};
+use ferrimesh_operator::workloads::{MANAGED_BY, MANAGED_BY_LABEL};
 use futures::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
@@ -271,7 +272,7 @@ async fn controllers(
                 .collect::<Vec<_>>()
         }
     };
-    let (on_namespace, on_secret) = (every_mesh.clone(), every_mesh);
+    let (on_namespace, on_secret, on_entry) = (every_mesh.clone(), every_mesh.clone(), every_mesh);
     let counter = reconciles.clone();
     let mesh_loop = meshes
         .owns(
@@ -287,6 +288,14 @@ async fn controllers(
             Api::<Secret>::namespaced(client.clone(), &args.namespace),
             config.clone(),
             move |_: Secret| on_secret(),
+        )
+        // Entries come and go with pods: keep registeredWorkloads current.
+        .watches(
+            Api::<WorkloadEntry>::all(client.clone()),
+            config
+                .clone()
+                .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
+            move |_: WorkloadEntry| on_entry(),
         )
         .run(
             mesh_controller::reconcile,

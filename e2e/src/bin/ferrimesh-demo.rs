@@ -1,0 +1,155 @@
+//! `make demo`: a local control plane with the operator and the webhook, a
+//! Mesh selecting a sample namespace, a Deployment-style pod created through
+//! the API server, and the result shown: the namespace's labels, the
+//! injected pod, its WorkloadEntry and the Mesh's status.
+//!
+//! The control plane stays up (kubeconfig printed) until Ctrl-C, or the
+//! demo exits at once with `DEMO_EXIT=1`.
+
+use std::process::Command;
+
+use anyhow::Context;
+use ferrimesh_e2e::fixtures::{
+    WAIT, namespace, namespace_label, start_operator, start_webhook, wait_for_crds,
+};
+use ferrimesh_e2e::{
+    ControlPlane, eventually, free_port, kubectl, repo_root, service_account_tokens,
+};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+
+fn step(text: &str) {
+    println!("\n==> {text}");
+}
+
+fn show(plane: &ControlPlane, args: &[&str]) -> anyhow::Result<()> {
+    println!("$ kubectl {}", args.join(" "));
+    let status = Command::new(kubectl()?)
+        .arg("--kubeconfig")
+        .arg(&plane.kubeconfig)
+        .args(args)
+        .status()?;
+    anyhow::ensure!(status.success(), "kubectl {} failed", args.join(" "));
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    step("starting etcd and kube-apiserver on loopback (built from their Go modules on first run)");
+    let plane = ControlPlane::start(&service_account_tokens()).await?;
+    let client = plane.client().await?;
+
+    step(
+        "installing ferrimesh: kubectl apply -k config/overlays/local, then the sample Mesh (config/samples)",
+    );
+    print!("{}", plane.apply_kustomization("config/overlays/local")?);
+    wait_for_crds(&client).await?;
+    print!("{}", plane.apply_kustomization("config/samples")?);
+
+    step(
+        "starting ferrimesh-operator and ferrimesh-webhook as local processes, each as its own ServiceAccount",
+    );
+    let webhook_port = free_port()?;
+    let url = format!("https://127.0.0.1:{webhook_port}/inject");
+    let _operator = start_operator(
+        &plane,
+        &plane.kubeconfig_for("ferrimesh-operator")?,
+        "operator",
+        &url,
+    )?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "ferrimesh-system");
+    let tls = eventually("the webhook's certificate from the operator", WAIT, || {
+        let secrets = secrets.clone();
+        async move { Ok(secrets.get_opt("ferrimesh-webhook-tls").await?) }
+    })
+    .await?;
+    let data = tls.data.unwrap_or_default();
+    for key in ["tls.crt", "tls.key"] {
+        std::fs::write(
+            plane.scratch().path(key),
+            &data.get(key).context("certificate Secret incomplete")?.0,
+        )?;
+    }
+    let _webhook = start_webhook(
+        &plane,
+        &plane.kubeconfig_for("ferrimesh-webhook")?,
+        webhook_port,
+        &plane.scratch().path("tls.crt"),
+        &plane.scratch().path("tls.key"),
+    )
+    .await?;
+    println!("operator and webhook running; webhook at {url}");
+
+    step("creating namespace demo with the label mesh=on, which the Mesh selects");
+    namespace(&client, "demo", &[("mesh", "on")]).await?;
+    eventually("the operator to label namespace demo", WAIT, || {
+        let client = client.clone();
+        async move { Ok(namespace_label(&client, "demo", "istio-injection").await?) }
+    })
+    .await?;
+    show(&plane, &["get", "namespace", "demo", "--show-labels"])?;
+
+    step("creating a Deployment-style pod (examples/demo-pod.yaml) through the API server");
+    let text = std::fs::read_to_string(repo_root().join("examples/demo-pod.yaml"))?;
+    let pod: Pod = serde_yaml::from_str(&text)?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "demo");
+    let created = pods.create(&PostParams::default(), &pod).await?;
+    let name = created.name_any();
+    println!("pod/{name} created");
+    show(
+        &plane,
+        &[
+            "get",
+            "pod",
+            "-n",
+            "demo",
+            &name,
+            "-o",
+            "custom-columns=INIT CONTAINERS:.spec.initContainers[*].name,CONTAINERS:.spec.containers[*].name,REVISION:.metadata.annotations.istio\\.io/rev",
+        ],
+    )?;
+    show(
+        &plane,
+        &[
+            "get",
+            "pod",
+            "-n",
+            "demo",
+            &name,
+            "-o",
+            "jsonpath={.metadata.annotations.sidecar\\.istio\\.io/status}{\"\\n\"}",
+        ],
+    )?;
+
+    step("playing the kubelet: the pod gets an IP and turns Ready");
+    let status = serde_json::json!({"status": {"podIP": "10.42.0.7", "phase": "Running",
+        "conditions": [{"type": "Ready", "status": "True"}]}});
+    pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+        .await?;
+    let entries: Api<ferrimesh_crds::WorkloadEntry> = Api::namespaced(client.clone(), "demo");
+    eventually("the WorkloadEntry", WAIT, || {
+        let (entries, name) = (entries.clone(), name.clone());
+        async move { Ok(entries.get_opt(&name).await?.filter(|e| e.status.is_some())) }
+    })
+    .await?;
+    show(
+        &plane,
+        &["get", "workloadentry", "-n", "demo", &name, "-o", "yaml"],
+    )?;
+    show(&plane, &["get", "mesh"])?;
+
+    println!(
+        "\nThe control plane is up. Try: export KUBECONFIG={}",
+        plane.kubeconfig.display()
+    );
+    println!("  kubectl get pod -n demo {name} -o yaml     # the full injected pod");
+    println!("  kubectl label namespace demo mesh-          # the operator removes its label");
+    if std::env::var_os("DEMO_EXIT").is_some_and(|v| v == "1") {
+        return Ok(());
+    }
+    println!("Press Ctrl-C to stop everything.");
+    tokio::signal::ctrl_c().await?;
+    println!("stopping");
+    Ok(())
+}
