@@ -85,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
     namespace(&client, "demo", &[("mesh", "on")]).await?;
     eventually("the operator to label namespace demo", WAIT, || {
         let client = client.clone();
-        async move { Ok(namespace_label(&client, "demo", "istio-injection").await?) }
+        async move { namespace_label(&client, "demo", "istio-injection").await }
     })
     .await?;
     show(&plane, &["get", "namespace", "demo", "--show-labels"])?;
@@ -139,15 +139,16 @@ async fn main() -> anyhow::Result<()> {
     )?;
     show(&plane, &["get", "mesh"])?;
 
+    if std::env::var_os("DEMO_EXIT").is_some_and(|v| v == "1") {
+        println!("\nDEMO_EXIT=1: stopping the control plane.");
+        return Ok(());
+    }
     println!(
         "\nThe control plane is up. Try: export KUBECONFIG={}",
         plane.kubeconfig.display()
     );
     println!("  kubectl get pod -n demo {name} -o yaml     # the full injected pod");
     println!("  kubectl label namespace demo mesh-          # the operator removes its label");
-    if std::env::var_os("DEMO_EXIT").is_some_and(|v| v == "1") {
-        return Ok(());
-    }
     println!("Press Ctrl-C to stop everything.");
     tokio::signal::ctrl_c().await?;
     println!("stopping");
