@@ -141,3 +141,58 @@ pub async fn start_webhook(
     }
     Ok(process)
 }
+
+/// The operator and the webhook running against a control plane where
+/// `config/overlays/local` is applied, each as its own ServiceAccount.
+pub struct Installed {
+    /// The operator process.
+    pub operator: Process,
+    /// The webhook process.
+    pub webhook: Process,
+    /// The URL the API server calls.
+    pub webhook_url: String,
+}
+
+/// Starts the operator (pointing the API server at a loopback webhook URL),
+/// waits for the certificate it issues, writes it to files as a Secret
+/// volume would, and starts the webhook with them.
+pub async fn start_operator_and_webhook(
+    plane: &ControlPlane,
+    client: &Client,
+) -> anyhow::Result<Installed> {
+    let webhook_port = free_port()?;
+    let webhook_url = format!("https://127.0.0.1:{webhook_port}/inject");
+    let operator = start_operator(
+        plane,
+        &plane.kubeconfig_for("ferrimesh-operator")?,
+        "operator",
+        &webhook_url,
+    )?;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), "ferrimesh-system");
+    let tls = eventually("the webhook's certificate from the operator", WAIT, || {
+        let secrets = secrets.clone();
+        async move { Ok(secrets.get_opt("ferrimesh-webhook-tls").await?) }
+    })
+    .await?;
+    let data = tls.data.unwrap_or_default();
+    for key in ["tls.crt", "tls.key"] {
+        let value = data
+            .get(key)
+            .ok_or_else(|| anyhow::anyhow!("certificate Secret has no {key}"))?;
+        std::fs::write(plane.scratch().path(key), &value.0)?;
+    }
+    let webhook = start_webhook(
+        plane,
+        &plane.kubeconfig_for("ferrimesh-webhook")?,
+        webhook_port,
+        &plane.scratch().path("tls.crt"),
+        &plane.scratch().path("tls.key"),
+    )
+    .await?;
+    Ok(Installed {
+        operator,
+        webhook,
+        webhook_url,
+    })
+}

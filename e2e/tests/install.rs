@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use ferrimesh_crds::{Mesh, WorkloadEntry};
 use ferrimesh_e2e::fixtures::{
-    WAIT, namespace, namespace_label, start_operator, start_webhook, wait_for_crds,
+    WAIT, namespace, namespace_label, start_operator_and_webhook, wait_for_crds,
 };
-use ferrimesh_e2e::{ControlPlane, eventually, free_port, service_account_tokens};
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use ferrimesh_e2e::{ControlPlane, eventually, service_account_tokens};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -36,32 +36,7 @@ async fn kustomize_install_with_enforced_rbac_injects_and_registers() -> anyhow:
     wait_for_crds(&client).await?;
     plane.apply_kustomization("config/samples")?;
 
-    let webhook_port = free_port()?;
-    let url = format!("https://127.0.0.1:{webhook_port}/inject");
-    let _operator = start_operator(
-        &plane,
-        &plane.kubeconfig_for("ferrimesh-operator")?,
-        "operator",
-        &url,
-    )?;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), "ferrimesh-system");
-    let tls = eventually("the operator's serving certificate", WAIT, || {
-        let secrets = secrets.clone();
-        async move { Ok(secrets.get_opt("ferrimesh-webhook-tls").await?) }
-    })
-    .await?;
-    let data = tls.data.unwrap_or_default();
-    for key in ["tls.crt", "tls.key"] {
-        std::fs::write(plane.scratch().path(key), &data.get(key).expect(key).0)?;
-    }
-    let _webhook = start_webhook(
-        &plane,
-        &plane.kubeconfig_for("ferrimesh-webhook")?,
-        webhook_port,
-        &plane.scratch().path("tls.crt"),
-        &plane.scratch().path("tls.key"),
-    )
-    .await?;
+    let _installed = start_operator_and_webhook(&plane, &client).await?;
 
     namespace(&client, "demo", &[("mesh", "on")]).await?;
     eventually("demo labelled", WAIT, || {

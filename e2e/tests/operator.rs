@@ -4,68 +4,26 @@
 //! unlabels namespaces, reports status, and registers injected pods as
 //! WorkloadEntries while they live.
 
-use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
-use ferrimesh_crds::{Mesh, MeshSpec, WorkloadEntry, istio_crds, mesh_crds};
-use ferrimesh_e2e::{ControlPlane, Process, eventually, free_port, http_get, workspace_binary};
+use ferrimesh_crds::{Mesh, MeshSpec, WorkloadEntry};
+use ferrimesh_e2e::fixtures::{
+    WAIT, install_crds, namespace, namespace_label, start_operator, start_operator_and_webhook,
+    wait_for_crds,
+};
+use ferrimesh_e2e::{ControlPlane, eventually, free_port, service_account_tokens};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-const WAIT: Duration = Duration::from_secs(30);
-
-async fn install_crds(client: &Client) -> anyhow::Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in mesh_crds().into_iter().chain(istio_crds()) {
-        let name = crd.name_any();
-        crds.create(&PostParams::default(), &crd).await?;
-        eventually(&format!("CRD {name} established"), WAIT, || {
-            let crds = crds.clone();
-            let name = name.clone();
-            async move {
-                let established = crds
-                    .get(&name)
-                    .await?
-                    .status
-                    .and_then(|s| s.conditions)
-                    .is_some_and(|c| {
-                        c.iter()
-                            .any(|c| c.type_ == "Established" && c.status == "True")
-                    });
-                Ok(established.then_some(()))
-            }
-        })
-        .await?;
-    }
-    Ok(())
-}
-
-async fn namespace(client: &Client, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<()> {
-    let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
-    let ns: Namespace =
-        serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))?;
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await?;
-    Ok(())
-}
-
-async fn namespace_label(client: &Client, name: &str, key: &str) -> anyhow::Result<Option<String>> {
-    let ns = Api::<Namespace>::all(client.clone()).get(name).await?;
-    Ok(ns.labels().get(key).cloned())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_configures_injection_and_registers_workloads() -> anyhow::Result<()> {
-    let plane = ControlPlane::start(&[]).await?;
+    let plane = ControlPlane::start(&service_account_tokens()).await?;
     let client = plane.client().await?;
-    install_crds(&client).await?;
-    namespace(&client, "ferrimesh-system", &[]).await?;
+    plane.apply_kustomization("config/overlays/local")?;
+    wait_for_crds(&client).await?;
     namespace(&client, "apps", &[("mesh", "on")]).await?;
     namespace(&client, "manual", &[("istio-injection", "enabled")]).await?;
     namespace(
@@ -75,22 +33,6 @@ async fn operator_configures_injection_and_registers_workloads() -> anyhow::Resu
     )
     .await?;
 
-    // The operator, pointing the API server at a loopback webhook URL.
-    let webhook_port = free_port()?;
-    let webhook_url = format!("https://127.0.0.1:{webhook_port}/inject");
-    let _operator = Process::spawn(
-        "ferrimesh-operator",
-        Command::new(workspace_binary("ferrimesh-operator")?)
-            .env("KUBECONFIG", &plane.kubeconfig)
-            .args([
-                "--webhook-url",
-                &webhook_url,
-                "--admin-listen",
-                &format!("127.0.0.1:{}", free_port()?),
-            ])
-            .args(["--sweep-interval-seconds", "2"]),
-        &plane.scratch().path("operator.log"),
-    )?;
     let meshes: Api<Mesh> = Api::all(client.clone());
     let spec = MeshSpec {
         namespace_selector: Some(serde_json::from_value(
@@ -101,41 +43,9 @@ async fn operator_configures_injection_and_registers_workloads() -> anyhow::Resu
     meshes
         .create(&PostParams::default(), &Mesh::new("default", spec))
         .await?;
-
-    // Certificate Secret -> files, as a Secret volume would give the webhook.
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), "ferrimesh-system");
-    let tls = eventually("the serving certificate Secret", WAIT, || {
-        let secrets = secrets.clone();
-        async move { Ok(secrets.get_opt("ferrimesh-webhook-tls").await?) }
-    })
-    .await?;
-    let data = tls.data.unwrap_or_default();
-    for key in ["tls.crt", "tls.key", "ca.crt"] {
-        std::fs::write(plane.scratch().path(key), &data.get(key).expect(key).0)?;
-    }
-    let admin = free_port()?;
-    let _webhook = Process::spawn(
-        "ferrimesh-webhook",
-        Command::new(workspace_binary("ferrimesh-webhook")?)
-            .env("KUBECONFIG", &plane.kubeconfig)
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{webhook_port}"),
-                "--admin-listen",
-                &format!("127.0.0.1:{admin}"),
-            ])
-            .arg("--tls-cert-file")
-            .arg(plane.scratch().path("tls.crt"))
-            .arg("--tls-key-file")
-            .arg(plane.scratch().path("tls.key")),
-        &plane.scratch().path("webhook.log"),
-    )?;
-    eventually("webhook ready", WAIT, || async move {
-        Ok(http_get(&format!("http://127.0.0.1:{admin}/readyz"), None)
-            .await
-            .map(|_| ()))
-    })
-    .await?;
+    // Operator and webhook as their own ServiceAccounts: RBAC from config/rbac applies.
+    let installed = start_operator_and_webhook(&plane, &client).await?;
+    let webhook_url = installed.webhook_url.clone();
 
     // Namespaces: the selected one labelled, the opted-out one left alone.
     eventually("apps labelled", WAIT, || {
@@ -326,23 +236,6 @@ async fn operator_configures_injection_and_registers_workloads() -> anyhow::Resu
     Ok(())
 }
 
-fn operator(plane: &ControlPlane, identity: &str, webhook_url: &str) -> anyhow::Result<Process> {
-    Process::spawn(
-        identity,
-        Command::new(workspace_binary("ferrimesh-operator")?)
-            .env("KUBECONFIG", &plane.kubeconfig)
-            .env("POD_NAME", identity)
-            .args([
-                "--webhook-url",
-                webhook_url,
-                "--admin-listen",
-                &format!("127.0.0.1:{}", free_port()?),
-            ])
-            .args(["--lease-duration-seconds", "6"]),
-        &plane.scratch().path(&format!("{identity}.log")),
-    )
-}
-
 async fn holder(client: &Client) -> anyhow::Result<Option<String>> {
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(client.clone(), "ferrimesh-system");
@@ -359,13 +252,13 @@ async fn only_the_lease_holder_reconciles_and_a_standby_takes_over() -> anyhow::
     install_crds(&client).await?;
     namespace(&client, "ferrimesh-system", &[]).await?;
     let url = format!("https://127.0.0.1:{}/inject", free_port()?);
-    let first = operator(&plane, "replica-a", &url)?;
+    let first = start_operator(&plane, &plane.kubeconfig, "replica-a", &url)?;
     eventually("replica-a holds the lease", WAIT, || {
         let client = client.clone();
         async move { Ok(holder(&client).await?.filter(|h| h == "replica-a")) }
     })
     .await?;
-    let _second = operator(&plane, "replica-b", &url)?;
+    let _second = start_operator(&plane, &plane.kubeconfig, "replica-b", &url)?;
     let meshes: Api<Mesh> = Api::all(client.clone());
     let spec = MeshSpec {
         namespace_selector: Some(serde_json::from_value(
@@ -456,7 +349,7 @@ async fn converges_after_operator_and_api_server_restarts() -> anyhow::Result<()
         .create(&PostParams::default(), &Mesh::new("default", spec))
         .await?;
     let url = format!("https://127.0.0.1:{}/inject", free_port()?);
-    let first = operator(&plane, "operator-1", &url)?;
+    let first = start_operator(&plane, &plane.kubeconfig, "operator-1", &url)?;
     injected_pod(&client, "apps", "kept", "10.2.0.1").await?;
     injected_pod(&client, "apps", "gone", "10.2.0.2").await?;
     for name in ["kept", "gone"] {
@@ -480,7 +373,7 @@ async fn converges_after_operator_and_api_server_restarts() -> anyhow::Result<()
         entry_exists(&client, "apps", "gone").await?,
         "no one removed it while the operator was down"
     );
-    let _second = operator(&plane, "operator-2", &url)?;
+    let _second = start_operator(&plane, &plane.kubeconfig, "operator-2", &url)?;
     eventually("the orphan removed at restart", WAIT, || {
         let client = client.clone();
         async move { Ok((!entry_exists(&client, "apps", "gone").await?).then_some(())) }

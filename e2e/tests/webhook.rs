@@ -4,65 +4,20 @@
 //! follows changes without a restart, and a bad annotation fails the create
 //! with the injector's message.
 
-use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferrimesh_crds::selection::{SYSTEM_NAMESPACES, webhook_configuration};
-use ferrimesh_crds::{Mesh, MeshSpec, istio_crds, mesh_crds};
-use ferrimesh_e2e::{
-    ControlPlane, Process, ServingCertificate, free_port, http_get, workspace_binary,
-};
+use ferrimesh_crds::{Mesh, MeshSpec};
+use ferrimesh_e2e::fixtures::{self, install_crds, namespace};
+use ferrimesh_e2e::{ControlPlane, Process, ServingCertificate, free_port};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, WebhookClientConfig,
 };
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
-
-async fn install_crds(client: &Client) -> anyhow::Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in mesh_crds().into_iter().chain(istio_crds()) {
-        crds.create(&PostParams::default(), &crd).await?;
-    }
-    for crd in mesh_crds().into_iter().chain(istio_crds()) {
-        let name = crd.metadata.name.clone().unwrap_or_default();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let established = crds
-                .get(&name)
-                .await?
-                .status
-                .and_then(|s| s.conditions)
-                .is_some_and(|c| {
-                    c.iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True")
-                });
-            if established {
-                break;
-            }
-            anyhow::ensure!(Instant::now() < deadline, "CRD {name} not established");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    Ok(())
-}
-
-async fn namespace(client: &Client, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<()> {
-    let labels: BTreeMap<String, String> = labels
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    let ns: Namespace =
-        serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))?;
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await?;
-    Ok(())
-}
 
 fn pod(name: &str, labels: serde_json::Value, annotations: serde_json::Value) -> Pod {
     serde_json::from_value(json!({
@@ -104,42 +59,11 @@ struct Webhook {
     url: String,
 }
 
-/// Starts `ferrimesh-webhook` in cluster mode and waits until it is ready.
+/// Starts `ferrimesh-webhook` in cluster mode (as admin) and waits until it is ready.
 async fn start_webhook(plane: &ControlPlane, cert: &ServingCertificate) -> anyhow::Result<Webhook> {
-    let binary = workspace_binary("ferrimesh-webhook")?;
-    let (port, admin) = (free_port()?, free_port()?);
-    let mut process = Process::spawn(
-        "ferrimesh-webhook",
-        Command::new(binary)
-            .env("KUBECONFIG", &plane.kubeconfig)
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--admin-listen",
-                &format!("127.0.0.1:{admin}"),
-            ])
-            .arg("--tls-cert-file")
-            .arg(&cert.cert)
-            .arg("--tls-key-file")
-            .arg(&cert.key),
-        &plane.scratch().path("webhook.log"),
-    )?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        process.check_running()?;
-        let ready = http_get(&format!("http://127.0.0.1:{admin}/readyz"), None)
-            .await
-            .is_some();
-        if ready {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "webhook not ready; {}",
-            plane.log_tail("webhook.log")
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let port = free_port()?;
+    let process =
+        fixtures::start_webhook(plane, &plane.kubeconfig, port, &cert.cert, &cert.key).await?;
     Ok(Webhook {
         _process: Some(process),
         url: format!("https://127.0.0.1:{port}/inject"),

@@ -8,14 +8,11 @@
 
 use std::process::Command;
 
-use anyhow::Context;
 use ferrimesh_e2e::fixtures::{
-    WAIT, namespace, namespace_label, start_operator, start_webhook, wait_for_crds,
+    WAIT, namespace, namespace_label, start_operator_and_webhook, wait_for_crds,
 };
-use ferrimesh_e2e::{
-    ControlPlane, eventually, free_port, kubectl, repo_root, service_account_tokens,
-};
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use ferrimesh_e2e::{ControlPlane, eventually, kubectl, repo_root, service_account_tokens};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 
@@ -50,36 +47,11 @@ async fn main() -> anyhow::Result<()> {
     step(
         "starting ferrimesh-operator and ferrimesh-webhook as local processes, each as its own ServiceAccount",
     );
-    let webhook_port = free_port()?;
-    let url = format!("https://127.0.0.1:{webhook_port}/inject");
-    let _operator = start_operator(
-        &plane,
-        &plane.kubeconfig_for("ferrimesh-operator")?,
-        "operator",
-        &url,
-    )?;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), "ferrimesh-system");
-    let tls = eventually("the webhook's certificate from the operator", WAIT, || {
-        let secrets = secrets.clone();
-        async move { Ok(secrets.get_opt("ferrimesh-webhook-tls").await?) }
-    })
-    .await?;
-    let data = tls.data.unwrap_or_default();
-    for key in ["tls.crt", "tls.key"] {
-        std::fs::write(
-            plane.scratch().path(key),
-            &data.get(key).context("certificate Secret incomplete")?.0,
-        )?;
-    }
-    let _webhook = start_webhook(
-        &plane,
-        &plane.kubeconfig_for("ferrimesh-webhook")?,
-        webhook_port,
-        &plane.scratch().path("tls.crt"),
-        &plane.scratch().path("tls.key"),
-    )
-    .await?;
-    println!("operator and webhook running; webhook at {url}");
+    let installed = start_operator_and_webhook(&plane, &client).await?;
+    println!(
+        "operator and webhook running; webhook at {}",
+        installed.webhook_url
+    );
 
     step("creating namespace demo with the label mesh=on, which the Mesh selects");
     namespace(&client, "demo", &[("mesh", "on")]).await?;
