@@ -79,6 +79,17 @@ pub fn start_operator(
     name: &str,
     webhook_url: &str,
 ) -> anyhow::Result<Process> {
+    start_operator_with(plane, kubeconfig, name, webhook_url, &[])
+}
+
+/// [`start_operator`] with extra flags.
+pub fn start_operator_with(
+    plane: &ControlPlane,
+    kubeconfig: &Path,
+    name: &str,
+    webhook_url: &str,
+    extra: &[&str],
+) -> anyhow::Result<Process> {
     Process::spawn(
         name,
         Command::new(workspace_binary("ferrimesh-operator")?)
@@ -95,7 +106,8 @@ pub fn start_operator(
                 "6",
                 "--sweep-interval-seconds",
                 "2",
-            ]),
+            ])
+            .args(extra),
         &plane.scratch().path(&format!("{name}.log")),
     )
 }

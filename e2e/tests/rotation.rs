@@ -1,0 +1,158 @@
+//! Certificate rotation while pods are being created: the operator renews
+//! the serving certificate every few seconds and the CA once, the test keeps
+//! the webhook's certificate files in step with the Secret (as the kubelet
+//! does for a Secret volume), and not one admission fails.
+
+use std::time::{Duration, Instant};
+
+use ferrimesh_crds::{Mesh, MeshSpec};
+use ferrimesh_e2e::fixtures::{WAIT, namespace, start_operator_with, start_webhook, wait_for_crds};
+use ferrimesh_e2e::{ControlPlane, eventually, free_port, service_account_tokens};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::PostParams;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+/// Copies the Secret's certificate and key into files when they change;
+/// returns how many distinct certificates it has seen.
+async fn sync_secret(
+    secrets: Api<Secret>,
+    dir: std::path::PathBuf,
+    until: Instant,
+) -> anyhow::Result<usize> {
+    let mut seen = Vec::new();
+    while Instant::now() < until {
+        if let Some(secret) = secrets.get_opt("ferrimesh-webhook-tls").await? {
+            let data = secret.data.unwrap_or_default();
+            if let (Some(cert), Some(key)) = (data.get("tls.crt"), data.get("tls.key")) {
+                if !seen.contains(&cert.0) {
+                    // Key first, then certificate, each swapped atomically.
+                    for (name, bytes) in [("tls.key", &key.0), ("tls.crt", &cert.0)] {
+                        let tmp = dir.join(format!("{name}.tmp"));
+                        std::fs::write(&tmp, bytes)?;
+                        std::fs::rename(&tmp, dir.join(name))?;
+                    }
+                    seen.push(cert.0.clone());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(seen.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_certificates_fail_no_admission() -> anyhow::Result<()> {
+    let plane = ControlPlane::start(&service_account_tokens()).await?;
+    let client = plane.client().await?;
+    plane.apply_kustomization("config/overlays/local")?;
+    wait_for_crds(&client).await?;
+    let spec = MeshSpec {
+        namespace_selector: Some(serde_json::from_value(
+            json!({"matchLabels": {"mesh": "on"}}),
+        )?),
+        ..MeshSpec::default()
+    };
+    Api::<Mesh>::all(client.clone())
+        .create(&PostParams::default(), &Mesh::new("default", spec))
+        .await?;
+    namespace(&client, "busy", &[("mesh", "on")]).await?;
+
+    // Serving certificates live 12 s (renewed every 8 s), the CA 36 s (renewed once in the run).
+    let port = free_port()?;
+    let url = format!("https://127.0.0.1:{port}/inject");
+    let lifetimes = [
+        "--cert-lifetime-seconds",
+        "12",
+        "--ca-lifetime-seconds",
+        "36",
+    ];
+    let _operator = start_operator_with(
+        &plane,
+        &plane.kubeconfig_for("ferrimesh-operator")?,
+        "operator",
+        &url,
+        &lifetimes,
+    )?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "ferrimesh-system");
+    let first_ca = eventually("the first CA", WAIT, || {
+        let secrets = secrets.clone();
+        async move {
+            Ok(secrets
+                .get_opt("ferrimesh-webhook-ca")
+                .await?
+                .and_then(|s| s.data?.get("ca.crt").cloned()))
+        }
+    })
+    .await?;
+    let run_until = Instant::now() + Duration::from_secs(40);
+    let syncer = tokio::spawn(sync_secret(
+        secrets.clone(),
+        plane.scratch().path(""),
+        run_until,
+    ));
+    eventually("the certificate files", WAIT, || async {
+        Ok(plane.scratch().path("tls.crt").exists().then_some(()))
+    })
+    .await?;
+    let _webhook = start_webhook(
+        &plane,
+        &plane.kubeconfig_for("ferrimesh-webhook")?,
+        port,
+        &plane.scratch().path("tls.crt"),
+        &plane.scratch().path("tls.key"),
+    )
+    .await?;
+    // The webhook configuration reaches the admission chain.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "busy");
+    let pod = |name: String| -> anyhow::Result<Pod> {
+        Ok(serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"serviceAccountName": "default", "containers": [{"name": "app", "image": "registry.example/app:1"}]}
+        }))?)
+    };
+    eventually("injection working", WAIT, || {
+        let pods = pods.clone();
+        let probe = pod(format!("probe-{}", free_port().unwrap_or_default()));
+        async move {
+            let created = pods.create(&PostParams::default(), &probe?).await?;
+            Ok(created
+                .annotations()
+                .contains_key("sidecar.istio.io/status")
+                .then_some(()))
+        }
+    })
+    .await?;
+
+    let (mut created, mut failures) = (0, Vec::new());
+    while Instant::now() < run_until {
+        match pods
+            .create(&PostParams::default(), &pod(format!("pod-{created}"))?)
+            .await
+        {
+            Ok(p) if p.annotations().contains_key("sidecar.istio.io/status") => {}
+            Ok(p) => failures.push(format!("{} not injected", p.name_any())),
+            Err(e) => failures.push(e.to_string()),
+        }
+        created += 1;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let certificates = syncer.await??;
+    let last_ca = secrets
+        .get("ferrimesh-webhook-ca")
+        .await?
+        .data
+        .and_then(|d| d.get("ca.crt").cloned());
+    assert!(
+        failures.is_empty(),
+        "{} of {created} admissions failed: {failures:?}",
+        failures.len()
+    );
+    assert!(created > 100, "pods kept coming ({created})");
+    assert!(
+        certificates >= 4,
+        "the serving certificate rotated several times ({certificates} seen)"
+    );
+    assert_ne!(last_ca, Some(first_ca), "the CA rotated during the run");
+    Ok(())
+}
