@@ -57,6 +57,27 @@ async fn operator_configures_injection_and_registers_workloads() -> anyhow::Resu
         }
     })
     .await?;
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), "default");
+    eventually("a NamespaceLabelled Event on the Mesh", WAIT, || {
+        let events = events.clone();
+        async move {
+            let found = events
+                .list(&Default::default())
+                .await?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("NamespaceLabelled")
+                        && e.regarding
+                            .as_ref()
+                            .is_some_and(|r| r.kind.as_deref() == Some("Mesh"))
+                        && e.note.as_deref().is_some_and(|n| n.contains("apps"))
+                });
+            Ok(found)
+        }
+    })
+    .await?;
     assert_eq!(
         namespace_label(&client, "opted-out", "istio-injection")
             .await?

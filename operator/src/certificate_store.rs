@@ -41,6 +41,8 @@ pub struct Current {
     pub serving_not_after: i64,
     /// When the next renewal is due (Unix seconds).
     pub next_renewal: i64,
+    /// What this reconcile issued.
+    pub renewal: Renewal,
 }
 
 fn text(secret: &Secret, key: &str) -> Option<String> {
@@ -214,5 +216,6 @@ pub async fn reconcile(
         serving_not_after: serving.not_after,
         next_renewal: due(serving.not_before, serving.not_after)
             .min(due(ca.not_before, ca.not_after)),
+        renewal,
     })
 }

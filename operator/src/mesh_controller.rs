@@ -17,12 +17,14 @@ use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{Event, finalizer};
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::certificate_store::{self, Lifetimes};
+use crate::certificates::Renewal;
 use crate::namespaces::{desired_labels, managed_by_operator, selecting_mesh, up_to_date};
 use crate::workloads::{MANAGED_BY, MANAGED_BY_LABEL, REVISION_LABEL};
 use crate::{Error, FIELD_MANAGER, Result};
@@ -118,6 +120,22 @@ pub struct Context {
     pub lifetimes: Lifetimes,
     /// Every Mesh, from the controller's cache.
     pub meshes: Store<Mesh>,
+    /// Publishes an Event for every change the operator makes.
+    pub recorder: Recorder,
+}
+
+/// Publishes an Event about `mesh`; a failure to publish is logged, not fatal.
+async fn event(ctx: &Context, mesh: &Mesh, reason: &str, action: &str, note: String) {
+    let event = KubeEvent {
+        type_: EventType::Normal,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: action.to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &mesh.object_ref(&())).await {
+        tracing::warn!(error = %e, reason, "could not publish an Event");
+    }
 }
 
 fn now() -> i64 {
@@ -153,14 +171,22 @@ fn all_meshes(ctx: &Context, current: &Mesh) -> Vec<Mesh> {
     meshes
 }
 
-/// Applies the namespace labels every Mesh wants; returns how many
-/// namespaces each Mesh (by name) labels.
-async fn label_namespaces(ctx: &Context, meshes: &[Mesh]) -> Result<BTreeMap<String, i32>> {
+/// What labelling the namespaces did.
+#[derive(Default)]
+struct Labelled {
+    /// How many namespaces each Mesh (by name) labels.
+    counts: BTreeMap<String, i32>,
+    /// Namespaces whose labels were applied, with what they now carry from us.
+    changed: Vec<(String, BTreeMap<String, String>)>,
+}
+
+/// Applies the namespace labels every Mesh wants.
+async fn label_namespaces(ctx: &Context, meshes: &[Mesh]) -> Result<Labelled> {
     let api: Api<Namespace> = Api::all(ctx.client.clone());
-    let mut counts = BTreeMap::new();
+    let mut labelled = Labelled::default();
     for namespace in api.list(&ListParams::default()).await? {
         if let Some(mesh) = selecting_mesh(&namespace, meshes, &ctx.namespace) {
-            *counts.entry(mesh.name_any()).or_insert(0) += 1;
+            *labelled.counts.entry(mesh.name_any()).or_insert(0) += 1;
         }
         let desired = desired_labels(&namespace, meshes, &ctx.namespace);
         if up_to_date(&namespace, &desired)
@@ -179,7 +205,8 @@ async fn label_namespaces(ctx: &Context, meshes: &[Mesh]) -> Result<BTreeMap<Str
             .await
         {
             Ok(_) => {
-                tracing::info!(namespace = %name, labels = ?desired, "namespace labels applied")
+                tracing::info!(namespace = %name, labels = ?desired, "namespace labels applied");
+                labelled.changed.push((name, desired));
             }
             // Someone else owns the label with another value: theirs stands.
             Err(kube::Error::Api(status)) if status.is_conflict() => {
@@ -188,7 +215,24 @@ async fn label_namespaces(ctx: &Context, meshes: &[Mesh]) -> Result<BTreeMap<Str
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(counts)
+    Ok(labelled)
+}
+
+async fn announce_labels(ctx: &Context, mesh: &Mesh, labelled: &Labelled) {
+    for (namespace, labels) in &labelled.changed {
+        let (reason, note) = if labels.is_empty() {
+            (
+                "NamespaceReleased",
+                format!("removed the injection label from namespace {namespace}"),
+            )
+        } else {
+            (
+                "NamespaceLabelled",
+                format!("labelled namespace {namespace} with {labels:?}"),
+            )
+        };
+        event(ctx, mesh, reason, "Label", note).await;
+    }
 }
 
 fn condition(
@@ -243,6 +287,10 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
     config.metadata.owner_references = mesh.controller_owner_ref(&()).map(|r| vec![r]);
     let configs: Api<MutatingWebhookConfiguration> = Api::all(ctx.client.clone());
     let config_name = config.metadata.name.clone().unwrap_or_default();
+    let before = configs
+        .get_opt(&config_name)
+        .await?
+        .and_then(|c| c.webhooks);
     configs
         .patch(
             &config_name,
@@ -250,9 +298,37 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
             &Patch::Apply(&config),
         )
         .await?;
+    match certificate.renewal {
+        Renewal::Nothing => {}
+        Renewal::Serving => {
+            event(
+                ctx,
+                mesh,
+                "CertificateIssued",
+                "Issue",
+                "issued a new webhook serving certificate".into(),
+            )
+            .await
+        }
+        Renewal::CaAndServing => {
+            event(
+                ctx,
+                mesh,
+                "CAIssued",
+                "Issue",
+                "issued a new webhook CA and serving certificate".into(),
+            )
+            .await
+        }
+    }
+    if before != config.webhooks {
+        let note = format!("applied MutatingWebhookConfiguration {config_name}");
+        event(ctx, mesh, "WebhookConfigured", "Apply", note).await;
+    }
 
-    let counts = label_namespaces(ctx, &all_meshes(ctx, mesh)).await?;
-    let labelled = counts.get(&mesh.name_any()).copied().unwrap_or(0);
+    let all = label_namespaces(ctx, &all_meshes(ctx, mesh)).await?;
+    announce_labels(ctx, mesh, &all).await;
+    let labelled = all.counts.get(&mesh.name_any()).copied().unwrap_or(0);
     let entries: Api<WorkloadEntry> = Api::all(ctx.client.clone());
     let selector = format!(
         "{MANAGED_BY_LABEL}={MANAGED_BY},{REVISION_LABEL}={}",
@@ -332,7 +408,8 @@ async fn cleanup(mesh: &Mesh, ctx: &Context) -> Result<Action> {
         Err(e) => return Err(e.into()),
     }
     // The Mesh carries a deletion timestamp now: it selects nothing.
-    label_namespaces(ctx, &all_meshes(ctx, mesh)).await?;
+    let released = label_namespaces(ctx, &all_meshes(ctx, mesh)).await?;
+    announce_labels(ctx, mesh, &released).await;
     tracing::info!(mesh = %mesh.name_any(), "released namespaces and webhook configuration");
     Ok(Action::await_change())
 }

@@ -21,6 +21,7 @@ use futures::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
@@ -261,6 +262,13 @@ async fn controllers(
             serving: args.cert_lifetime_seconds,
         },
         meshes: store.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "ferrimesh-operator".into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        ),
     });
     let every_mesh = {
         let store = store.clone();
