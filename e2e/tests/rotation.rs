@@ -24,16 +24,16 @@ async fn sync_secret(
     while Instant::now() < until {
         if let Some(secret) = secrets.get_opt("ferrimesh-webhook-tls").await? {
             let data = secret.data.unwrap_or_default();
-            if let (Some(cert), Some(key)) = (data.get("tls.crt"), data.get("tls.key")) {
-                if !seen.contains(&cert.0) {
-                    // Key first, then certificate, each swapped atomically.
-                    for (name, bytes) in [("tls.key", &key.0), ("tls.crt", &cert.0)] {
-                        let tmp = dir.join(format!("{name}.tmp"));
-                        std::fs::write(&tmp, bytes)?;
-                        std::fs::rename(&tmp, dir.join(name))?;
-                    }
-                    seen.push(cert.0.clone());
+            if let (Some(cert), Some(key)) = (data.get("tls.crt"), data.get("tls.key"))
+                && !seen.contains(&cert.0)
+            {
+                // Key first, then certificate, each swapped atomically.
+                for (name, bytes) in [("tls.key", &key.0), ("tls.crt", &cert.0)] {
+                    let tmp = dir.join(format!("{name}.tmp"));
+                    std::fs::write(&tmp, bytes)?;
+                    std::fs::rename(&tmp, dir.join(name))?;
                 }
+                seen.push(cert.0.clone());
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
