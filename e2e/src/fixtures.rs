@@ -18,15 +18,6 @@ use crate::{ControlPlane, Process, eventually, free_port, http_get, workspace_bi
 /// How long the tests wait for the cluster to converge.
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// Creates the CRDs (ferrimesh's and WorkloadEntry) and waits until served.
-pub async fn install_crds(client: &Client) -> anyhow::Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in mesh_crds().into_iter().chain(istio_crds()) {
-        crds.create(&PostParams::default(), &crd).await?;
-    }
-    wait_for_crds(client).await
-}
-
 /// Waits until every CRD of the project is established.
 pub async fn wait_for_crds(client: &Client) -> anyhow::Result<()> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());

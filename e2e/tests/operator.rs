@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use ferrimesh_crds::{Mesh, MeshSpec, WorkloadEntry};
 use ferrimesh_e2e::fixtures::{
-    WAIT, install_crds, namespace, namespace_label, start_operator, start_operator_and_webhook,
-    wait_for_crds,
+    WAIT, namespace, namespace_label, start_operator, start_operator_and_webhook, wait_for_crds,
 };
 use ferrimesh_e2e::{ControlPlane, eventually, free_port, service_account_tokens};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -268,18 +267,19 @@ async fn holder(client: &Client) -> anyhow::Result<Option<String>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_lease_holder_reconciles_and_a_standby_takes_over() -> anyhow::Result<()> {
-    let plane = ControlPlane::start(&[]).await?;
+    let plane = ControlPlane::start(&service_account_tokens()).await?;
     let client = plane.client().await?;
-    install_crds(&client).await?;
-    namespace(&client, "ferrimesh-system", &[]).await?;
+    plane.apply_kustomization("config/overlays/local")?;
+    wait_for_crds(&client).await?;
+    let operator_identity = plane.kubeconfig_for("ferrimesh-operator")?;
     let url = format!("https://127.0.0.1:{}/inject", free_port()?);
-    let first = start_operator(&plane, &plane.kubeconfig, "replica-a", &url)?;
+    let first = start_operator(&plane, &operator_identity, "replica-a", &url)?;
     eventually("replica-a holds the lease", WAIT, || {
         let client = client.clone();
         async move { Ok(holder(&client).await?.filter(|h| h == "replica-a")) }
     })
     .await?;
-    let _second = start_operator(&plane, &plane.kubeconfig, "replica-b", &url)?;
+    let _second = start_operator(&plane, &operator_identity, "replica-b", &url)?;
     let meshes: Api<Mesh> = Api::all(client.clone());
     let spec = MeshSpec {
         namespace_selector: Some(serde_json::from_value(
@@ -355,10 +355,11 @@ async fn entry_exists(client: &Client, ns: &str, name: &str) -> anyhow::Result<b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn converges_after_operator_and_api_server_restarts() -> anyhow::Result<()> {
-    let mut plane = ControlPlane::start(&[]).await?;
+    let mut plane = ControlPlane::start(&service_account_tokens()).await?;
     let client = plane.client().await?;
-    install_crds(&client).await?;
-    namespace(&client, "ferrimesh-system", &[]).await?;
+    plane.apply_kustomization("config/overlays/local")?;
+    wait_for_crds(&client).await?;
+    let operator_identity = plane.kubeconfig_for("ferrimesh-operator")?;
     namespace(&client, "apps", &[]).await?;
     let spec = MeshSpec {
         namespace_selector: Some(serde_json::from_value(
@@ -370,7 +371,7 @@ async fn converges_after_operator_and_api_server_restarts() -> anyhow::Result<()
         .create(&PostParams::default(), &Mesh::new("default", spec))
         .await?;
     let url = format!("https://127.0.0.1:{}/inject", free_port()?);
-    let first = start_operator(&plane, &plane.kubeconfig, "operator-1", &url)?;
+    let first = start_operator(&plane, &operator_identity, "operator-1", &url)?;
     injected_pod(&client, "apps", "kept", "10.2.0.1").await?;
     injected_pod(&client, "apps", "gone", "10.2.0.2").await?;
     for name in ["kept", "gone"] {
@@ -394,7 +395,7 @@ async fn converges_after_operator_and_api_server_restarts() -> anyhow::Result<()
         entry_exists(&client, "apps", "gone").await?,
         "no one removed it while the operator was down"
     );
-    let _second = start_operator(&plane, &plane.kubeconfig, "operator-2", &url)?;
+    let _second = start_operator(&plane, &operator_identity, "operator-2", &url)?;
     eventually("the orphan removed at restart", WAIT, || {
         let client = client.clone();
         async move { Ok((!entry_exists(&client, "apps", "gone").await?).then_some(())) }

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use ferrimesh_crds::selection::{SYSTEM_NAMESPACES, webhook_configuration};
 use ferrimesh_crds::{Mesh, MeshSpec};
-use ferrimesh_e2e::fixtures::{self, install_crds, namespace};
-use ferrimesh_e2e::{ControlPlane, Process, ServingCertificate, free_port};
+use ferrimesh_e2e::fixtures::{self, namespace, wait_for_crds};
+use ferrimesh_e2e::{ControlPlane, Process, ServingCertificate, free_port, service_account_tokens};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, WebhookClientConfig,
@@ -59,11 +59,17 @@ struct Webhook {
     url: String,
 }
 
-/// Starts `ferrimesh-webhook` in cluster mode (as admin) and waits until it is ready.
+/// Starts `ferrimesh-webhook` in cluster mode, as its ServiceAccount, and waits until it is ready.
 async fn start_webhook(plane: &ControlPlane, cert: &ServingCertificate) -> anyhow::Result<Webhook> {
     let port = free_port()?;
-    let process =
-        fixtures::start_webhook(plane, &plane.kubeconfig, port, &cert.cert, &cert.key).await?;
+    let process = fixtures::start_webhook(
+        plane,
+        &plane.kubeconfig_for("ferrimesh-webhook")?,
+        port,
+        &cert.cert,
+        &cert.key,
+    )
+    .await?;
     Ok(Webhook {
         _process: Some(process),
         url: format!("https://127.0.0.1:{port}/inject"),
@@ -101,9 +107,10 @@ async fn create(client: &Client, ns: &str, pod: &Pod) -> kube::Result<Pod> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_api_server_calls_the_webhook_over_tls() -> anyhow::Result<()> {
-    let plane = ControlPlane::start(&[]).await?;
+    let plane = ControlPlane::start(&service_account_tokens()).await?;
     let client = plane.client().await?;
-    install_crds(&client).await?;
+    plane.apply_kustomization("config/overlays/local")?;
+    wait_for_crds(&client).await?;
     let meshes: Api<Mesh> = Api::all(client.clone());
     meshes
         .create(
@@ -246,9 +253,10 @@ async fn real_api_server_calls_the_webhook_over_tls() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_down_fails_or_ignores_as_the_mesh_says() -> anyhow::Result<()> {
-    let plane = ControlPlane::start(&[]).await?;
+    let plane = ControlPlane::start(&service_account_tokens()).await?;
     let client = plane.client().await?;
-    install_crds(&client).await?;
+    plane.apply_kustomization("config/overlays/local")?;
+    wait_for_crds(&client).await?;
     let cert = ServingCertificate::issue(plane.scratch().path("").as_path())?;
     let webhook = start_webhook(&plane, &cert).await?;
     namespace(&client, "enabled", &[("istio-injection", "enabled")]).await?;
