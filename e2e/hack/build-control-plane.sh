@@ -17,6 +17,11 @@ OUT="$CACHE_ROOT/k8s/$K8S_VERSION"
 
 log() { printf '[control-plane] %s\n' "$*" >&2; }
 
+mkdir -p "$OUT"
+# Tests running in parallel may all ask at once: one builds, the others wait.
+exec 9>"$OUT/.lock"
+flock 9
+
 if [[ -x "$OUT/kube-apiserver" && -x "$OUT/etcd" ]]; then
   log "cached: $OUT"
   echo "$OUT"
@@ -28,7 +33,6 @@ export GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$OUT"
 
 log "resolving k8s.io/kubernetes@$K8S_VERSION"
 gomod="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
