@@ -168,3 +168,217 @@ pub async fn sweep_orphans(client: &Client) -> Result<usize> {
     }
     Ok(deleted)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The reconciler against a scripted API server (tower-test): each test
+    //! states the requests it expects, in order, and what the server answers.
+
+    use ferrimesh_crds::MeshSpec;
+    use http::{Request, Response, StatusCode};
+    use kube::client::Body;
+    use kube::runtime::reflector;
+    use kube::runtime::watcher;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn context(meshes: &[Mesh]) -> (Arc<Context>, Handle) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let (store, mut writer) = reflector::store();
+        for mesh in meshes {
+            writer.apply_watcher_event(&watcher::Event::Apply(mesh.clone()));
+        }
+        (
+            Arc::new(Context {
+                client: Client::new(service, "default"),
+                meshes: store,
+            }),
+            handle,
+        )
+    }
+
+    fn pod(status: Value) -> Arc<Pod> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": "web-1", "namespace": "shop", "uid": "uid-1", "labels": {"app": "web"},
+                             "annotations": {"sidecar.istio.io/status": "{}"}},
+                "spec": {"containers": [{"name": "web"}]},
+                "status": status
+            }))
+            .expect("pod"),
+        )
+    }
+
+    fn entry_json(uid: &str) -> Value {
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+               "metadata": {"name": "web-1", "namespace": "shop", "uid": "we-uid",
+                            "labels": {MANAGED_BY_LABEL: MANAGED_BY}, "annotations": {POD_UID_ANNOTATION: uid}},
+               "spec": {"address": "10.0.0.1"}})
+    }
+
+    /// Answers the next request after checking its method and path.
+    async fn expect(
+        handle: &mut Handle,
+        method: &str,
+        path: &str,
+        status: StatusCode,
+        body: Value,
+    ) -> Value {
+        let (request, send) = handle.next_request().await.expect("a request");
+        assert_eq!(request.method().as_str(), method);
+        assert_eq!(request.uri().path(), path);
+        let bytes = request.into_body().collect_bytes().await.expect("body");
+        let sent: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        send.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(body.to_string().into_bytes()))
+                .expect("response"),
+        );
+        sent
+    }
+
+    fn status_404() -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
+    }
+
+    fn status_409() -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "conflict"})
+    }
+
+    const ENTRY: &str = "/apis/networking.istio.io/v1/namespaces/shop/workloadentries/web-1";
+
+    #[tokio::test]
+    async fn creates_the_entry_then_its_status_once_the_pod_has_an_ip() {
+        let (ctx, mut handle) = context(&[Mesh::new("default", MeshSpec::default())]);
+        let server = tokio::spawn(async move {
+            let applied = expect(
+                &mut handle,
+                "PATCH",
+                ENTRY,
+                StatusCode::OK,
+                entry_json("uid-1"),
+            )
+            .await;
+            assert_eq!(applied["spec"]["address"], "10.0.0.1");
+            assert!(
+                applied.get("status").is_none(),
+                "spec and status are applied separately"
+            );
+            let status = expect(
+                &mut handle,
+                "PATCH",
+                &format!("{ENTRY}/status"),
+                StatusCode::OK,
+                entry_json("uid-1"),
+            )
+            .await;
+            assert_eq!(status["status"]["conditions"][0]["type"], "Healthy");
+        });
+        let ip = json!({"podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]});
+        within(reconcile(pod(ip), ctx)).await.expect("reconcile");
+        server.await.expect("scripted requests");
+    }
+
+    /// Runs a reconcile; an unexpected API call leaves it waiting for an
+    /// answer that never comes, and the test fails here.
+    async fn within<T>(reconcile: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), reconcile)
+            .await
+            .expect("no unexpected API call")
+    }
+
+    #[tokio::test]
+    async fn does_nothing_before_the_pod_has_an_ip() {
+        let (ctx, _handle) = context(&[Mesh::new("default", MeshSpec::default())]);
+        within(reconcile(pod(json!({})), ctx))
+            .await
+            .expect("reconcile");
+    }
+
+    #[tokio::test]
+    async fn deletes_the_entry_of_a_finished_pod_and_tolerates_not_found_and_conflict() {
+        let finished = json!({"podIP": "10.0.0.1", "phase": "Succeeded"});
+        let (ctx, mut handle) = context(&[Mesh::new("default", MeshSpec::default())]);
+        let server = tokio::spawn(async move {
+            expect(
+                &mut handle,
+                "GET",
+                ENTRY,
+                StatusCode::OK,
+                entry_json("uid-1"),
+            )
+            .await;
+            expect(
+                &mut handle,
+                "DELETE",
+                ENTRY,
+                StatusCode::CONFLICT,
+                status_409(),
+            )
+            .await;
+        });
+        within(reconcile(pod(finished.clone()), ctx))
+            .await
+            .expect("a conflict means someone else changed it: fine");
+        server.await.expect("scripted requests");
+
+        let (ctx, mut handle) = context(&[Mesh::new("default", MeshSpec::default())]);
+        let server = tokio::spawn(async move {
+            expect(
+                &mut handle,
+                "GET",
+                ENTRY,
+                StatusCode::NOT_FOUND,
+                status_404(),
+            )
+            .await;
+        });
+        within(reconcile(pod(finished), ctx))
+            .await
+            .expect("nothing to delete");
+        server.await.expect("scripted requests");
+    }
+
+    #[tokio::test]
+    async fn never_deletes_an_entry_of_another_pod() {
+        let (ctx, mut handle) = context(&[]);
+        let server = tokio::spawn(async move {
+            // No Mesh serves the pod: its entry would go, but this one is another pod's.
+            expect(
+                &mut handle,
+                "GET",
+                ENTRY,
+                StatusCode::OK,
+                entry_json("uid-of-another-pod"),
+            )
+            .await;
+        });
+        within(reconcile(pod(json!({"podIP": "10.0.0.1"})), ctx))
+            .await
+            .expect("reconcile");
+        server.await.expect("scripted requests");
+    }
+
+    #[tokio::test]
+    async fn reports_api_errors() {
+        let (ctx, mut handle) = context(&[Mesh::new("default", MeshSpec::default())]);
+        let server = tokio::spawn(async move {
+            let failure = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": 500, "message": "etcd down"});
+            expect(
+                &mut handle,
+                "PATCH",
+                ENTRY,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                failure,
+            )
+            .await;
+        });
+        let result = within(reconcile(pod(json!({"podIP": "10.0.0.1"})), ctx)).await;
+        assert!(matches!(result, Err(crate::Error::Kube(_))), "{result:?}");
+        server.await.expect("scripted requests");
+    }
+}
