@@ -446,3 +446,156 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod reconcile_tests {
+    //! Namespace labelling against a scripted API server (tower-test).
+
+    use std::time::Duration;
+
+    use ferrimesh_crds::MeshSpec;
+    use http::{Request, Response, StatusCode};
+    use kube::client::Body;
+    use kube::runtime::events::Reporter;
+    use kube::runtime::reflector;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::certificate_store::Lifetimes;
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn context() -> (Context, Handle) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let (meshes, _writer) = reflector::store();
+        let context = Context {
+            client: client.clone(),
+            namespace: "ferrimesh-system".into(),
+            webhook: WebhookTarget::Url("https://127.0.0.1:9443/inject".into()),
+            lifetimes: Lifetimes {
+                ca: 3600,
+                serving: 600,
+            },
+            meshes,
+            recorder: Recorder::new(
+                client,
+                Reporter {
+                    controller: "test".into(),
+                    instance: None,
+                },
+            ),
+        };
+        (context, handle)
+    }
+
+    fn mesh() -> Mesh {
+        let spec = MeshSpec {
+            namespace_selector: Some(
+                serde_json::from_value(json!({"matchLabels": {"mesh": "on"}})).expect("selector"),
+            ),
+            ..MeshSpec::default()
+        };
+        Mesh::new("default", spec)
+    }
+
+    async fn answer(
+        handle: &mut Handle,
+        method: &str,
+        path: &str,
+        status: StatusCode,
+        body: Value,
+    ) -> Value {
+        let (request, send) = handle.next_request().await.expect("a request");
+        assert_eq!(
+            (request.method().as_str(), request.uri().path()),
+            (method, path)
+        );
+        let sent: Value =
+            serde_json::from_slice(&request.into_body().collect_bytes().await.expect("body"))
+                .unwrap_or(Value::Null);
+        send.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(body.to_string().into_bytes()))
+                .expect("response"),
+        );
+        sent
+    }
+
+    fn owned_by_operator(name: &str, labels: Value) -> Value {
+        json!({"metadata": {"name": name, "labels": labels, "managedFields": [{
+            "manager": FIELD_MANAGER, "operation": "Apply", "apiVersion": "v1", "fieldsType": "FieldsV1",
+            "fieldsV1": {"f:metadata": {"f:labels": {"f:istio-injection": {}}}}}]}})
+    }
+
+    #[tokio::test]
+    async fn labels_selected_namespaces_releases_the_rest_and_skips_the_up_to_date() {
+        let (ctx, mut handle) = context();
+        let server = tokio::spawn(async move {
+            let list = json!({"apiVersion": "v1", "kind": "NamespaceList", "metadata": {}, "items": [
+                {"metadata": {"name": "new", "labels": {"mesh": "on"}}},
+                owned_by_operator("current", json!({"mesh": "on", "istio-injection": "enabled"})),
+                owned_by_operator("left", json!({"istio-injection": "enabled"})),
+                {"metadata": {"name": "untouched", "labels": {"team": "a"}}},
+                {"metadata": {"name": "kube-system", "labels": {"mesh": "on"}}}
+            ]});
+            answer(
+                &mut handle,
+                "GET",
+                "/api/v1/namespaces",
+                StatusCode::OK,
+                list,
+            )
+            .await;
+            let labelled = answer(
+                &mut handle,
+                "PATCH",
+                "/api/v1/namespaces/new",
+                StatusCode::OK,
+                json!({}),
+            )
+            .await;
+            assert_eq!(
+                labelled["metadata"]["labels"],
+                json!({"istio-injection": "enabled"})
+            );
+            let released = answer(&mut handle, "PATCH", "/api/v1/namespaces/left", StatusCode::CONFLICT, json!({
+                "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "conflict"
+            }))
+            .await;
+            assert_eq!(
+                released["metadata"]["labels"],
+                json!({}),
+                "an empty set releases the operator's label"
+            );
+        });
+        let result =
+            tokio::time::timeout(Duration::from_secs(5), label_namespaces(&ctx, &[mesh()])).await;
+        let labelled = result
+            .expect("no unexpected API call")
+            .expect("a conflict is left to its owner");
+        server.await.expect("scripted requests");
+        assert_eq!(labelled.counts.get("default"), Some(&2), "new and current");
+        let changed: Vec<&str> = labelled.changed.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(changed, ["new"], "the conflicting release did not happen");
+    }
+
+    #[tokio::test]
+    async fn reports_a_failed_list() {
+        let (ctx, mut handle) = context();
+        let server = tokio::spawn(async move {
+            answer(&mut handle, "GET", "/api/v1/namespaces", StatusCode::FORBIDDEN, json!({
+                "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "forbidden"
+            }))
+            .await;
+        });
+        let result =
+            tokio::time::timeout(Duration::from_secs(5), label_namespaces(&ctx, &[mesh()])).await;
+        assert!(matches!(
+            result.expect("no unexpected API call"),
+            Err(Error::Kube(_))
+        ));
+        server.await.expect("scripted requests");
+    }
+}
