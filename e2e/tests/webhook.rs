@@ -248,6 +248,41 @@ async fn real_api_server_calls_the_webhook_over_tls() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(image.as_deref(), Some("my.registry/proxyv2:9"));
+
+    // And a ProxyProfile created in the namespace, through the same watches.
+    let profile: ferrimesh_crds::ProxyProfile = serde_json::from_value(json!({
+        "apiVersion": "mesh.ferrimesh.io/v1alpha1", "kind": "ProxyProfile",
+        "metadata": {"name": "quiet", "namespace": "enabled"},
+        "spec": {"proxy": {"logLevel": "error"}, "traffic": {"excludeOutboundPorts": "5432"}}
+    }))?;
+    Api::<ferrimesh_crds::ProxyProfile>::namespaced(client.clone(), "enabled")
+        .create(&PostParams::default(), &profile)
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut args = Vec::new();
+    for attempt in 0.. {
+        let created = create(
+            &client,
+            "enabled",
+            &pod(&format!("profiled-{attempt}"), json!({}), json!({})),
+        )
+        .await?;
+        let spec = created.spec.unwrap_or_default();
+        let containers = spec.init_containers.unwrap_or_default();
+        args = containers
+            .iter()
+            .flat_map(|c| c.args.clone().unwrap_or_default())
+            .collect();
+        if args.iter().any(|a| a == "--proxyLogLevel=error") || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        args.iter().any(|a| a == "--proxyLogLevel=error"),
+        "{args:?}"
+    );
+    assert!(args.windows(2).any(|w| w == ["-o", "5432"]), "{args:?}");
     Ok(())
 }
 
