@@ -11,6 +11,8 @@ pub mod certificate_store;
 pub mod certificates;
 pub mod mesh_controller;
 pub mod namespaces;
+#[cfg(test)]
+mod test_api;
 pub mod workload_controller;
 pub mod workloads;
 

@@ -454,20 +454,17 @@ mod reconcile_tests {
     use std::time::Duration;
 
     use ferrimesh_crds::MeshSpec;
-    use http::{Request, Response, StatusCode};
-    use kube::client::Body;
+    use http::StatusCode;
     use kube::runtime::events::Reporter;
     use kube::runtime::reflector;
     use serde_json::{Value, json};
 
     use super::*;
     use crate::certificate_store::Lifetimes;
-
-    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+    use crate::test_api::{self, Handle, answer, failure};
 
     fn context() -> (Context, Handle) {
-        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(service, "default");
+        let (client, handle) = test_api::client();
         let (meshes, _writer) = reflector::store();
         let context = Context {
             client: client.clone(),
@@ -497,30 +494,6 @@ mod reconcile_tests {
             ..MeshSpec::default()
         };
         Mesh::new("default", spec)
-    }
-
-    async fn answer(
-        handle: &mut Handle,
-        method: &str,
-        path: &str,
-        status: StatusCode,
-        body: Value,
-    ) -> Value {
-        let (request, send) = handle.next_request().await.expect("a request");
-        assert_eq!(
-            (request.method().as_str(), request.uri().path()),
-            (method, path)
-        );
-        let sent: Value =
-            serde_json::from_slice(&request.into_body().collect_bytes().await.expect("body"))
-                .unwrap_or(Value::Null);
-        send.send_response(
-            Response::builder()
-                .status(status)
-                .body(Body::from(body.to_string().into_bytes()))
-                .expect("response"),
-        );
-        sent
     }
 
     fn owned_by_operator(name: &str, labels: Value) -> Value {
@@ -560,9 +533,13 @@ mod reconcile_tests {
                 labelled["metadata"]["labels"],
                 json!({"istio-injection": "enabled"})
             );
-            let released = answer(&mut handle, "PATCH", "/api/v1/namespaces/left", StatusCode::CONFLICT, json!({
-                "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "conflict"
-            }))
+            let released = answer(
+                &mut handle,
+                "PATCH",
+                "/api/v1/namespaces/left",
+                StatusCode::CONFLICT,
+                failure(409, "Conflict"),
+            )
             .await;
             assert_eq!(
                 released["metadata"]["labels"],
@@ -585,9 +562,13 @@ mod reconcile_tests {
     async fn reports_a_failed_list() {
         let (ctx, mut handle) = context();
         let server = tokio::spawn(async move {
-            answer(&mut handle, "GET", "/api/v1/namespaces", StatusCode::FORBIDDEN, json!({
-                "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "forbidden"
-            }))
+            answer(
+                &mut handle,
+                "GET",
+                "/api/v1/namespaces",
+                StatusCode::FORBIDDEN,
+                failure(403, "Forbidden"),
+            )
             .await;
         });
         let result =

@@ -175,25 +175,23 @@ mod tests {
     //! states the requests it expects, in order, and what the server answers.
 
     use ferrimesh_crds::MeshSpec;
-    use http::{Request, Response, StatusCode};
-    use kube::client::Body;
+    use http::StatusCode;
     use kube::runtime::reflector;
     use kube::runtime::watcher;
     use serde_json::{Value, json};
 
     use super::*;
-
-    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+    use crate::test_api::{self, Handle, answer, failure};
 
     fn context(meshes: &[Mesh]) -> (Arc<Context>, Handle) {
-        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let (client, handle) = test_api::client();
         let (store, mut writer) = reflector::store();
         for mesh in meshes {
             writer.apply_watcher_event(&watcher::Event::Apply(mesh.clone()));
         }
         (
             Arc::new(Context {
-                client: Client::new(service, "default"),
+                client,
                 meshes: store,
             }),
             handle,
@@ -219,43 +217,13 @@ mod tests {
                "spec": {"address": "10.0.0.1"}})
     }
 
-    /// Answers the next request after checking its method and path.
-    async fn expect(
-        handle: &mut Handle,
-        method: &str,
-        path: &str,
-        status: StatusCode,
-        body: Value,
-    ) -> Value {
-        let (request, send) = handle.next_request().await.expect("a request");
-        assert_eq!(request.method().as_str(), method);
-        assert_eq!(request.uri().path(), path);
-        let bytes = request.into_body().collect_bytes().await.expect("body");
-        let sent: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        send.send_response(
-            Response::builder()
-                .status(status)
-                .body(Body::from(body.to_string().into_bytes()))
-                .expect("response"),
-        );
-        sent
-    }
-
-    fn status_404() -> Value {
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
-    }
-
-    fn status_409() -> Value {
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "conflict"})
-    }
-
     const ENTRY: &str = "/apis/networking.istio.io/v1/namespaces/shop/workloadentries/web-1";
 
     #[tokio::test]
     async fn creates_the_entry_then_its_status_once_the_pod_has_an_ip() {
         let (ctx, mut handle) = context(&[Mesh::new("default", MeshSpec::default())]);
         let server = tokio::spawn(async move {
-            let applied = expect(
+            let applied = answer(
                 &mut handle,
                 "PATCH",
                 ENTRY,
@@ -268,7 +236,7 @@ mod tests {
                 applied.get("status").is_none(),
                 "spec and status are applied separately"
             );
-            let status = expect(
+            let status = answer(
                 &mut handle,
                 "PATCH",
                 &format!("{ENTRY}/status"),
@@ -304,7 +272,7 @@ mod tests {
         let finished = json!({"podIP": "10.0.0.1", "phase": "Succeeded"});
         let (ctx, mut handle) = context(&[Mesh::new("default", MeshSpec::default())]);
         let server = tokio::spawn(async move {
-            expect(
+            answer(
                 &mut handle,
                 "GET",
                 ENTRY,
@@ -312,12 +280,12 @@ mod tests {
                 entry_json("uid-1"),
             )
             .await;
-            expect(
+            answer(
                 &mut handle,
                 "DELETE",
                 ENTRY,
                 StatusCode::CONFLICT,
-                status_409(),
+                failure(409, "Conflict"),
             )
             .await;
         });
@@ -328,12 +296,12 @@ mod tests {
 
         let (ctx, mut handle) = context(&[Mesh::new("default", MeshSpec::default())]);
         let server = tokio::spawn(async move {
-            expect(
+            answer(
                 &mut handle,
                 "GET",
                 ENTRY,
                 StatusCode::NOT_FOUND,
-                status_404(),
+                failure(404, "NotFound"),
             )
             .await;
         });
@@ -348,7 +316,7 @@ mod tests {
         let (ctx, mut handle) = context(&[]);
         let server = tokio::spawn(async move {
             // No Mesh serves the pod: its entry would go, but this one is another pod's.
-            expect(
+            answer(
                 &mut handle,
                 "GET",
                 ENTRY,
@@ -367,8 +335,8 @@ mod tests {
     async fn reports_api_errors() {
         let (ctx, mut handle) = context(&[Mesh::new("default", MeshSpec::default())]);
         let server = tokio::spawn(async move {
-            let failure = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": 500, "message": "etcd down"});
-            expect(
+            let failure = failure(500, "InternalError");
+            answer(
                 &mut handle,
                 "PATCH",
                 ENTRY,

@@ -1,0 +1,44 @@
+//! A scripted API server for reconciler tests (tower-test): a test states
+//! the requests it expects, in order, and what the server answers.
+
+use http::{Request, Response, StatusCode};
+use kube::Client;
+use kube::client::Body;
+use serde_json::{Value, json};
+
+/// The server side of the mocked client.
+pub type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// A client whose requests arrive at the returned handle.
+pub fn client() -> (Client, Handle) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    (Client::new(service, "default"), handle)
+}
+
+/// Answers the next request after checking its method and path; returns
+/// the body the client sent.
+pub async fn answer(
+    handle: &mut Handle,
+    method: &str,
+    path: &str,
+    status: StatusCode,
+    body: Value,
+) -> Value {
+    let (request, send) = handle.next_request().await.expect("a request");
+    assert_eq!(
+        (request.method().as_str(), request.uri().path()),
+        (method, path)
+    );
+    let bytes = request.into_body().collect_bytes().await.expect("body");
+    let sent = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let response = Response::builder()
+        .status(status)
+        .body(Body::from(body.to_string().into_bytes()));
+    send.send_response(response.expect("response"));
+    sent
+}
+
+/// A `Status` failure body.
+pub fn failure(code: u16, reason: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": reason})
+}
