@@ -90,3 +90,19 @@ demo-offline: ## The offline CLI on examples/: check-inject, then inject
 	@target/debug/ferrimesh check-inject -f examples/opt-out.yaml --namespace-labels istio-injection=enabled
 	@echo "==> ferrimesh inject -f examples/deployment.yaml --mesh examples/mesh.yaml"
 	@target/debug/ferrimesh inject -f examples/deployment.yaml --mesh examples/mesh.yaml
+
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS ?= admission_review annotations
+
+.PHONY: fuzz
+fuzz: ## Fuzz each target for FUZZ_SECONDS (cargo-fuzz on nightly; crashes land in webhook/fuzz/artifacts)
+	@echo "==> cargo-fuzz and a nightly toolchain"
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@for target in $(FUZZ_TARGETS); do \
+	  mkdir -p webhook/fuzz/corpus/$$target; \
+	  if [ -d webhook/fuzz/seeds/$$target ]; then cp -n webhook/fuzz/seeds/$$target/* webhook/fuzz/corpus/$$target/; fi; \
+	  echo "==> fuzzing $$target for $(FUZZ_SECONDS)s"; \
+	  (cd webhook && cargo +nightly fuzz run -O $$target fuzz/corpus/$$target -- \
+	    -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=4096) || exit 1; \
+	done

@@ -3,11 +3,10 @@
 //! that cost grows linearly with the pod.
 
 use std::hint::black_box;
-use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ferrimesh_crds::MeshSpec;
-use ferrimesh_webhook::config::{ConfigSource, View};
+use ferrimesh_webhook::config::FixedSource;
 use ferrimesh_webhook::inject::{Environment, Request, inject};
 use ferrimesh_webhook::patch;
 use ferrimesh_webhook::server::admission::review as review_fn;
@@ -58,24 +57,6 @@ fn with_env(n: usize) -> Value {
     pod
 }
 
-/// A fixed Mesh, no profiles.
-struct StaticSource(Arc<MeshSpec>);
-
-impl ConfigSource for StaticSource {
-    fn view(&self, _namespace: &str, _node: Option<&str>) -> View {
-        View {
-            mesh: Arc::clone(&self.0),
-            profiles: Vec::new(),
-            native_sidecars_supported: true,
-            warning: None,
-        }
-    }
-
-    fn is_ready(&self) -> bool {
-        true
-    }
-}
-
 /// Inject and diff, as the webhook does for one request.
 fn admit(pod: &Pod, mesh: &MeshSpec, environment: &Environment) -> usize {
     let request = Request {
@@ -122,7 +103,7 @@ fn bench(c: &mut Criterion) {
                     "operation": "CREATE", "userInfo": {"username": "bench"}, "object": typical()}
     })
     .to_string();
-    let source = StaticSource(Arc::new(MeshSpec::default()));
+    let source = FixedSource::new(MeshSpec::default());
     let metrics = Metrics::register(&mut Registry::default());
     c.bench_function("admission-review/typical", |b| {
         b.iter(|| {

@@ -151,6 +151,32 @@ impl ConfigSource for FileSource {
     }
 }
 
+/// A configuration that never changes: one Mesh, no ProxyProfiles, native
+/// sidecars supported. For benchmarks, fuzzing and embedding the engine.
+pub struct FixedSource(Arc<MeshSpec>);
+
+impl FixedSource {
+    /// Serves `mesh` to every request.
+    pub fn new(mesh: MeshSpec) -> Self {
+        Self(Arc::new(mesh))
+    }
+}
+
+impl ConfigSource for FixedSource {
+    fn view(&self, _namespace: &str, _node: Option<&str>) -> View {
+        View {
+            mesh: Arc::clone(&self.0),
+            profiles: Vec::new(),
+            native_sidecars_supported: true,
+            warning: None,
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+}
+
 /// Mesh, ProxyProfiles and Nodes from the cluster, kept current by watches.
 pub struct ClusterSource {
     revision: String,

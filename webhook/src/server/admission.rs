@@ -303,9 +303,25 @@ fn answer(
                                 ));
                             }
                         };
+                    let mut before = before;
+                    // The pod type always writes `metadata`, even when the
+                    // object sent had none: diff against what was sent, so
+                    // the patch adds the whole of it.
+                    if let Some(pod) = before.as_object_mut()
+                        && pod
+                            .get("metadata")
+                            .is_some_and(|m| m.as_object().is_some_and(|m| m.is_empty()))
+                    {
+                        pod.remove("metadata");
+                    }
                     let patch = patch::diff(&before, after);
-                    let patch = serde_json::to_vec(&patch).unwrap_or_default();
-                    let verdict = Verdict::Allow(Some(STANDARD.encode(patch)));
+                    // Re-injecting an injected pod changes nothing: no patch.
+                    let verdict = if patch.0.is_empty() {
+                        Verdict::Allow(None)
+                    } else {
+                        let patch = serde_json::to_vec(&patch).unwrap_or_default();
+                        Verdict::Allow(Some(STANDARD.encode(patch)))
+                    };
                     Ok(respond(
                         api_version,
                         &request.uid,
