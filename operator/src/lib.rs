@@ -7,6 +7,7 @@
 //! comes from `ferrimesh_crds::selection`, shared with `ferrimesh
 //! check-inject`.
 
+pub mod cert_manager;
 pub mod certificate_store;
 pub mod certificates;
 pub mod mesh_controller;

@@ -23,6 +23,7 @@ use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
+use crate::cert_manager;
 use crate::certificate_store::{self, Lifetimes};
 use crate::certificates::Renewal;
 use crate::namespaces::{desired_labels, managed_by_operator, selecting_mesh, up_to_date};
@@ -108,6 +109,15 @@ impl WebhookTarget {
     }
 }
 
+/// Who issues the webhook's serving certificate.
+#[derive(Clone, Copy, Debug)]
+pub enum CertificateIssuer {
+    /// The operator: its own CA and a serving certificate, with these lifetimes.
+    Operator(Lifetimes),
+    /// cert-manager writes the serving Secret; the operator publishes its CA.
+    CertManager,
+}
+
 /// What the Mesh controller needs.
 pub struct Context {
     /// The API client.
@@ -116,8 +126,8 @@ pub struct Context {
     pub namespace: String,
     /// Where the webhook is.
     pub webhook: WebhookTarget,
-    /// Certificate lifetimes.
-    pub lifetimes: Lifetimes,
+    /// Who issues the webhook's certificate.
+    pub issuer: CertificateIssuer,
     /// Every Mesh, from the controller's cache.
     pub meshes: Store<Mesh>,
     /// Publishes an Event for every change the operator makes.
@@ -149,7 +159,13 @@ pub async fn reconcile(mesh: Arc<Mesh>, ctx: Arc<Context>) -> Result<Action> {
     let api: Api<Mesh> = Api::all(ctx.client.clone());
     finalizer(&api, FINALIZER, mesh, |event| async {
         match event {
-            Event::Apply(mesh) => apply(&mesh, &ctx).await,
+            Event::Apply(mesh) => match apply(&mesh, &ctx).await {
+                Ok(action) => Ok(action),
+                Err(error) => {
+                    report_failure(&mesh, &ctx, &error).await;
+                    Err(error)
+                }
+            },
             Event::Cleanup(mesh) => cleanup(&mesh, &ctx).await,
         }
     })
@@ -267,15 +283,34 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
         .as_ref()
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(ctx.client.clone());
+    let config_name = ferrimesh_crds::selection::webhook_configuration_name(&mesh.spec.revision);
+    let before = configs
+        .get_opt(&config_name)
+        .await?
+        .and_then(|c| c.webhooks);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    let certificate = certificate_store::reconcile(
-        &secrets,
-        &ctx.namespace,
-        &ctx.webhook.certificate_names(),
-        ctx.lifetimes,
-        now,
-    )
-    .await?;
+    let certificate = match ctx.issuer {
+        CertificateIssuer::Operator(lifetimes) => {
+            certificate_store::reconcile(
+                &secrets,
+                &ctx.namespace,
+                &ctx.webhook.certificate_names(),
+                lifetimes,
+                now,
+            )
+            .await?
+        }
+        CertificateIssuer::CertManager => {
+            let published = before
+                .iter()
+                .flatten()
+                .find_map(|w| w.client_config.ca_bundle.as_ref())
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                .unwrap_or_default();
+            cert_manager::read(&secrets, &ctx.namespace, &published, now).await?
+        }
+    };
 
     let mut excluded: Vec<&str> = SYSTEM_NAMESPACES.to_vec();
     excluded.push(&ctx.namespace);
@@ -285,12 +320,6 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
         &excluded,
     );
     config.metadata.owner_references = mesh.controller_owner_ref(&()).map(|r| vec![r]);
-    let configs: Api<MutatingWebhookConfiguration> = Api::all(ctx.client.clone());
-    let config_name = config.metadata.name.clone().unwrap_or_default();
-    let before = configs
-        .get_opt(&config_name)
-        .await?
-        .and_then(|c| c.webhooks);
     configs
         .patch(
             &config_name,
@@ -383,6 +412,15 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
         labelled_namespaces: labelled,
         registered_workloads: registered,
     };
+    write_status(ctx, mesh, &status).await?;
+
+    let until_renewal = u64::try_from(certificate.next_renewal - now)
+        .unwrap_or(0)
+        .max(1);
+    Ok(Action::requeue(Duration::from_secs(until_renewal.min(300))))
+}
+
+async fn write_status(ctx: &Context, mesh: &Mesh, status: &MeshStatus) -> Result<()> {
     let api: Api<Mesh> = Api::all(ctx.client.clone());
     let patch =
         json!({"apiVersion": Mesh::api_version(&()), "kind": Mesh::kind(&()), "status": status});
@@ -392,11 +430,46 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
         &Patch::Apply(&patch),
     )
     .await?;
+    Ok(())
+}
 
-    let until_renewal = u64::try_from(certificate.next_renewal - now)
-        .unwrap_or(0)
-        .max(1);
-    Ok(Action::requeue(Duration::from_secs(until_renewal.min(300))))
+/// Puts a failed reconcile into the Mesh's status: `Ready` turns False with
+/// the error, and so does `CertificateReady` when the certificate is the
+/// cause; the rest stays as last reconciled. A failure to write is logged
+/// (the reconcile is retried anyway).
+async fn report_failure(mesh: &Mesh, ctx: &Context, error: &Error) {
+    let old = mesh.status.clone().unwrap_or_default();
+    let generation = mesh.metadata.generation;
+    let message = error.to_string();
+    let mut failed = vec![];
+    if matches!(error, Error::Certificate(_)) {
+        failed.push(("Ready", "CertificateNotReady"));
+        failed.push(("CertificateReady", "NotReady"));
+    } else {
+        failed.push(("Ready", "ReconcileFailed"));
+    }
+    let mut conditions = old.conditions.clone();
+    for (type_, reason) in failed {
+        let new = condition(
+            type_,
+            false,
+            reason,
+            message.clone(),
+            generation,
+            &old.conditions,
+        );
+        match conditions.iter_mut().find(|c| c.type_ == type_) {
+            Some(c) => *c = new,
+            None => conditions.push(new),
+        }
+    }
+    if conditions == old.conditions {
+        return;
+    }
+    let status = MeshStatus { conditions, ..old };
+    if let Err(e) = write_status(ctx, mesh, &status).await {
+        tracing::warn!(mesh = %mesh.name_any(), error = %e, "could not report the failure in the Mesh's status");
+    }
 }
 
 async fn cleanup(mesh: &Mesh, ctx: &Context) -> Result<Action> {
@@ -470,10 +543,10 @@ mod reconcile_tests {
             client: client.clone(),
             namespace: "ferrimesh-system".into(),
             webhook: WebhookTarget::Url("https://127.0.0.1:9443/inject".into()),
-            lifetimes: Lifetimes {
+            issuer: CertificateIssuer::Operator(Lifetimes {
                 ca: 3600,
                 serving: 600,
-            },
+            }),
             meshes,
             recorder: Recorder::new(
                 client,

@@ -14,7 +14,7 @@ use axum::routing::get;
 use clap::{Parser, ValueEnum};
 use ferrimesh_crds::{Mesh, WorkloadEntry};
 use ferrimesh_operator::certificate_store::Lifetimes;
-use ferrimesh_operator::mesh_controller::{self, WebhookTarget};
+use ferrimesh_operator::mesh_controller::{self, CertificateIssuer, WebhookTarget};
 use ferrimesh_operator::workload_controller::{self, INJECTED_PODS};
 use ferrimesh_operator::workloads::{MANAGED_BY, MANAGED_BY_LABEL};
 use futures::StreamExt;
@@ -58,6 +58,11 @@ struct Args {
     /// planes); its host goes into the serving certificate.
     #[arg(long, env = "FERRIMESH_WEBHOOK_URL")]
     webhook_url: Option<String>,
+    /// Who issues the webhook's serving certificate: the operator itself
+    /// (CA and certificate in Secrets of its namespace), or cert-manager
+    /// (config/components/cert-manager; the operator publishes its CA only).
+    #[arg(long, env = "FERRIMESH_CERTIFICATE_ISSUER", value_enum, default_value_t = Issuer::Operator)]
+    certificate_issuer: Issuer,
     /// Lifetime of the serving certificate, seconds (renewed at two thirds).
     #[arg(long, env = "FERRIMESH_CERT_LIFETIME_SECONDS", default_value_t = 90 * 24 * 3600)]
     cert_lifetime_seconds: i64,
@@ -88,6 +93,15 @@ struct Args {
     /// Log format.
     #[arg(long, env = "FERRIMESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+/// Who issues the webhook's serving certificate.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Issuer {
+    /// The operator: its own CA, renewed automatically.
+    Operator,
+    /// cert-manager, through the Certificate in config/components/cert-manager.
+    CertManager,
 }
 
 /// How logs are written (levels from `RUST_LOG`, default `info`).
@@ -257,9 +271,12 @@ async fn controllers(
         client: client.clone(),
         namespace: args.namespace.clone(),
         webhook,
-        lifetimes: Lifetimes {
-            ca: args.ca_lifetime_seconds,
-            serving: args.cert_lifetime_seconds,
+        issuer: match args.certificate_issuer {
+            Issuer::Operator => CertificateIssuer::Operator(Lifetimes {
+                ca: args.ca_lifetime_seconds,
+                serving: args.cert_lifetime_seconds,
+            }),
+            Issuer::CertManager => CertificateIssuer::CertManager,
         },
         meshes: store.clone(),
         recorder: Recorder::new(
