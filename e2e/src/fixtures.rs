@@ -6,10 +6,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use ferrimesh_crds::WorkloadEntry;
 use ferrimesh_crds::{istio_crds, mesh_crds};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
@@ -198,4 +199,28 @@ pub async fn start_operator_and_webhook(
         webhook,
         webhook_url,
     })
+}
+
+/// A pod as the webhook leaves it (label and status annotation), created
+/// directly, then given an IP and Ready as a kubelet would.
+pub async fn injected_pod(client: &Client, ns: &str, name: &str, ip: &str) -> anyhow::Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app": name, "security.istio.io/tlsMode": "istio"},
+                     "annotations": {"sidecar.istio.io/status": "{\"initContainers\":[\"istio-init\",\"istio-proxy\"],\"containers\":null}"}},
+        "spec": {"serviceAccountName": "default", "containers": [{"name": "app", "image": "registry.example/app:1"}]}
+    }))?;
+    pods.create(&PostParams::default(), &pod).await?;
+    let status = json!({"status": {"podIP": ip, "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+        .await?;
+    Ok(())
+}
+
+/// Whether the WorkloadEntry `ns/name` exists.
+pub async fn entry_exists(client: &Client, ns: &str, name: &str) -> anyhow::Result<bool> {
+    Ok(Api::<WorkloadEntry>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await?
+        .is_some())
 }

@@ -246,6 +246,14 @@ pub fn kubectl() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
+fn spawn_etcd(bin_dir: &Path, args: &[String], scratch: &Scratch) -> anyhow::Result<Process> {
+    Process::spawn(
+        "etcd",
+        Command::new(bin_dir.join("etcd")).args(args),
+        &scratch.path("etcd.log"),
+    )
+}
+
 /// etcd and kube-apiserver, running.
 pub struct ControlPlane {
     /// `https://127.0.0.1:<port>`.
@@ -253,8 +261,9 @@ pub struct ControlPlane {
     /// An admin kubeconfig.
     pub kubeconfig: PathBuf,
     apiserver: Option<Process>,
-    etcd: Process,
+    etcd: Option<Process>,
     apiserver_args: Vec<String>,
+    etcd_args: Vec<String>,
     bin_dir: PathBuf,
     // Dropped last: the processes above write into it.
     scratch: Scratch,
@@ -268,34 +277,17 @@ impl ControlPlane {
         let bin_dir = control_plane_binaries()?;
         let scratch = Scratch::new("control-plane")?;
         let (etcd_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
-        let etcd = Process::spawn(
-            "etcd",
-            Command::new(bin_dir.join("etcd"))
-                .arg("--data-dir")
-                .arg(scratch.path("etcd"))
-                .args([
-                    "--listen-client-urls",
-                    &format!("http://127.0.0.1:{etcd_port}"),
-                ])
-                .args([
-                    "--advertise-client-urls",
-                    &format!("http://127.0.0.1:{etcd_port}"),
-                ])
-                .args([
-                    "--listen-peer-urls",
-                    &format!("http://127.0.0.1:{peer_port}"),
-                ])
-                .args([
-                    "--initial-advertise-peer-urls",
-                    &format!("http://127.0.0.1:{peer_port}"),
-                ])
-                .args([
-                    "--initial-cluster",
-                    &format!("default=http://127.0.0.1:{peer_port}"),
-                ])
-                .args(["--unsafe-no-fsync", "--log-level", "warn"]),
-            &scratch.path("etcd.log"),
-        )?;
+        let etcd_args: Vec<String> = vec![
+            format!("--data-dir={}", scratch.path("etcd").display()),
+            format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
+            format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
+            format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
+            format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
+            format!("--initial-cluster=default=http://127.0.0.1:{peer_port}"),
+            "--unsafe-no-fsync".to_owned(),
+            "--log-level=warn".to_owned(),
+        ];
+        let etcd = spawn_etcd(&bin_dir, &etcd_args, &scratch)?;
 
         let key = KeyPair::generate()?;
         std::fs::write(scratch.path("sa.key"), key.serialize_pem())?;
@@ -327,8 +319,9 @@ impl ControlPlane {
             url,
             kubeconfig: scratch.path("kubeconfig"),
             apiserver: None,
-            etcd,
+            etcd: Some(etcd),
             apiserver_args,
+            etcd_args,
             bin_dir,
             scratch,
         };
@@ -356,10 +349,24 @@ impl ControlPlane {
         self.start_apiserver().await
     }
 
+    /// Stops etcd (SIGTERM, same data directory and ports) while the API
+    /// server runs on, waits `down`, starts it again and waits until the API
+    /// server is ready once more.
+    pub async fn restart_etcd(&mut self, down: Duration) -> anyhow::Result<()> {
+        if let Some(etcd) = self.etcd.take() {
+            etcd.stop(Duration::from_secs(10))?;
+        }
+        tokio::time::sleep(down).await;
+        self.etcd = Some(spawn_etcd(&self.bin_dir, &self.etcd_args, &self.scratch)?);
+        self.wait_ready(Duration::from_secs(90)).await
+    }
+
     async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            self.etcd.check_running()?;
+            if let Some(etcd) = self.etcd.as_mut() {
+                etcd.check_running()?;
+            }
             if let Some(apiserver) = self.apiserver.as_mut() {
                 apiserver
                     .check_running()
@@ -422,10 +429,10 @@ impl ControlPlane {
         self.kubectl_apply(&["-k"], &repo_root().join(dir))
     }
 
-    /// `kubectl apply --server-side -f <path>` (a file or a directory of
-    /// manifests, however large) as admin.
+    /// `kubectl apply --server-side --force-conflicts -f <path>` (a file or a
+    /// directory of manifests, however large) as admin.
     pub fn apply_files(&self, path: &Path) -> anyhow::Result<String> {
-        self.kubectl_apply(&["--server-side", "-f"], path)
+        self.kubectl_apply(&["--server-side", "--force-conflicts", "-f"], path)
     }
 
     fn kubectl_apply(&self, flags: &[&str], path: &Path) -> anyhow::Result<String> {

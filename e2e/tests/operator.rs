@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use ferrimesh_crds::{Mesh, MeshSpec, WorkloadEntry};
 use ferrimesh_e2e::fixtures::{
-    WAIT, namespace, namespace_label, start_operator, start_operator_and_webhook, wait_for_crds,
+    WAIT, entry_exists, injected_pod, namespace, namespace_label, start_operator,
+    start_operator_and_webhook, wait_for_crds,
 };
 use ferrimesh_e2e::{ControlPlane, eventually, free_port, service_account_tokens};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -328,29 +329,6 @@ async fn only_the_lease_holder_reconciles_and_a_standby_takes_over() -> anyhow::
     })
     .await?;
     Ok(())
-}
-
-/// A pod as the webhook leaves it (label and status annotation), created
-/// directly, then given an IP and Ready as a kubelet would.
-async fn injected_pod(client: &Client, ns: &str, name: &str, ip: &str) -> anyhow::Result<()> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {"app": name, "security.istio.io/tlsMode": "istio"},
-                     "annotations": {"sidecar.istio.io/status": "{\"initContainers\":[\"istio-init\",\"istio-proxy\"],\"containers\":null}"}},
-        "spec": {"serviceAccountName": "default", "containers": [{"name": "app", "image": "registry.example/app:1"}]}
-    }))?;
-    pods.create(&PostParams::default(), &pod).await?;
-    let status = json!({"status": {"podIP": ip, "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}});
-    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(status))
-        .await?;
-    Ok(())
-}
-
-async fn entry_exists(client: &Client, ns: &str, name: &str) -> anyhow::Result<bool> {
-    Ok(Api::<WorkloadEntry>::namespaced(client.clone(), ns)
-        .get_opt(name)
-        .await?
-        .is_some())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -166,7 +166,11 @@ fn answer(
             "empty body: expected an AdmissionReview".to_owned(),
         ));
     }
-    let envelope: Envelope<'_> = serde_json::from_slice(body)
+    // JSON is UTF-8 throughout, also in the strings the envelope skips.
+    let body = std::str::from_utf8(body).map_err(|e| {
+        Refusal::BadRequest(format!("malformed AdmissionReview: body is not UTF-8: {e}"))
+    })?;
+    let envelope: Envelope<'_> = serde_json::from_str(body)
         .map_err(|e| Refusal::BadRequest(format!("malformed AdmissionReview: {e}")))?;
     let api_version = envelope
         .api_version
