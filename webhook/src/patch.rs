@@ -19,7 +19,7 @@ use serde_json::Value;
 /// move into the patch rather than being copied.
 pub fn diff(before: &Value, after: Value) -> Patch {
     let mut ops = Vec::new();
-    diff_value(before, after, &mut PointerBuf::new(), &mut ops);
+    diff_value(before, after, &mut PointerBuf::new(), &mut ops, false);
     Patch(ops)
 }
 
@@ -43,7 +43,17 @@ enum Op {
     Remove,
 }
 
-fn diff_value(before: &Value, after: Value, path: &mut PointerBuf, ops: &mut Vec<PatchOperation>) {
+/// `member`: `path` names an object member. A changed member is written
+/// with `add`, which sets it whether or not it exists: the typed pod fills in
+/// required fields the object sent may lack (a probe's `port`, say), and the
+/// patch must apply to what was sent.
+fn diff_value(
+    before: &Value,
+    after: Value,
+    path: &mut PointerBuf,
+    ops: &mut Vec<PatchOperation>,
+    member: bool,
+) {
     match (before, after) {
         (Value::Object(b), Value::Object(a)) => {
             for key in b.keys() {
@@ -56,7 +66,7 @@ fn diff_value(before: &Value, after: Value, path: &mut PointerBuf, ops: &mut Vec
             for (key, new) in a {
                 path.push_back(key.as_str());
                 match b.get(&key) {
-                    Some(old) => diff_value(old, new, path, ops),
+                    Some(old) => diff_value(old, new, path, ops, true),
                     None => push(ops, path, Op::Add(new)),
                 }
                 path.pop_back();
@@ -64,6 +74,7 @@ fn diff_value(before: &Value, after: Value, path: &mut PointerBuf, ops: &mut Vec
         }
         (Value::Array(b), Value::Array(a)) => diff_array(b, a, path, ops),
         (before, after) if *before == after => {}
+        (_, after) if member => push(ops, path, Op::Add(after)),
         (_, after) => push(ops, path, Op::Replace(after)),
     }
 }
@@ -129,7 +140,7 @@ fn diff_array(
                     (Some(o), Some(j)) if *o == new_ids[j] => {
                         let (_, value) = new.next().expect("peeked");
                         path.push_back(at);
-                        diff_value(&old[i], value, path, ops);
+                        diff_value(&old[i], value, path, ops, false);
                         path.pop_back();
                         (i, at) = (i + 1, at + 1);
                     }
@@ -157,7 +168,7 @@ fn diff_array(
             for (k, old_value) in old.iter().enumerate().take(common) {
                 let value = new.next().expect("common length");
                 path.push_back(at + k);
-                diff_value(old_value, value, path, ops);
+                diff_value(old_value, value, path, ops, false);
                 path.pop_back();
             }
             at += common;
