@@ -140,12 +140,19 @@ pub fn control_plane_binaries() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(dir))
 }
 
-/// A binary of this workspace, built (debug) when needed.
+/// A binary of this workspace, built when needed with the profile of the
+/// running program (release for the benchmarks, debug for the tests).
 pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let (profile, flags): (&str, &[&str]) = if cfg!(debug_assertions) {
+        ("debug", &[])
+    } else {
+        ("release", &["--release"])
+    };
     let status = Command::new(cargo)
         .current_dir(repo_root())
         .args(["build", "--quiet", "--bin", name])
+        .args(flags)
         .status()
         .with_context(|| format!("building {name}"))?;
     if !status.success() {
@@ -153,7 +160,7 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| repo_root().join("target"), PathBuf::from);
-    Ok(target.join("debug").join(name))
+    Ok(target.join(profile).join(name))
 }
 
 /// A scratch directory, removed on drop unless `FERRIMESH_E2E_KEEP` is set.

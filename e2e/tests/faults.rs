@@ -148,9 +148,10 @@ async fn webhook_follows_log_level(client: &Client, level: &str) -> anyhow::Resu
 
 async fn labelled(client: &Client, ns: &str) -> anyhow::Result<()> {
     namespace(client, ns, &[("mesh", "on")]).await?;
+    // Within the operator's 30 s resync even if its Namespace watch stalls.
     eventually(
         &format!("namespace {ns} labelled"),
-        Duration::from_secs(60),
+        Duration::from_secs(90),
         || async {
             Ok(namespace_label(client, ns, "istio-injection")
                 .await?

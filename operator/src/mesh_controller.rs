@@ -417,7 +417,9 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
     let until_renewal = u64::try_from(certificate.next_renewal - now)
         .unwrap_or(0)
         .max(1);
-    Ok(Action::requeue(Duration::from_secs(until_renewal.min(300))))
+    // A resync every 30 s at the latest: a watch that silently stops
+    // delivering (seen after an etcd restart) delays a change by no more.
+    Ok(Action::requeue(Duration::from_secs(until_renewal.min(30))))
 }
 
 async fn write_status(ctx: &Context, mesh: &Mesh, status: &MeshStatus) -> Result<()> {

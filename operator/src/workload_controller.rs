@@ -125,7 +125,8 @@ pub async fn on_pod_deleted(client: &Client, pod: &Pod) -> Result<()> {
 }
 
 /// Deletes every entry of ours whose pod no longer exists (or is another
-/// pod of the same name); returns how many.
+/// pod of the same name), each confirmed with a GET of the pod first;
+/// returns how many.
 pub async fn sweep_orphans(client: &Client) -> Result<usize> {
     let pods: Api<Pod> = Api::all(client.clone());
     let live: BTreeSet<(String, String, String)> = pods
@@ -151,18 +152,21 @@ pub async fn sweep_orphans(client: &Client) -> Result<usize> {
             live.contains(&(ns.to_owned(), name.to_owned(), uid.to_owned()))
         };
         if is_orphan(&entry, &is_live) {
+            let (namespace, name) = (entry.namespace().unwrap_or_default(), entry.name_any());
             let uid = entry
                 .annotations()
                 .get(POD_UID_ANNOTATION)
                 .cloned()
                 .unwrap_or_default();
-            delete_entry(
-                client,
-                &entry.namespace().unwrap_or_default(),
-                &entry.name_any(),
-                &uid,
-            )
-            .await?;
+            // The pod list was taken before the entry list: a pod created in
+            // between has an entry but was not in it. Ask before deleting.
+            let pod = Api::<Pod>::namespaced(client.clone(), &namespace)
+                .get_metadata_opt(&name)
+                .await?;
+            if pod.is_some_and(|p| p.uid().as_deref() == Some(uid.as_str())) {
+                continue;
+            }
+            delete_entry(client, &namespace, &name, &uid).await?;
             deleted += 1;
         }
     }
@@ -257,6 +261,27 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), reconcile)
             .await
             .expect("no unexpected API call")
+    }
+
+    #[tokio::test]
+    async fn the_sweep_spares_an_entry_whose_pod_came_after_the_pod_list() {
+        let (ctx, mut handle) = context(&[]);
+        let server = tokio::spawn(async move {
+            let no_pods = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+                                 "metadata": {}, "items": []});
+            answer(&mut handle, "GET", "/api/v1/pods", StatusCode::OK, no_pods).await;
+            let entries = json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntryList",
+                                 "metadata": {}, "items": [entry_json("uid-1")]});
+            let entries_path = "/apis/networking.istio.io/v1/workloadentries";
+            answer(&mut handle, "GET", entries_path, StatusCode::OK, entries).await;
+            let pod = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                             "metadata": {"name": "web-1", "namespace": "shop", "uid": "uid-1"}});
+            let pod_path = "/api/v1/namespaces/shop/pods/web-1";
+            answer(&mut handle, "GET", pod_path, StatusCode::OK, pod).await;
+        });
+        let swept = within(sweep_orphans(&ctx.client)).await.expect("sweep");
+        assert_eq!(swept, 0, "the pod exists: its entry stays");
+        server.await.expect("scripted requests");
     }
 
     #[tokio::test]

@@ -1,0 +1,338 @@
+//! `make bench-operator`: the operator at cluster scale on the local control
+//! plane (docs/benchmarks.md).
+//!
+//! 1. Baseline: a plain client creates `BENCH_PODS` WorkloadEntries (spec,
+//!    then the `Healthy` status, as the operator writes them) with
+//!    `BENCH_CONCURRENCY` requests in flight.
+//! 2. Registration: with the operator running, as many injected pods over
+//!    `BENCH_NAMESPACES` namespaces are created and given IPs (the kubelet's
+//!    part, same concurrency); timed until every WorkloadEntry exists with
+//!    the right address and `Healthy`.
+//! 3. Deletion: 20% of the pods deleted; timed until their entries are gone.
+//! 4. Restart: the operator is killed (SIGKILL); while it is down 5% more
+//!    pods go and as many new ones come; a new operator starts; timed until
+//!    the entries are exactly the live pods: no orphan, no duplicate, none
+//!    missing.
+//!
+//! The operator's peak RSS (VmHWM) is read from /proc. Defaults:
+//! 10,000 pods, 100 namespaces, concurrency 32.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferrimesh_crds::{Mesh, MeshSpec, WorkloadEntry};
+use ferrimesh_e2e::fixtures::{namespace, start_operator, wait_for_crds};
+use ferrimesh_e2e::{ControlPlane, Process, free_port, service_account_tokens};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+fn setting(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn ip(i: usize) -> String {
+    format!("10.{}.{}.{}", 100 + i / 65_536, (i / 256) % 256, i % 256)
+}
+
+struct Run {
+    client: Client,
+    namespaces: usize,
+    concurrency: usize,
+}
+
+impl Run {
+    fn namespace(&self, prefix: &str, i: usize) -> String {
+        format!("{prefix}-{}", i % self.namespaces)
+    }
+
+    /// Runs `op` for every index, `concurrency` at a time; fails on the first error.
+    async fn each<F, Fut>(&self, indices: Vec<usize>, op: F) -> anyhow::Result<Duration>
+    where
+        F: Fn(usize) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>>,
+    {
+        let started = Instant::now();
+        let results: Vec<anyhow::Result<()>> = futures::stream::iter(indices)
+            .map(op)
+            .buffer_unordered(self.concurrency)
+            .collect()
+            .await;
+        results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+        Ok(started.elapsed())
+    }
+
+    async fn baseline_entry(&self, i: usize) -> anyhow::Result<()> {
+        let api: Api<WorkloadEntry> =
+            Api::namespaced(self.client.clone(), &self.namespace("base", i));
+        let name = format!("w{i}");
+        let entry: WorkloadEntry = serde_json::from_value(json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+            "metadata": {"name": name, "labels": {"bench": "baseline"},
+                         "annotations": {"ferrimesh.io/pod-uid": format!("uid-{i}")}},
+            "spec": {"address": ip(i), "labels": {"app": format!("app-{}", i % 50)},
+                     "serviceAccount": "default"}
+        }))?;
+        api.create(&PostParams::default(), &entry).await?;
+        let status = json!({"status": {"conditions": [{"type": "Healthy", "status": "True",
+            "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+            .await?;
+        Ok(())
+    }
+
+    async fn pod(&self, i: usize) -> anyhow::Result<()> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace("bench", i));
+        let name = format!("p{i}");
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name,
+                         "labels": {"app": format!("app-{}", i % 50), "security.istio.io/tlsMode": "istio"},
+                         "annotations": {"sidecar.istio.io/status": "{\"initContainers\":[\"istio-init\",\"istio-proxy\"],\"containers\":null}"}},
+            "spec": {"serviceAccountName": "default", "containers": [
+                {"name": "app", "image": "registry.example/app:1", "ports": [{"name": "http", "containerPort": 8080}]}]}
+        }))?;
+        api.create(&PostParams::default(), &pod).await?;
+        let status = json!({"status": {"podIP": ip(i), "phase": "Running",
+            "conditions": [{"type": "Ready", "status": "True"}]}});
+        api.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_pod(&self, i: usize) -> anyhow::Result<()> {
+        Api::<Pod>::namespaced(self.client.clone(), &self.namespace("bench", i))
+            .delete(&format!("p{i}"), &DeleteParams::default().grace_period(0))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Whether the entries are exactly those of `live` pods, each correct.
+fn converged(entries: &Store<WorkloadEntry>, live: &BTreeMap<String, String>) -> (usize, bool) {
+    let state = entries.state();
+    let correct = state
+        .iter()
+        .filter(|e| {
+            let healthy = e.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Healthy" && c.status == "True")
+            });
+            live.get(&e.name_any()) == e.spec.address.as_ref() && healthy
+        })
+        .count();
+    (correct, correct == live.len() && state.len() == live.len())
+}
+
+async fn wait_converged(
+    what: &str,
+    entries: &Store<WorkloadEntry>,
+    live: &BTreeMap<String, String>,
+    since: Instant,
+    operator: &mut Process,
+) -> anyhow::Result<Duration> {
+    let mut last_report = Instant::now();
+    loop {
+        let (correct, done) = converged(entries, live);
+        if done {
+            let took = since.elapsed();
+            println!("    {what}: converged in {:.1} s", took.as_secs_f64());
+            return Ok(took);
+        }
+        operator.check_running()?;
+        if last_report.elapsed() > Duration::from_secs(10) {
+            println!(
+                "    {what}: {correct}/{} correct, {} entries",
+                live.len(),
+                entries.state().len()
+            );
+            last_report = Instant::now();
+        }
+        anyhow::ensure!(
+            since.elapsed() < Duration::from_secs(1800),
+            "{what}: not converged in 30 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn peak_rss_mib(process: &Process) -> f64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", process.id())).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    format!("{cores} cores, {cpu}")
+}
+
+fn rate(n: usize, took: Duration) -> f64 {
+    n as f64 / took.as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let pods = setting("BENCH_PODS", 10_000);
+    let namespaces = setting("BENCH_NAMESPACES", 100);
+    let concurrency = setting("BENCH_CONCURRENCY", 32);
+    println!(
+        "==> operator benchmark: {pods} pods, {namespaces} namespaces, concurrency {concurrency}"
+    );
+    println!("    machine: {}", machine());
+    let plane = ControlPlane::start(&service_account_tokens()).await?;
+    let client = plane.client().await?;
+    plane.apply_kustomization("config/overlays/local")?;
+    wait_for_crds(&client).await?;
+    Api::<Mesh>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &Mesh::new("default", MeshSpec::default()),
+        )
+        .await?;
+    for n in 0..namespaces {
+        namespace(&client, &format!("bench-{n}"), &[]).await?;
+        namespace(&client, &format!("base-{n}"), &[]).await?;
+    }
+    let run = Arc::new(Run {
+        client: client.clone(),
+        namespaces,
+        concurrency,
+    });
+
+    println!("==> 1. baseline: a plain client creates {pods} WorkloadEntries (spec, then status)");
+    let baseline = run
+        .each((0..pods).collect(), |i| {
+            let run = Arc::clone(&run);
+            async move { run.baseline_entry(i).await }
+        })
+        .await?;
+    println!(
+        "    {:.1} s, {:.0} entries/s",
+        baseline.as_secs_f64(),
+        rate(pods, baseline)
+    );
+
+    // The bench's own view of the operator's entries, kept by a watch.
+    let (entries, writer) = reflector::store();
+    let managed = watcher::Config::default().labels("ferrimesh.io/managed-by=ferrimesh-operator");
+    tokio::spawn(
+        watcher(Api::<WorkloadEntry>::all(client.clone()), managed)
+            .default_backoff()
+            .reflect(writer)
+            .for_each(|_| async {}),
+    );
+    entries.wait_until_ready().await?;
+
+    let identity = plane.kubeconfig_for("ferrimesh-operator")?;
+    let url = format!("https://127.0.0.1:{}/inject", free_port()?);
+    let mut operator = start_operator(&plane, &identity, "operator-1", &url)?;
+    println!(
+        "==> 2. registration: {pods} injected pods created and given IPs, the operator running"
+    );
+    let mut live: BTreeMap<String, String> = (0..pods).map(|i| (format!("p{i}"), ip(i))).collect();
+    let started = Instant::now();
+    let created = run
+        .each((0..pods).collect(), |i| {
+            let run = Arc::clone(&run);
+            async move { run.pod(i).await }
+        })
+        .await?;
+    println!(
+        "    pods created with IPs in {:.1} s",
+        created.as_secs_f64()
+    );
+    let registered =
+        wait_converged("registration", &entries, &live, started, &mut operator).await?;
+    let rss_registration = peak_rss_mib(&operator);
+
+    println!("==> 3. deletion: 20% of the pods deleted");
+    let deleted: Vec<usize> = (0..pods).filter(|i| i % 5 == 0).collect();
+    for i in &deleted {
+        live.remove(&format!("p{i}"));
+    }
+    let started = Instant::now();
+    run.each(deleted.clone(), |i| {
+        let run = Arc::clone(&run);
+        async move { run.delete_pod(i).await }
+    })
+    .await?;
+    let deletion = wait_converged("deletion", &entries, &live, started, &mut operator).await?;
+    let rss_first = peak_rss_mib(&operator);
+
+    println!(
+        "==> 4. restart: the operator killed; 5% of the pods go and as many come while it is down"
+    );
+    drop(operator);
+    let gone: Vec<usize> = (0..pods).filter(|i| i % 20 == 1).collect();
+    let new: Vec<usize> = (pods..pods + gone.len()).collect();
+    for i in &gone {
+        live.remove(&format!("p{i}"));
+    }
+    for &i in &new {
+        live.insert(format!("p{i}"), ip(i));
+    }
+    run.each(gone, |i| {
+        let run = Arc::clone(&run);
+        async move { run.delete_pod(i).await }
+    })
+    .await?;
+    run.each(new, |i| {
+        let run = Arc::clone(&run);
+        async move { run.pod(i).await }
+    })
+    .await?;
+    let started = Instant::now();
+    let mut operator = start_operator(&plane, &identity, "operator-2", &url)?;
+    let restart = wait_converged("restart", &entries, &live, started, &mut operator).await?;
+    let rss_second = peak_rss_mib(&operator);
+
+    println!("\n| measure | result |\n|---|---|");
+    println!("| machine | {} |", machine());
+    println!(
+        "| baseline: plain client, {pods} entries | {:.1} s ({:.0}/s) |",
+        baseline.as_secs_f64(),
+        rate(pods, baseline)
+    );
+    println!(
+        "| registration: {pods} pods created with IPs until all entries correct | {:.1} s ({:.0}/s, {:.0}% of baseline; pod creation alone {:.1} s) |",
+        registered.as_secs_f64(),
+        rate(pods, registered),
+        100.0 * rate(pods, registered) / rate(pods, baseline),
+        created.as_secs_f64()
+    );
+    println!(
+        "| deletion: {} pods deleted until their entries are gone | {:.1} s |",
+        deleted.len(),
+        deletion.as_secs_f64()
+    );
+    println!(
+        "| restart: until entries == live pods ({} entries) | {:.1} s |",
+        live.len(),
+        restart.as_secs_f64()
+    );
+    println!(
+        "| operator peak RSS | {rss_registration:.1} MiB after registration, {rss_first:.1} MiB after deletion, {rss_second:.1} MiB after restart |"
+    );
+    Ok(())
+}
