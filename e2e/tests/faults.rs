@@ -92,15 +92,29 @@ async fn operator_killed_during_pod_churn_converges() -> anyhow::Result<()> {
             _ => {}
         }
     }
-    let (pods, entries) = eventually(
+    // Two cores run the API server, etcd, the test and the operator: allow
+    // for a slow start of the second operator (it waits out the lease).
+    let converged = eventually(
         "one WorkloadEntry per live pod",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || async {
             let (pods, entries) = pods_and_entries(&client, "churn").await?;
             Ok((pods == entries).then_some((pods, entries)))
         },
     )
-    .await?;
+    .await;
+    let (pods, entries) = match converged {
+        Ok(both) => both,
+        Err(e) => {
+            let (pods, entries) = pods_and_entries(&client, "churn").await?;
+            let missing: Vec<&String> = pods.keys().filter(|p| !entries.contains_key(*p)).collect();
+            let orphans: Vec<&String> = entries.keys().filter(|e| !pods.contains_key(*e)).collect();
+            anyhow::bail!(
+                "{e}; pods without an entry: {missing:?}; entries without a pod: {orphans:?}; {}",
+                plane.log_tail("operator-2.log")
+            );
+        }
+    };
     assert_eq!(pods.len(), 40, "60 created, 20 deleted");
     assert_eq!(entries, pods, "same names, same addresses");
     Ok(())
