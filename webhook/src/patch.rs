@@ -72,6 +72,14 @@ fn diff_value(
                 path.pop_back();
             }
         }
+        // An empty list in `before` may be one the typed pod filled in where
+        // the object sent has nothing (a pod without `containers`): set the
+        // member whole.
+        (Value::Array(b), after @ Value::Array(_))
+            if member && b.is_empty() && after.as_array().is_some_and(|a| !a.is_empty()) =>
+        {
+            push(ops, path, Op::Add(after))
+        }
         (Value::Array(b), Value::Array(a)) => diff_array(b, a, path, ops),
         (before, after) if *before == after => {}
         (_, after) if member => push(ops, path, Op::Add(after)),
