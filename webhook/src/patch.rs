@@ -55,6 +55,19 @@ fn diff_value(
     member: bool,
 ) {
     match (before, after) {
+        // An empty object or list in `before` may be one the typed pod filled
+        // in where the object sent has nothing (`metadata`, `containers`):
+        // set the member whole.
+        (Value::Object(b), after @ Value::Object(_))
+            if member && b.is_empty() && after.as_object().is_some_and(|a| !a.is_empty()) =>
+        {
+            push(ops, path, Op::Add(after))
+        }
+        (Value::Array(b), after @ Value::Array(_))
+            if member && b.is_empty() && after.as_array().is_some_and(|a| !a.is_empty()) =>
+        {
+            push(ops, path, Op::Add(after))
+        }
         (Value::Object(b), Value::Object(a)) => {
             for key in b.keys() {
                 if !a.contains_key(key) {
@@ -71,14 +84,6 @@ fn diff_value(
                 }
                 path.pop_back();
             }
-        }
-        // An empty list in `before` may be one the typed pod filled in where
-        // the object sent has nothing (a pod without `containers`): set the
-        // member whole.
-        (Value::Array(b), after @ Value::Array(_))
-            if member && b.is_empty() && after.as_array().is_some_and(|a| !a.is_empty()) =>
-        {
-            push(ops, path, Op::Add(after))
         }
         (Value::Array(b), Value::Array(a)) => diff_array(b, a, path, ops),
         (before, after) if *before == after => {}

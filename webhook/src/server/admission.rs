@@ -307,17 +307,6 @@ fn answer(
                                 ));
                             }
                         };
-                    let mut before = before;
-                    // The pod type always writes `metadata`, even when the
-                    // object sent had none: diff against what was sent, so
-                    // the patch adds the whole of it.
-                    if let Some(pod) = before.as_object_mut()
-                        && pod
-                            .get("metadata")
-                            .is_some_and(|m| m.as_object().is_some_and(|m| m.is_empty()))
-                    {
-                        pod.remove("metadata");
-                    }
                     let patch = patch::diff(&before, after);
                     // Re-injecting an injected pod changes nothing: no patch.
                     let verdict = if patch.0.is_empty() {
