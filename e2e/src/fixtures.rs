@@ -224,3 +224,20 @@ pub async fn entry_exists(client: &Client, ns: &str, name: &str) -> anyhow::Resu
         .await?
         .is_some())
 }
+
+/// Creates the Mesh `default` selecting namespaces labelled `mesh=on`.
+pub async fn mesh_selecting_mesh_on(client: &Client) -> anyhow::Result<()> {
+    let spec = ferrimesh_crds::MeshSpec {
+        namespace_selector: Some(serde_json::from_value(
+            json!({"matchLabels": {"mesh": "on"}}),
+        )?),
+        ..ferrimesh_crds::MeshSpec::default()
+    };
+    Api::<ferrimesh_crds::Mesh>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &ferrimesh_crds::Mesh::new("default", spec),
+        )
+        .await?;
+    Ok(())
+}

@@ -10,8 +10,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use ferrimesh_crds::{Mesh, MeshSpec};
-use ferrimesh_e2e::fixtures::{WAIT, namespace, start_operator_with, start_webhook, wait_for_crds};
+use ferrimesh_crds::Mesh;
+use ferrimesh_e2e::fixtures::{
+    self, WAIT, namespace, start_operator_with, start_webhook, wait_for_crds,
+};
 use ferrimesh_e2e::{
     ControlPlane, cert_manager_crds, eventually, free_port, service_account_tokens,
 };
@@ -161,15 +163,7 @@ async fn cert_manager_issues_and_the_operator_publishes_its_ca() -> anyhow::Resu
         &url,
         &["--certificate-issuer", "cert-manager"],
     )?;
-    let spec = MeshSpec {
-        namespace_selector: Some(serde_json::from_value(
-            json!({"matchLabels": {"mesh": "on"}}),
-        )?),
-        ..MeshSpec::default()
-    };
-    Api::<Mesh>::all(client.clone())
-        .create(&PostParams::default(), &Mesh::new("default", spec))
-        .await?;
+    fixtures::mesh_selecting_mesh_on(&client).await?;
     namespace(&client, "shop", &[("mesh", "on")]).await?;
 
     // Before cert-manager has issued: the Mesh says why, nothing is configured.

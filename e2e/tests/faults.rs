@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use ferrimesh_crds::{Mesh, MeshSpec, WorkloadEntry};
+use ferrimesh_crds::{Mesh, WorkloadEntry};
 use ferrimesh_e2e::fixtures::{
-    WAIT, injected_pod, namespace, namespace_label, start_operator, start_operator_and_webhook,
-    wait_for_crds,
+    WAIT, injected_pod, mesh_selecting_mesh_on, namespace, namespace_label, start_operator,
+    start_operator_and_webhook, wait_for_crds,
 };
 use ferrimesh_e2e::{ControlPlane, eventually, free_port, service_account_tokens};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -23,24 +23,12 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-fn mesh_selecting_mesh_on() -> anyhow::Result<Mesh> {
-    let spec = MeshSpec {
-        namespace_selector: Some(serde_json::from_value(
-            json!({"matchLabels": {"mesh": "on"}}),
-        )?),
-        ..MeshSpec::default()
-    };
-    Ok(Mesh::new("default", spec))
-}
-
 async fn installed_plane() -> anyhow::Result<(ControlPlane, Client)> {
     let plane = ControlPlane::start(&service_account_tokens()).await?;
     let client = plane.client().await?;
     plane.apply_kustomization("config/overlays/local")?;
     wait_for_crds(&client).await?;
-    Api::<Mesh>::all(client.clone())
-        .create(&PostParams::default(), &mesh_selecting_mesh_on()?)
-        .await?;
+    mesh_selecting_mesh_on(&client).await?;
     Ok((plane, client))
 }
 

@@ -5,8 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use ferrimesh_crds::{Mesh, MeshSpec};
-use ferrimesh_e2e::fixtures::{WAIT, namespace, start_operator_with, start_webhook, wait_for_crds};
+use ferrimesh_e2e::fixtures::{
+    self, WAIT, namespace, start_operator_with, start_webhook, wait_for_crds,
+};
 use ferrimesh_e2e::{ControlPlane, eventually, free_port, service_account_tokens};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::PostParams;
@@ -47,15 +48,7 @@ async fn rotating_certificates_fail_no_admission() -> anyhow::Result<()> {
     let client = plane.client().await?;
     plane.apply_kustomization("config/overlays/local")?;
     wait_for_crds(&client).await?;
-    let spec = MeshSpec {
-        namespace_selector: Some(serde_json::from_value(
-            json!({"matchLabels": {"mesh": "on"}}),
-        )?),
-        ..MeshSpec::default()
-    };
-    Api::<Mesh>::all(client.clone())
-        .create(&PostParams::default(), &Mesh::new("default", spec))
-        .await?;
+    fixtures::mesh_selecting_mesh_on(&client).await?;
     namespace(&client, "busy", &[("mesh", "on")]).await?;
 
     // Serving certificates live 12 s (renewed every 8 s), the CA 36 s (renewed once in the run).
