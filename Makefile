@@ -107,6 +107,10 @@ fuzz: ## Fuzz each target for FUZZ_SECONDS (cargo-fuzz on nightly; crashes land 
 	    -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=4096) || exit 1; \
 	done
 
+.PHONY: bench-admission
+bench-admission: tools ## Pods through the API server at a steady rate, certificates rotating; the API server's admission latency (BENCH_RATE=20 BENCH_SECONDS=300)
+	$(CARGO) run --release --quiet -p ferrimesh-e2e --bin ferrimesh-bench-admission
+
 .PHONY: bench-operator
 bench-operator: tools ## The operator at scale on the local control plane (BENCH_PODS=10000 BENCH_NAMESPACES=100 BENCH_CONCURRENCY=32)
 	$(CARGO) run --release --quiet -p ferrimesh-e2e --bin ferrimesh-bench-operator

@@ -2,13 +2,13 @@
 //! operator and the webhook as local processes.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferrimesh_crds::WorkloadEntry;
 use ferrimesh_crds::{istio_crds, mesh_crds};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -240,4 +240,34 @@ pub async fn mesh_selecting_mesh_on(client: &Client) -> anyhow::Result<()> {
         )
         .await?;
     Ok(())
+}
+
+/// Plays the kubelet's part for the webhook's Secret volume until `until`:
+/// copies `Secret/ferrimesh-webhook-tls` into `tls.crt`/`tls.key` in `dir`
+/// whenever the certificate changes (key first, each swapped atomically).
+/// Returns when each distinct certificate was written.
+pub async fn sync_webhook_secret(
+    secrets: Api<Secret>,
+    dir: PathBuf,
+    until: Instant,
+) -> anyhow::Result<Vec<Instant>> {
+    let (mut seen, mut written) = (Vec::new(), Vec::new());
+    while Instant::now() < until {
+        if let Some(secret) = secrets.get_opt("ferrimesh-webhook-tls").await? {
+            let data = secret.data.unwrap_or_default();
+            if let (Some(cert), Some(key)) = (data.get("tls.crt"), data.get("tls.key"))
+                && !seen.contains(&cert.0)
+            {
+                for (name, bytes) in [("tls.key", &key.0), ("tls.crt", &cert.0)] {
+                    let tmp = dir.join(format!("{name}.tmp"));
+                    std::fs::write(&tmp, bytes)?;
+                    std::fs::rename(&tmp, dir.join(name))?;
+                }
+                seen.push(cert.0.clone());
+                written.push(Instant::now());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(written)
 }

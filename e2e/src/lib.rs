@@ -7,6 +7,7 @@
 //! repository; the first test to need them builds them.
 
 pub mod fixtures;
+pub mod metrics;
 
 use std::io::Write;
 use std::net::TcpListener;
@@ -65,6 +66,17 @@ impl Process {
         self.child.id()
     }
 
+    /// The process's peak resident set size (VmHWM), in MiB; 0 when unknown.
+    pub fn peak_rss_mib(&self) -> f64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kib| kib / 1024.0)
+    }
+
     /// Fails when the process has exited.
     pub fn check_running(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
@@ -115,6 +127,20 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The machine a benchmark ran on: cores and CPU model, for its report.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    format!("{cores} cores, {cpu}")
 }
 
 /// The directory holding `kube-apiserver` and `etcd`, built when missing.

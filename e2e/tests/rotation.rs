@@ -14,34 +14,6 @@ use kube::api::PostParams;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-/// Copies the Secret's certificate and key into files when they change;
-/// returns how many distinct certificates it has seen.
-async fn sync_secret(
-    secrets: Api<Secret>,
-    dir: std::path::PathBuf,
-    until: Instant,
-) -> anyhow::Result<usize> {
-    let mut seen = Vec::new();
-    while Instant::now() < until {
-        if let Some(secret) = secrets.get_opt("ferrimesh-webhook-tls").await? {
-            let data = secret.data.unwrap_or_default();
-            if let (Some(cert), Some(key)) = (data.get("tls.crt"), data.get("tls.key"))
-                && !seen.contains(&cert.0)
-            {
-                // Key first, then certificate, each swapped atomically.
-                for (name, bytes) in [("tls.key", &key.0), ("tls.crt", &cert.0)] {
-                    let tmp = dir.join(format!("{name}.tmp"));
-                    std::fs::write(&tmp, bytes)?;
-                    std::fs::rename(&tmp, dir.join(name))?;
-                }
-                seen.push(cert.0.clone());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    Ok(seen.len())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotating_certificates_fail_no_admission() -> anyhow::Result<()> {
     let plane = ControlPlane::start(&service_account_tokens()).await?;
@@ -79,7 +51,7 @@ async fn rotating_certificates_fail_no_admission() -> anyhow::Result<()> {
     })
     .await?;
     let run_until = Instant::now() + Duration::from_secs(40);
-    let syncer = tokio::spawn(sync_secret(
+    let syncer = tokio::spawn(fixtures::sync_webhook_secret(
         secrets.clone(),
         plane.scratch().path(""),
         run_until,
@@ -130,7 +102,7 @@ async fn rotating_certificates_fail_no_admission() -> anyhow::Result<()> {
         created += 1;
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    let certificates = syncer.await??;
+    let certificates = syncer.await??.len();
     let last_ca = secrets
         .get("ferrimesh-webhook-ca")
         .await?

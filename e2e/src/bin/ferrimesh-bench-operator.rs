@@ -164,29 +164,6 @@ async fn wait_converged(
     }
 }
 
-fn peak_rss_mib(process: &Process) -> f64 {
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", process.id())).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, usize::from);
-    format!("{cores} cores, {cpu}")
-}
-
 fn rate(n: usize, took: Duration) -> f64 {
     n as f64 / took.as_secs_f64()
 }
@@ -199,7 +176,7 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "==> operator benchmark: {pods} pods, {namespaces} namespaces, concurrency {concurrency}"
     );
-    println!("    machine: {}", machine());
+    println!("    machine: {}", ferrimesh_e2e::machine());
     let plane = ControlPlane::start(&service_account_tokens()).await?;
     let client = plane.client().await?;
     plane.apply_kustomization("config/overlays/local")?;
@@ -264,7 +241,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let registered =
         wait_converged("registration", &entries, &live, started, &mut operator).await?;
-    let rss_registration = peak_rss_mib(&operator);
+    let rss_registration = operator.peak_rss_mib();
 
     println!("==> 3. deletion: 20% of the pods deleted");
     let deleted: Vec<usize> = (0..pods).filter(|i| i % 5 == 0).collect();
@@ -278,7 +255,7 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     let deletion = wait_converged("deletion", &entries, &live, started, &mut operator).await?;
-    let rss_first = peak_rss_mib(&operator);
+    let rss_first = operator.peak_rss_mib();
 
     println!(
         "==> 4. restart: the operator killed; 5% of the pods go and as many come while it is down"
@@ -305,10 +282,10 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut operator = start_operator(&plane, &identity, "operator-2", &url)?;
     let restart = wait_converged("restart", &entries, &live, started, &mut operator).await?;
-    let rss_second = peak_rss_mib(&operator);
+    let rss_second = operator.peak_rss_mib();
 
     println!("\n| measure | result |\n|---|---|");
-    println!("| machine | {} |", machine());
+    println!("| machine | {} |", ferrimesh_e2e::machine());
     println!(
         "| baseline: plain client, {pods} entries | {:.1} s ({:.0}/s) |",
         baseline.as_secs_f64(),
