@@ -13,6 +13,11 @@
 //!    pods go and as many new ones come; a new operator starts; timed until
 //!    the entries are exactly the live pods: no orphan, no duplicate, none
 //!    missing.
+//! 5. Cold registration: the operator stopped and every entry of its
+//!    deleted; a new operator starts with the live pods all there; timed
+//!    until every entry is back and correct. This is the operator's own
+//!    registration rate, set against the baseline (in 2. the operator
+//!    can go no faster than the pods are created).
 //!
 //! The operator's peak RSS (VmHWM) is read from /proc. Defaults:
 //! 10,000 pods, 100 namespaces, concurrency 32.
@@ -26,7 +31,7 @@ use ferrimesh_e2e::fixtures::{namespace, start_operator, wait_for_crds};
 use ferrimesh_e2e::{ControlPlane, Process, free_port, service_account_tokens};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
@@ -137,7 +142,7 @@ async fn wait_converged(
     entries: &Store<WorkloadEntry>,
     live: &BTreeMap<String, String>,
     since: Instant,
-    operator: &mut Process,
+    mut operator: Option<&mut Process>,
 ) -> anyhow::Result<Duration> {
     let mut last_report = Instant::now();
     loop {
@@ -147,7 +152,9 @@ async fn wait_converged(
             println!("    {what}: converged in {:.1} s", took.as_secs_f64());
             return Ok(took);
         }
-        operator.check_running()?;
+        if let Some(operator) = operator.as_deref_mut() {
+            operator.check_running()?;
+        }
         if last_report.elapsed() > Duration::from_secs(10) {
             println!(
                 "    {what}: {correct}/{} correct, {} entries",
@@ -239,8 +246,14 @@ async fn main() -> anyhow::Result<()> {
         "    pods created with IPs in {:.1} s",
         created.as_secs_f64()
     );
-    let registered =
-        wait_converged("registration", &entries, &live, started, &mut operator).await?;
+    let registered = wait_converged(
+        "registration",
+        &entries,
+        &live,
+        started,
+        Some(&mut operator),
+    )
+    .await?;
     let rss_registration = operator.peak_rss_mib();
 
     println!("==> 3. deletion: 20% of the pods deleted");
@@ -254,7 +267,8 @@ async fn main() -> anyhow::Result<()> {
         async move { run.delete_pod(i).await }
     })
     .await?;
-    let deletion = wait_converged("deletion", &entries, &live, started, &mut operator).await?;
+    let deletion =
+        wait_converged("deletion", &entries, &live, started, Some(&mut operator)).await?;
     let rss_first = operator.peak_rss_mib();
 
     println!(
@@ -281,8 +295,38 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let started = Instant::now();
     let mut operator = start_operator(&plane, &identity, "operator-2", &url)?;
-    let restart = wait_converged("restart", &entries, &live, started, &mut operator).await?;
+    let restart = wait_converged("restart", &entries, &live, started, Some(&mut operator)).await?;
     let rss_second = operator.peak_rss_mib();
+
+    println!(
+        "==> 5. cold registration: the operator stopped, every entry deleted, a new operator registers the live pods"
+    );
+    drop(operator);
+    let managed = ListParams::default().labels("ferrimesh.io/managed-by=ferrimesh-operator");
+    for n in 0..namespaces {
+        Api::<WorkloadEntry>::namespaced(client.clone(), &format!("bench-{n}"))
+            .delete_collection(&DeleteParams::default(), &managed)
+            .await?;
+    }
+    wait_converged(
+        "entries deleted",
+        &entries,
+        &BTreeMap::new(),
+        Instant::now(),
+        None,
+    )
+    .await?;
+    let started = Instant::now();
+    let mut operator = start_operator(&plane, &identity, "operator-3", &url)?;
+    let cold = wait_converged(
+        "cold registration",
+        &entries,
+        &live,
+        started,
+        Some(&mut operator),
+    )
+    .await?;
+    let rss_cold = operator.peak_rss_mib();
 
     println!("\n| measure | result |\n|---|---|");
     println!("| machine | {} |", ferrimesh_e2e::machine());
@@ -309,7 +353,14 @@ async fn main() -> anyhow::Result<()> {
         restart.as_secs_f64()
     );
     println!(
-        "| operator peak RSS | {rss_registration:.1} MiB after registration, {rss_first:.1} MiB after deletion, {rss_second:.1} MiB after restart |"
+        "| cold registration: a new operator, {} pods, no entries | {:.1} s ({:.0}/s, {:.0}% of baseline) |",
+        live.len(),
+        cold.as_secs_f64(),
+        rate(live.len(), cold),
+        100.0 * rate(live.len(), cold) / rate(pods, baseline)
+    );
+    println!(
+        "| operator peak RSS | {rss_registration:.1} MiB after registration, {rss_first:.1} MiB after deletion, {rss_second:.1} MiB after restart, {rss_cold:.1} MiB after cold registration |"
     );
     Ok(())
 }
