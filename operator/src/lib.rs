@@ -12,8 +12,10 @@ pub mod certificate_store;
 pub mod certificates;
 pub mod mesh_controller;
 pub mod namespaces;
+pub mod synced;
 #[cfg(test)]
 mod test_api;
+pub mod triggers;
 pub mod workload_controller;
 pub mod workloads;
 

@@ -15,7 +15,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{Event, finalizer};
@@ -130,6 +130,11 @@ pub struct Context {
     pub issuer: CertificateIssuer,
     /// Every Mesh, from the controller's cache.
     pub meshes: Store<Mesh>,
+    /// Every Namespace, from a cache synced before the first reconcile.
+    pub namespaces: Store<Namespace>,
+    /// The WorkloadEntries of ours, from a cache synced before the first
+    /// reconcile (counted per revision).
+    pub entries: Store<WorkloadEntry>,
     /// Publishes an Event for every change the operator makes.
     pub recorder: Recorder,
 }
@@ -200,13 +205,16 @@ struct Labelled {
 async fn label_namespaces(ctx: &Context, meshes: &[Mesh]) -> Result<Labelled> {
     let api: Api<Namespace> = Api::all(ctx.client.clone());
     let mut labelled = Labelled::default();
-    for namespace in api.list(&ListParams::default()).await? {
-        if let Some(mesh) = selecting_mesh(&namespace, meshes, &ctx.namespace) {
+    let mut namespaces = ctx.namespaces.state();
+    namespaces.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    for namespace in namespaces {
+        let namespace = &*namespace;
+        if let Some(mesh) = selecting_mesh(namespace, meshes, &ctx.namespace) {
             *labelled.counts.entry(mesh.name_any()).or_insert(0) += 1;
         }
-        let desired = desired_labels(&namespace, meshes, &ctx.namespace);
-        if up_to_date(&namespace, &desired)
-            || (desired.is_empty() && !managed_by_operator(&namespace))
+        let desired = desired_labels(namespace, meshes, &ctx.namespace);
+        if up_to_date(namespace, &desired)
+            || (desired.is_empty() && !managed_by_operator(namespace))
         {
             continue;
         }
@@ -358,16 +366,18 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
     let all = label_namespaces(ctx, &all_meshes(ctx, mesh)).await?;
     announce_labels(ctx, mesh, &all).await;
     let labelled = all.counts.get(&mesh.name_any()).copied().unwrap_or(0);
-    let entries: Api<WorkloadEntry> = Api::all(ctx.client.clone());
-    let selector = format!(
-        "{MANAGED_BY_LABEL}={MANAGED_BY},{REVISION_LABEL}={}",
-        mesh.spec.revision
-    );
-    let registered = entries
-        .list_metadata(&ListParams::default().labels(&selector))
-        .await?
-        .items
-        .len() as i32;
+    let registered = ctx
+        .entries
+        .state()
+        .iter()
+        .filter(|e| {
+            let labels = e.labels();
+            labels
+                .get(MANAGED_BY_LABEL)
+                .is_some_and(|v| v == MANAGED_BY)
+                && labels.get(REVISION_LABEL) == Some(&mesh.spec.revision)
+        })
+        .count() as i32;
 
     let expiry = jiff::Timestamp::from_second(certificate.serving_not_after)
         .map(|t| t.to_string())
@@ -538,9 +548,15 @@ mod reconcile_tests {
     use crate::certificate_store::Lifetimes;
     use crate::test_api::{self, Handle, answer, failure};
 
-    fn context() -> (Context, Handle) {
+    fn context(namespaces: Value) -> (Context, Handle) {
         let (client, handle) = test_api::client();
         let (meshes, _writer) = reflector::store();
+        let (namespace_cache, mut writer) = reflector::store();
+        let namespaces: Vec<Namespace> = serde_json::from_value(namespaces).expect("namespaces");
+        for namespace in namespaces {
+            writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(namespace));
+        }
+        let (entries, _writer) = reflector::store();
         let context = Context {
             client: client.clone(),
             namespace: "ferrimesh-system".into(),
@@ -550,6 +566,8 @@ mod reconcile_tests {
                 serving: 600,
             }),
             meshes,
+            namespaces: namespace_cache,
+            entries,
             recorder: Recorder::new(
                 client,
                 Reporter {
@@ -579,27 +597,18 @@ mod reconcile_tests {
 
     #[tokio::test]
     async fn labels_selected_namespaces_releases_the_rest_and_skips_the_up_to_date() {
-        let (ctx, mut handle) = context();
+        let (ctx, mut handle) = context(json!([
+            {"metadata": {"name": "fresh", "labels": {"mesh": "on"}}},
+            owned_by_operator("current", json!({"mesh": "on", "istio-injection": "enabled"})),
+            owned_by_operator("left", json!({"istio-injection": "enabled"})),
+            {"metadata": {"name": "untouched", "labels": {"team": "a"}}},
+            {"metadata": {"name": "kube-system", "labels": {"mesh": "on"}}}
+        ]));
         let server = tokio::spawn(async move {
-            let list = json!({"apiVersion": "v1", "kind": "NamespaceList", "metadata": {}, "items": [
-                {"metadata": {"name": "new", "labels": {"mesh": "on"}}},
-                owned_by_operator("current", json!({"mesh": "on", "istio-injection": "enabled"})),
-                owned_by_operator("left", json!({"istio-injection": "enabled"})),
-                {"metadata": {"name": "untouched", "labels": {"team": "a"}}},
-                {"metadata": {"name": "kube-system", "labels": {"mesh": "on"}}}
-            ]});
-            answer(
-                &mut handle,
-                "GET",
-                "/api/v1/namespaces",
-                StatusCode::OK,
-                list,
-            )
-            .await;
             let labelled = answer(
                 &mut handle,
                 "PATCH",
-                "/api/v1/namespaces/new",
+                "/api/v1/namespaces/fresh",
                 StatusCode::OK,
                 json!({}),
             )
@@ -628,19 +637,24 @@ mod reconcile_tests {
             .expect("no unexpected API call")
             .expect("a conflict is left to its owner");
         server.await.expect("scripted requests");
-        assert_eq!(labelled.counts.get("default"), Some(&2), "new and current");
+        assert_eq!(
+            labelled.counts.get("default"),
+            Some(&2),
+            "fresh and current"
+        );
         let changed: Vec<&str> = labelled.changed.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(changed, ["new"], "the conflicting release did not happen");
+        assert_eq!(changed, ["fresh"], "the conflicting release did not happen");
     }
 
     #[tokio::test]
-    async fn reports_a_failed_list() {
-        let (ctx, mut handle) = context();
+    async fn reports_a_failed_write() {
+        let (ctx, mut handle) =
+            context(json!([{"metadata": {"name": "new", "labels": {"mesh": "on"}}}]));
         let server = tokio::spawn(async move {
             answer(
                 &mut handle,
-                "GET",
-                "/api/v1/namespaces",
+                "PATCH",
+                "/api/v1/namespaces/new",
                 StatusCode::FORBIDDEN,
                 failure(403, "Forbidden"),
             )

@@ -10,15 +10,16 @@ use std::time::Duration;
 use ferrimesh_crds::mesh::DEFAULT_REVISION;
 use ferrimesh_crds::{Mesh, WorkloadEntry};
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::workloads::{
-    MANAGED_BY, MANAGED_BY_LABEL, POD_UID_ANNOTATION, desired_entry, is_gone, is_injected,
-    is_orphan,
+    MANAGED_BY, MANAGED_BY_LABEL, POD_UID_ANNOTATION, REVISION_ANNOTATION, desired_entry, is_gone,
+    is_injected, is_orphan, up_to_date,
 };
 use crate::{FIELD_MANAGER, Result};
 
@@ -31,12 +32,16 @@ pub struct Context {
     pub client: Client,
     /// Every Mesh.
     pub meshes: Store<Mesh>,
+    /// The WorkloadEntries of ours, to skip writes that change nothing.
+    pub entries: Store<WorkloadEntry>,
+    /// Nodes (metadata only), for the locality of their pods.
+    pub nodes: Store<PartialObjectMeta<Node>>,
 }
 
 fn mesh_for(pod: &Pod, meshes: &Store<Mesh>) -> Option<Arc<Mesh>> {
     let revision = pod
         .annotations()
-        .get("istio.io/rev")
+        .get(REVISION_ANNOTATION)
         .map_or(DEFAULT_REVISION, String::as_str);
     meshes
         .state()
@@ -89,13 +94,19 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action> {
         delete_entry(&ctx.client, &namespace, &name, &uid).await?;
         return Ok(Action::await_change());
     };
-    let node = match pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) {
-        Some(node) => Api::<Node>::all(ctx.client.clone()).get_opt(node).await?,
-        None => None,
-    };
-    let Some(entry) = desired_entry(&pod, &mesh.spec, node.as_ref()) else {
+    let node = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .and_then(|node| ctx.nodes.get(&ObjectRef::new(node)));
+    let node_labels = node.as_ref().and_then(|n| n.metadata.labels.as_ref());
+    let Some(entry) = desired_entry(&pod, &mesh.spec, node_labels) else {
         return Ok(Action::await_change()); // no IP yet
     };
+    let existing = ctx.entries.get(&ObjectRef::new(&name).within(&namespace));
+    if existing.is_some_and(|existing| up_to_date(&existing, &entry)) {
+        return Ok(Action::await_change());
+    }
     let api: Api<WorkloadEntry> = Api::namespaced(ctx.client.clone(), &namespace);
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let mut spec_only = entry.clone();
@@ -125,15 +136,17 @@ pub async fn on_pod_deleted(client: &Client, pod: &Pod) -> Result<()> {
 }
 
 /// Deletes every entry of ours whose pod no longer exists (or is another
-/// pod of the same name), each confirmed with a GET of the pod first;
-/// returns how many.
-pub async fn sweep_orphans(client: &Client) -> Result<usize> {
-    let pods: Api<Pod> = Api::all(client.clone());
+/// pod of the same name), as the caches see it; each orphan is confirmed
+/// with the API server first, since a cache may lag behind a pod just
+/// created. Returns how many went.
+pub async fn sweep_orphans(
+    client: &Client,
+    pods: &Store<Pod>,
+    entries: &Store<WorkloadEntry>,
+) -> Result<usize> {
     let live: BTreeSet<(String, String, String)> = pods
-        .list_metadata(&ListParams::default().labels(INJECTED_PODS))
-        .await?
-        .items
-        .into_iter()
+        .state()
+        .iter()
         .map(|p| {
             (
                 p.namespace().unwrap_or_default(),
@@ -142,35 +155,36 @@ pub async fn sweep_orphans(client: &Client) -> Result<usize> {
             )
         })
         .collect();
-    let entries: Api<WorkloadEntry> = Api::all(client.clone());
+    let is_live = |ns: &str, name: &str, uid: &str| {
+        live.contains(&(ns.to_owned(), name.to_owned(), uid.to_owned()))
+    };
     let mut deleted = 0;
-    for entry in entries
-        .list(&ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")))
-        .await?
-    {
-        let is_live = |ns: &str, name: &str, uid: &str| {
-            live.contains(&(ns.to_owned(), name.to_owned(), uid.to_owned()))
-        };
-        if is_orphan(&entry, &is_live) {
-            let (namespace, name) = (entry.namespace().unwrap_or_default(), entry.name_any());
-            let uid = entry
-                .annotations()
-                .get(POD_UID_ANNOTATION)
-                .cloned()
-                .unwrap_or_default();
-            // The pod list was taken before the entry list: a pod created in
-            // between has an entry but was not in it. Ask before deleting.
-            let pod = Api::<Pod>::namespaced(client.clone(), &namespace)
-                .get_metadata_opt(&name)
-                .await?;
-            if pod.is_some_and(|p| p.uid().as_deref() == Some(uid.as_str())) {
-                continue;
-            }
-            delete_entry(client, &namespace, &name, &uid).await?;
-            deleted += 1;
+    for entry in entries.state() {
+        if !is_orphan(&entry, &is_live) {
+            continue;
         }
+        let (namespace, name) = (entry.namespace().unwrap_or_default(), entry.name_any());
+        let uid = entry
+            .annotations()
+            .get(POD_UID_ANNOTATION)
+            .cloned()
+            .unwrap_or_default();
+        let pod = Api::<Pod>::namespaced(client.clone(), &namespace)
+            .get_metadata_opt(&name)
+            .await?;
+        if pod.is_some_and(|p| p.uid() == Some(uid.clone()) && is_injected_meta(&p.metadata)) {
+            continue;
+        }
+        delete_entry(client, &namespace, &name, &uid).await?;
+        deleted += 1;
     }
     Ok(deleted)
+}
+
+fn is_injected_meta(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+    meta.annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(crate::workloads::SIDECAR_STATUS))
 }
 
 #[cfg(test)]
@@ -187,19 +201,33 @@ mod tests {
     use super::*;
     use crate::test_api::{self, Handle, answer, failure};
 
-    fn context(meshes: &[Mesh]) -> (Arc<Context>, Handle) {
-        let (client, handle) = test_api::client();
+    fn store<K>(objects: &[K]) -> Store<K>
+    where
+        K: kube::Resource + Clone + 'static,
+        K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+    {
         let (store, mut writer) = reflector::store();
-        for mesh in meshes {
-            writer.apply_watcher_event(&watcher::Event::Apply(mesh.clone()));
+        for object in objects {
+            writer.apply_watcher_event(&watcher::Event::Apply(object.clone()));
         }
+        store
+    }
+
+    fn context_with(meshes: &[Mesh], entries: &[WorkloadEntry]) -> (Arc<Context>, Handle) {
+        let (client, handle) = test_api::client();
         (
             Arc::new(Context {
                 client,
-                meshes: store,
+                meshes: store(meshes),
+                entries: store(entries),
+                nodes: store(&[]),
             }),
             handle,
         )
+    }
+
+    fn context(meshes: &[Mesh]) -> (Arc<Context>, Handle) {
+        context_with(meshes, &[])
     }
 
     fn pod(status: Value) -> Arc<Pod> {
@@ -264,23 +292,54 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_sweep_spares_an_entry_whose_pod_came_after_the_pod_list() {
-        let (ctx, mut handle) = context(&[]);
+    async fn writes_nothing_when_the_cached_entry_is_up_to_date() {
+        let mesh = Mesh::new("default", MeshSpec::default());
+        let ip = json!({"podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]});
+        let current = desired_entry(&pod(ip.clone()), &mesh.spec, None).expect("entry");
+        let (ctx, _handle) = context_with(&[mesh], &[current]);
+        within(reconcile(pod(ip), ctx)).await.expect("reconcile");
+    }
+
+    #[tokio::test]
+    async fn sweeps_orphans_from_the_caches_after_asking_the_api_server() {
+        let mesh = Mesh::new("default", MeshSpec::default());
+        let ip = json!({"podIP": "10.0.0.1"});
+        let orphan = desired_entry(&pod(ip.clone()), &mesh.spec, None).expect("entry");
+        let mut live_pod = (*pod(ip.clone())).clone();
+        live_pod.metadata.name = Some("web-2".into());
+        live_pod.metadata.uid = Some("uid-2".into());
+        let live = desired_entry(&live_pod, &mesh.spec, None).expect("entry");
+        let (ctx, mut handle) = context_with(&[mesh], &[orphan, live]);
+        let pods = store(&[live_pod]);
         let server = tokio::spawn(async move {
-            let no_pods = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
-                                 "metadata": {}, "items": []});
-            answer(&mut handle, "GET", "/api/v1/pods", StatusCode::OK, no_pods).await;
-            let entries = json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntryList",
-                                 "metadata": {}, "items": [entry_json("uid-1")]});
-            let entries_path = "/apis/networking.istio.io/v1/workloadentries";
-            answer(&mut handle, "GET", entries_path, StatusCode::OK, entries).await;
-            let pod = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-                             "metadata": {"name": "web-1", "namespace": "shop", "uid": "uid-1"}});
             let pod_path = "/api/v1/namespaces/shop/pods/web-1";
-            answer(&mut handle, "GET", pod_path, StatusCode::OK, pod).await;
+            answer(
+                &mut handle,
+                "GET",
+                pod_path,
+                StatusCode::NOT_FOUND,
+                failure(404, "NotFound"),
+            )
+            .await;
+            answer(
+                &mut handle,
+                "GET",
+                ENTRY,
+                StatusCode::OK,
+                entry_json("uid-1"),
+            )
+            .await;
+            answer(
+                &mut handle,
+                "DELETE",
+                ENTRY,
+                StatusCode::OK,
+                entry_json("uid-1"),
+            )
+            .await;
         });
-        let swept = within(sweep_orphans(&ctx.client)).await.expect("sweep");
-        assert_eq!(swept, 0, "the pod exists: its entry stays");
+        let swept = within(sweep_orphans(&ctx.client, &pods, &ctx.entries)).await;
+        assert_eq!(swept.expect("sweep"), 1, "only the entry whose pod is gone");
         server.await.expect("scripted requests");
     }
 

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use ferrimesh_crds::workload_entry::{WorkloadCondition, WorkloadPort};
 use ferrimesh_crds::{MeshSpec, WorkloadEntry, WorkloadEntrySpec, WorkloadEntryStatus};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
 /// Label on every WorkloadEntry the operator writes; entries without it are
@@ -19,6 +19,8 @@ pub const REVISION_LABEL: &str = "ferrimesh.io/revision";
 pub const POD_UID_ANNOTATION: &str = "ferrimesh.io/pod-uid";
 /// Annotation present on every injected pod.
 pub const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+/// Annotation naming the revision that injected the pod.
+pub const REVISION_ANNOTATION: &str = "istio.io/rev";
 
 /// Whether the pod was injected (and so is registered).
 pub fn is_injected(pod: &Pod) -> bool {
@@ -70,8 +72,8 @@ fn app_ports(pod: &Pod) -> BTreeMap<String, WorkloadPort> {
 }
 
 /// `<region>/<zone>` from the node's topology labels.
-fn locality(node: Option<&Node>) -> Option<String> {
-    let labels = node?.metadata.labels.as_ref()?;
+fn locality(node_labels: Option<&BTreeMap<String, String>>) -> Option<String> {
+    let labels = node_labels?;
     let region = labels.get("topology.kubernetes.io/region")?;
     Some(match labels.get("topology.kubernetes.io/zone") {
         Some(zone) => format!("{region}/{zone}"),
@@ -98,8 +100,13 @@ fn healthy(pod: &Pod) -> WorkloadCondition {
     }
 }
 
-/// The WorkloadEntry for `pod`, or `None` while it has no IP.
-pub fn desired_entry(pod: &Pod, mesh: &MeshSpec, node: Option<&Node>) -> Option<WorkloadEntry> {
+/// The WorkloadEntry for `pod` (on a node with `node_labels`), or `None`
+/// while it has no IP.
+pub fn desired_entry(
+    pod: &Pod,
+    mesh: &MeshSpec,
+    node_labels: Option<&BTreeMap<String, String>>,
+) -> Option<WorkloadEntry> {
     let ip = pod
         .status
         .as_ref()?
@@ -113,7 +120,7 @@ pub fn desired_entry(pod: &Pod, mesh: &MeshSpec, node: Option<&Node>) -> Option<
         ports: app_ports(pod),
         labels: pod.metadata.labels.clone().unwrap_or_default(),
         network: (!mesh.network.is_empty()).then(|| mesh.network.clone()),
-        locality: locality(node),
+        locality: locality(node_labels),
         weight: None,
         service_account: pod
             .spec
@@ -146,6 +153,65 @@ pub fn desired_entry(pod: &Pod, mesh: &MeshSpec, node: Option<&Node>) -> Option<
         conditions: vec![healthy(pod)],
     });
     Some(entry)
+}
+
+/// Drops what the operator never reads from a watched pod, so that ten
+/// thousand of them fit in a small cache: managed fields, annotations other
+/// than the injection's, containers down to their names and ports, init
+/// containers, volumes, and status down to IP, phase and `Ready`.
+/// [`desired_entry`] gives the same entry for the pruned pod.
+pub fn prune_pod(pod: &mut Pod) {
+    let meta = &mut pod.metadata;
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.retain(|k, _| k == SIDECAR_STATUS || k == REVISION_ANNOTATION);
+    }
+    if let Some(spec) = pod.spec.as_mut() {
+        *spec = PodSpec {
+            containers: std::mem::take(&mut spec.containers)
+                .into_iter()
+                .map(|c| Container {
+                    name: c.name,
+                    ports: c.ports,
+                    ..Container::default()
+                })
+                .collect(),
+            node_name: spec.node_name.take(),
+            service_account_name: spec.service_account_name.take(),
+            ..PodSpec::default()
+        };
+    }
+    if let Some(status) = pod.status.as_mut() {
+        *status = PodStatus {
+            pod_ip: status.pod_ip.take(),
+            phase: status.phase.take(),
+            conditions: status.conditions.take().map(|mut c| {
+                c.retain(|c| c.type_ == "Ready");
+                c
+            }),
+            ..PodStatus::default()
+        };
+    }
+}
+
+/// Whether `existing` already says what `desired` says: same spec, our
+/// labels and pod-uid annotation, owner, and `Healthy` condition. Then no
+/// write is needed.
+pub fn up_to_date(existing: &WorkloadEntry, desired: &WorkloadEntry) -> bool {
+    let contains = |have: &Option<BTreeMap<String, String>>,
+                    want: &Option<BTreeMap<String, String>>| {
+        want.iter()
+            .flatten()
+            .all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
+    };
+    let (have, want) = (&existing.metadata, &desired.metadata);
+    existing.spec == desired.spec
+        && contains(&have.labels, &want.labels)
+        && contains(&have.annotations, &want.annotations)
+        && have.owner_references == want.owner_references
+        && existing.status.as_ref().map(|s| &s.conditions)
+            == desired.status.as_ref().map(|s| &s.conditions)
 }
 
 /// Whether an entry of ours is an orphan: its pod is not among `live`
@@ -189,9 +255,16 @@ mod tests {
 
     #[test]
     fn entry_mirrors_the_pod() {
-        let node: Node = serde_json::from_value(json!({"metadata": {"name": "n1", "labels": {
-            "topology.kubernetes.io/region": "eu-west", "topology.kubernetes.io/zone": "eu-west-1a"}}}))
-        .expect("node");
+        let node = BTreeMap::from([
+            (
+                "topology.kubernetes.io/region".to_owned(),
+                "eu-west".to_owned(),
+            ),
+            (
+                "topology.kubernetes.io/zone".to_owned(),
+                "eu-west-1a".to_owned(),
+            ),
+        ]);
         let mesh = MeshSpec {
             network: "net1".into(),
             ..MeshSpec::default()
@@ -256,6 +329,80 @@ mod tests {
             !is_orphan(&foreign, &|_, _, _| false),
             "entries without our label are never touched"
         );
+    }
+
+    #[test]
+    fn a_pruned_pod_gives_the_same_entry() {
+        let mut rich: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "uid": "pod-uid-1", "labels": {"app": "web"},
+                         "annotations": {"sidecar.istio.io/status": "{\"initContainers\":[\"istio-init\",\"istio-proxy\"],\"containers\":null}",
+                                         "istio.io/rev": "canary", "kubectl.kubernetes.io/last-applied-configuration": "{...}"},
+                         "managedFields": [{"manager": "kubectl", "operation": "Update"}],
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": "rs"}]},
+            "spec": {"serviceAccountName": "web", "nodeName": "n1",
+                     "containers": [{"name": "web", "image": "web:1", "env": [{"name": "A", "value": "b"}],
+                                     "ports": [{"name": "http", "containerPort": 8080}]}],
+                     "initContainers": [{"name": "istio-proxy", "image": "proxyv2", "args": ["proxy", "sidecar"]}],
+                     "volumes": [{"name": "istio-envoy", "emptyDir": {}}]},
+            "status": {"podIP": "10.1.2.3", "phase": "Running", "hostIP": "192.168.0.1",
+                       "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+                                      {"type": "PodScheduled", "status": "True"}],
+                       "containerStatuses": [{"name": "web", "image": "web:1", "imageID": "x", "ready": true, "restartCount": 0}]}
+        }))
+        .expect("pod");
+        let mesh = MeshSpec::default();
+        let before = desired_entry(&rich, &mesh, None).expect("entry");
+        let size = |p: &Pod| serde_json::to_vec(p).expect("json").len();
+        let full = size(&rich);
+        prune_pod(&mut rich);
+        let after = desired_entry(&rich, &mesh, None).expect("entry");
+        assert_eq!(
+            serde_json::to_value(after).expect("json"),
+            serde_json::to_value(before).expect("json")
+        );
+        assert!(
+            size(&rich) * 2 < full,
+            "pruned {} of {full} bytes",
+            full - size(&rich)
+        );
+        assert!(is_injected(&rich) && !is_gone(&rich));
+        assert_eq!(
+            rich.annotations()
+                .get(REVISION_ANNOTATION)
+                .map(String::as_str),
+            Some("canary")
+        );
+    }
+
+    #[test]
+    fn an_entry_is_up_to_date_when_what_we_write_is_there() {
+        let desired = desired_entry(&pod(), &MeshSpec::default(), None).expect("entry");
+        let mut existing = desired.clone();
+        existing
+            .metadata
+            .labels
+            .as_mut()
+            .expect("labels")
+            .insert("extra".into(), "kept".into());
+        existing.metadata.resource_version = Some("7".into());
+        assert!(
+            up_to_date(&existing, &desired),
+            "fields of others do not count"
+        );
+        let mut moved = existing.clone();
+        moved.spec.address = Some("10.9.9.9".into());
+        assert!(!up_to_date(&moved, &desired));
+        let mut unhealthy = existing.clone();
+        unhealthy.status = None;
+        assert!(!up_to_date(&unhealthy, &desired));
+        let mut relabelled = existing;
+        relabelled
+            .metadata
+            .labels
+            .as_mut()
+            .expect("labels")
+            .remove(REVISION_LABEL);
+        assert!(!up_to_date(&relabelled, &desired));
     }
 
     #[test]

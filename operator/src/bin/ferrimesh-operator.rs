@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use tokio::sync::{Notify, mpsc};
+
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -15,14 +17,18 @@ use clap::{Parser, ValueEnum};
 use ferrimesh_crds::{Mesh, WorkloadEntry};
 use ferrimesh_operator::certificate_store::Lifetimes;
 use ferrimesh_operator::mesh_controller::{self, CertificateIssuer, WebhookTarget};
+use ferrimesh_operator::synced::{self, synced};
+use ferrimesh_operator::triggers::throttle;
 use ferrimesh_operator::workload_controller::{self, INJECTED_PODS};
-use ferrimesh_operator::workloads::{MANAGED_BY, MANAGED_BY_LABEL};
+use ferrimesh_operator::workloads::{MANAGED_BY, MANAGED_BY_LABEL, prune_pod};
 use futures::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
+use kube::ResourceExt;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
@@ -249,7 +255,27 @@ async fn shutdown_signal() {
     }
 }
 
+/// A stream of the items an unbounded channel receives.
+fn received<T>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+fn count(reconciles: &Family<ReconcileLabels, Counter>, controller: &str, ok: bool) {
+    reconciles
+        .get_or_create(&ReconcileLabels {
+            controller: controller.into(),
+            result: if ok { "ok" } else { "error" }.into(),
+        })
+        .inc();
+}
+
 /// Runs the controllers until they stop (or the future is dropped).
+///
+/// One watch per kind, each feeding a cache: injected pods (pruned to what
+/// a WorkloadEntry needs before they are stored), our WorkloadEntries,
+/// Namespaces, Nodes (metadata only), Meshes, and the Secrets of the
+/// operator's namespace. Namespace and WorkloadEntry changes reconcile the
+/// Meshes at most twice a second, however busy the cluster is.
 async fn controllers(
     args: &Args,
     client: Client,
@@ -265,9 +291,106 @@ async fn controllers(
         },
     };
     let config = watcher::Config::default();
-    let meshes = Controller::new(Api::<Mesh>::all(client.clone()), config.clone());
-    let store = meshes.store();
-    let context = Arc::new(mesh_controller::Context {
+
+    // Every cache is filled by a watch driven here and marked synced when
+    // its first list ends. A controller starts only once the caches it reads
+    // are synced: a pod reconciled before the Meshes are known would lose
+    // its entry, and one reconciled before the Nodes would get no locality.
+    let changed = Arc::new(Notify::new());
+    let (meshes, mesh_writer) = reflector::store();
+    let (mark_meshes, meshes_synced) = synced();
+    let mesh_events = watcher(Api::<Mesh>::all(client.clone()), config.clone())
+        .default_backoff()
+        .reflect(mesh_writer)
+        .inspect(move |event| mark_meshes.observe(event))
+        .touched_objects();
+
+    let (entries, entry_writer) = reflector::store();
+    let (mark_entries, entries_synced) = synced();
+    let (deleted_entries_tx, deleted_entries_rx) = mpsc::unbounded_channel();
+    let entry_cache = {
+        let changed = Arc::clone(&changed);
+        watcher(
+            Api::<WorkloadEntry>::all(client.clone()),
+            config
+                .clone()
+                .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
+        )
+        .default_backoff()
+        .modify(|entry| entry.managed_fields_mut().clear())
+        .reflect(entry_writer)
+        .for_each(move |event| {
+            mark_entries.observe(&event);
+            match event {
+                Ok(watcher::Event::Delete(entry)) => {
+                    let _ = deleted_entries_tx.send(Ok(entry));
+                }
+                Err(e) => tracing::warn!(error = %e, "WorkloadEntry watch failed; retrying"),
+                Ok(_) => {}
+            }
+            changed.notify_one();
+            async {}
+        })
+    };
+
+    let (namespaces, namespace_writer) = reflector::store();
+    let (mark_namespaces, namespaces_synced) = synced();
+    let namespace_cache = {
+        let changed = Arc::clone(&changed);
+        watcher(Api::<Namespace>::all(client.clone()), config.clone())
+            .default_backoff()
+            .reflect(namespace_writer)
+            .for_each(move |event| {
+                mark_namespaces.observe(&event);
+                if let Err(e) = event {
+                    tracing::warn!(error = %e, "Namespace watch failed; retrying");
+                }
+                changed.notify_one();
+                async {}
+            })
+    };
+
+    let (nodes, node_writer) = reflector::store();
+    let (mark_nodes, nodes_synced) = synced();
+    let node_cache = watcher(
+        Api::<PartialObjectMeta<Node>>::all(client.clone()),
+        config.clone(),
+    )
+    .default_backoff()
+    .reflect(node_writer)
+    .for_each(move |event| {
+        mark_nodes.observe(&event);
+        if let Err(e) = event {
+            tracing::warn!(error = %e, "Node watch failed; retrying");
+        }
+        async {}
+    });
+
+    // Pods go into the cache pruned; a deleted pod's entry goes at once.
+    let (pods, pod_writer) = reflector::store();
+    let (mark_pods, pods_synced) = synced();
+    let (deleted_pods_tx, deleted_pods_rx) = mpsc::unbounded_channel();
+    let pod_events = watcher(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().labels(INJECTED_PODS),
+    )
+    .default_backoff()
+    .modify(prune_pod)
+    .reflect(pod_writer)
+    .inspect(move |event| {
+        mark_pods.observe(event);
+        if let Ok(watcher::Event::Delete(pod)) = event {
+            let _ = deleted_pods_tx.send(pod.clone());
+        }
+    })
+    .touched_objects();
+
+    let notifications = futures::stream::unfold(changed, |changed| async move {
+        changed.notified().await;
+        Some(((), changed))
+    });
+    let cluster_changes = throttle(notifications.boxed(), Duration::from_millis(500));
+    let mesh_context = Arc::new(mesh_controller::Context {
         client: client.clone(),
         namespace: args.namespace.clone(),
         webhook,
@@ -278,7 +401,9 @@ async fn controllers(
             }),
             Issuer::CertManager => CertificateIssuer::CertManager,
         },
-        meshes: store.clone(),
+        meshes: meshes.clone(),
+        namespaces,
+        entries: entries.clone(),
         recorder: Recorder::new(
             client.clone(),
             Reporter {
@@ -288,98 +413,101 @@ async fn controllers(
         ),
     });
     let every_mesh = {
-        let store = store.clone();
-        move || {
-            store
+        let meshes = meshes.clone();
+        move |_: Secret| {
+            meshes
                 .state()
                 .iter()
                 .map(|m| ObjectRef::from_obj(&**m))
                 .collect::<Vec<_>>()
         }
     };
-    let (on_namespace, on_secret, on_entry) = (every_mesh.clone(), every_mesh.clone(), every_mesh);
-    let counter = reconciles.clone();
-    let mesh_loop = meshes
-        .owns(
-            Api::<MutatingWebhookConfiguration>::all(client.clone()),
-            config.clone(),
-        )
-        .watches(
-            Api::<Namespace>::all(client.clone()),
-            config.clone(),
-            move |_: Namespace| on_namespace(),
-        )
-        .watches(
-            Api::<Secret>::namespaced(client.clone(), &args.namespace),
-            config.clone(),
-            move |_: Secret| on_secret(),
-        )
-        // Entries come and go with pods: keep registeredWorkloads current.
-        .watches(
-            Api::<WorkloadEntry>::all(client.clone()),
-            config
-                .clone()
-                .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
-            move |_: WorkloadEntry| on_entry(),
-        )
-        .run(
-            mesh_controller::reconcile,
-            mesh_controller::error_policy,
-            context,
-        )
-        .for_each(move |result| {
-            let outcome = if result.is_ok() { "ok" } else { "error" };
-            counter
-                .get_or_create(&ReconcileLabels {
-                    controller: "mesh".into(),
-                    result: outcome.into(),
+    let mesh_loop = {
+        let (counter, client) = (reconciles.clone(), client.clone());
+        let caches = (namespaces_synced.clone(), entries_synced.clone());
+        let (meshes, secrets_namespace) = (meshes.clone(), args.namespace.clone());
+        async move {
+            if !synced::all(&[&caches.0, &caches.1]).await {
+                return;
+            }
+            Controller::for_stream(mesh_events, meshes)
+                .owns(
+                    Api::<MutatingWebhookConfiguration>::all(client.clone()),
+                    watcher::Config::default(),
+                )
+                .watches(
+                    Api::<Secret>::namespaced(client, &secrets_namespace),
+                    watcher::Config::default(),
+                    every_mesh,
+                )
+                .reconcile_all_on(cluster_changes)
+                .run(
+                    mesh_controller::reconcile,
+                    mesh_controller::error_policy,
+                    mesh_context,
+                )
+                .for_each(move |result| {
+                    count(&counter, "mesh", result.is_ok());
+                    async {}
                 })
-                .inc();
-            async {}
-        });
+                .await;
+        }
+    };
 
-    let pods_config = watcher::Config::default().labels(INJECTED_PODS);
     let workload_context = Arc::new(workload_controller::Context {
         client: client.clone(),
-        meshes: store.clone(),
+        meshes,
+        entries: entries.clone(),
+        nodes,
     });
-    let counter = reconciles;
-    let workload_loop = Controller::new(Api::<Pod>::all(client.clone()), pods_config.clone())
-        .run(
-            workload_controller::reconcile,
-            workload_controller::error_policy,
-            workload_context,
-        )
-        .for_each(move |result| {
-            let outcome = if result.is_ok() { "ok" } else { "error" };
-            counter
-                .get_or_create(&ReconcileLabels {
-                    controller: "workload".into(),
-                    result: outcome.into(),
+    let workload_loop = {
+        let counter = reconciles;
+        let caches = (
+            meshes_synced.clone(),
+            entries_synced.clone(),
+            nodes_synced.clone(),
+        );
+        let pods = pods.clone();
+        async move {
+            if !synced::all(&[&caches.0, &caches.1, &caches.2]).await {
+                return;
+            }
+            Controller::for_stream(pod_events, pods)
+                // An entry deleted by someone else is recreated for its pod.
+                .owns_stream(received(deleted_entries_rx))
+                .run(
+                    workload_controller::reconcile,
+                    workload_controller::error_policy,
+                    workload_context,
+                )
+                .for_each(move |result| {
+                    count(&counter, "workload", result.is_ok());
+                    async {}
                 })
-                .inc();
-            async {}
-        });
-
-    // Deleted pods: their entries go at once, not at the next sweep.
+                .await;
+        }
+    };
     let deletions = {
         let client = client.clone();
-        watcher(Api::<Pod>::all(client.clone()), pods_config).default_backoff().for_each(move |event| {
+        received(deleted_pods_rx).for_each_concurrent(16, move |pod| {
             let client = client.clone();
             async move {
-                if let Ok(watcher::Event::Delete(pod)) = event
-                    && let Err(e) = workload_controller::on_pod_deleted(&client, &pod).await {
-                        tracing::warn!(error = %e, "deleting a WorkloadEntry failed; the sweep will retry");
-                    }
+                if let Err(e) = workload_controller::on_pod_deleted(&client, &pod).await {
+                    tracing::warn!(error = %e, "deleting a WorkloadEntry failed; the sweep will retry");
+                }
             }
         })
     };
     let sweep = {
         let client = client.clone();
         let interval = Duration::from_secs(args.sweep_interval_seconds.max(1));
+        let caches = (pods_synced.clone(), entries_synced.clone());
         async move {
+            if !synced::all(&[&caches.0, &caches.1]).await {
+                return;
+            }
             loop {
-                match workload_controller::sweep_orphans(&client).await {
+                match workload_controller::sweep_orphans(&client, &pods, &entries).await {
                     Ok(0) => {}
                     Ok(n) => {
                         tracing::info!(deleted = n, "removed WorkloadEntries whose pods are gone")
@@ -390,13 +518,30 @@ async fn controllers(
             }
         }
     };
-    let synced = async move {
-        if store.wait_until_ready().await.is_ok() {
+    // Ready once every cache is synced, the controllers with them.
+    let ready_when_synced = async move {
+        let caches = [
+            &meshes_synced,
+            &namespaces_synced,
+            &entries_synced,
+            &nodes_synced,
+            &pods_synced,
+        ];
+        if synced::all(&caches).await {
             ready.store(true, Ordering::Release);
         }
     };
     tracing::info!(namespace = %args.namespace, "reconciling");
-    futures::join!(mesh_loop, workload_loop, deletions, sweep, synced);
+    futures::join!(
+        mesh_loop,
+        workload_loop,
+        entry_cache,
+        namespace_cache,
+        node_cache,
+        deletions,
+        sweep,
+        ready_when_synced
+    );
 }
 
 #[tokio::main]
