@@ -10,6 +10,7 @@
 pub mod cert_manager;
 pub mod certificate_store;
 pub mod certificates;
+pub mod injected_pod;
 pub mod mesh_controller;
 pub mod namespaces;
 pub mod synced;

@@ -17,9 +17,9 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
+use crate::injected_pod::{InjectedPod, SIDECAR_STATUS};
 use crate::workloads::{
-    MANAGED_BY, MANAGED_BY_LABEL, POD_UID_ANNOTATION, REVISION_ANNOTATION, desired_entry, is_gone,
-    is_injected, is_orphan, up_to_date,
+    MANAGED_BY, MANAGED_BY_LABEL, POD_UID_ANNOTATION, desired_entry, is_orphan, up_to_date,
 };
 use crate::{FIELD_MANAGER, Result};
 
@@ -38,11 +38,8 @@ pub struct Context {
     pub nodes: Store<PartialObjectMeta<Node>>,
 }
 
-fn mesh_for(pod: &Pod, meshes: &Store<Mesh>) -> Option<Arc<Mesh>> {
-    let revision = pod
-        .annotations()
-        .get(REVISION_ANNOTATION)
-        .map_or(DEFAULT_REVISION, String::as_str);
+fn mesh_for(pod: &InjectedPod, meshes: &Store<Mesh>) -> Option<Arc<Mesh>> {
+    let revision = pod.revision.as_deref().unwrap_or(DEFAULT_REVISION);
     meshes
         .state()
         .into_iter()
@@ -85,19 +82,18 @@ async fn delete_entry(client: &Client, namespace: &str, name: &str, uid: &str) -
 }
 
 /// Reconciles one injected pod.
-pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action> {
+pub async fn reconcile(pod: Arc<InjectedPod>, ctx: Arc<Context>) -> Result<Action> {
     let namespace = pod.namespace().unwrap_or_default();
     let name = pod.name_any();
     let uid = pod.uid().unwrap_or_default();
     let mesh = mesh_for(&pod, &ctx.meshes).filter(|m| m.spec.workload_registration.enabled);
-    let Some(mesh) = mesh.filter(|_| is_injected(&pod) && !is_gone(&pod)) else {
+    let Some(mesh) = mesh.filter(|_| pod.injected && !pod.is_gone()) else {
         delete_entry(&ctx.client, &namespace, &name, &uid).await?;
         return Ok(Action::await_change());
     };
     let node = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.node_name.as_deref())
+        .node_name
+        .as_deref()
         .and_then(|node| ctx.nodes.get(&ObjectRef::new(node)));
     let node_labels = node.as_ref().and_then(|n| n.metadata.labels.as_ref());
     let Some(entry) = desired_entry(&pod, &mesh.spec, node_labels) else {
@@ -119,13 +115,13 @@ pub async fn reconcile(pod: Arc<Pod>, ctx: Arc<Context>) -> Result<Action> {
 }
 
 /// Retries a failed reconcile after a pause.
-pub fn error_policy(pod: Arc<Pod>, error: &crate::Error, _ctx: Arc<Context>) -> Action {
+pub fn error_policy(pod: Arc<InjectedPod>, error: &crate::Error, _ctx: Arc<Context>) -> Action {
     tracing::warn!(pod = %pod.name_any(), %error, "workload reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
 
 /// Deletes the entry of a pod that was deleted.
-pub async fn on_pod_deleted(client: &Client, pod: &Pod) -> Result<()> {
+pub async fn on_pod_deleted(client: &Client, pod: &InjectedPod) -> Result<()> {
     delete_entry(
         client,
         &pod.namespace().unwrap_or_default(),
@@ -141,7 +137,7 @@ pub async fn on_pod_deleted(client: &Client, pod: &Pod) -> Result<()> {
 /// created. Returns how many went.
 pub async fn sweep_orphans(
     client: &Client,
-    pods: &Store<Pod>,
+    pods: &Store<InjectedPod>,
     entries: &Store<WorkloadEntry>,
 ) -> Result<usize> {
     let live: BTreeSet<(String, String, String)> = pods
@@ -184,7 +180,7 @@ pub async fn sweep_orphans(
 fn is_injected_meta(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
     meta.annotations
         .as_ref()
-        .is_some_and(|a| a.contains_key(crate::workloads::SIDECAR_STATUS))
+        .is_some_and(|a| a.contains_key(SIDECAR_STATUS))
 }
 
 #[cfg(test)]
@@ -230,16 +226,15 @@ mod tests {
         context_with(meshes, &[])
     }
 
-    fn pod(status: Value) -> Arc<Pod> {
-        Arc::new(
-            serde_json::from_value(json!({
-                "metadata": {"name": "web-1", "namespace": "shop", "uid": "uid-1", "labels": {"app": "web"},
-                             "annotations": {"sidecar.istio.io/status": "{}"}},
-                "spec": {"containers": [{"name": "web"}]},
-                "status": status
-            }))
-            .expect("pod"),
-        )
+    fn pod(status: Value) -> Arc<InjectedPod> {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "uid": "uid-1", "labels": {"app": "web"},
+                         "annotations": {"sidecar.istio.io/status": "{}"}},
+            "spec": {"containers": [{"name": "web"}]},
+            "status": status
+        }))
+        .expect("pod");
+        Arc::new(pod.into())
     }
 
     fn entry_json(uid: &str) -> Value {

@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 
 use ferrimesh_crds::workload_entry::{WorkloadCondition, WorkloadPort};
 use ferrimesh_crds::{MeshSpec, WorkloadEntry, WorkloadEntrySpec, WorkloadEntryStatus};
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+
+use crate::injected_pod::InjectedPod;
 
 /// Label on every WorkloadEntry the operator writes; entries without it are
 /// never touched.
@@ -17,59 +18,6 @@ pub const MANAGED_BY: &str = "ferrimesh-operator";
 pub const REVISION_LABEL: &str = "ferrimesh.io/revision";
 /// Annotation with the UID of the pod an entry stands for.
 pub const POD_UID_ANNOTATION: &str = "ferrimesh.io/pod-uid";
-/// Annotation present on every injected pod.
-pub const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
-/// Annotation naming the revision that injected the pod.
-pub const REVISION_ANNOTATION: &str = "istio.io/rev";
-
-/// Whether the pod was injected (and so is registered).
-pub fn is_injected(pod: &Pod) -> bool {
-    pod.metadata
-        .annotations
-        .as_ref()
-        .is_some_and(|a| a.contains_key(SIDECAR_STATUS))
-}
-
-/// Whether the pod has finished (succeeded or failed) or is being deleted:
-/// its entry must go.
-pub fn is_gone(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_some()
-        || pod
-            .status
-            .as_ref()
-            .and_then(|s| s.phase.as_deref())
-            .is_some_and(|p| p == "Succeeded" || p == "Failed")
-}
-
-/// The app containers' named ports: containers the injection did not add.
-fn app_ports(pod: &Pod) -> BTreeMap<String, WorkloadPort> {
-    let injected: Vec<String> = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(SIDECAR_STATUS))
-        .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
-        .map(|status| {
-            ["containers", "initContainers"]
-                .iter()
-                .filter_map(|k| status.get(*k).and_then(|v| v.as_array()).cloned())
-                .flatten()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    pod.spec
-        .iter()
-        .flat_map(|spec| &spec.containers)
-        .filter(|c| !injected.contains(&c.name))
-        .flat_map(|c| c.ports.iter().flatten())
-        .filter_map(|p| {
-            p.name
-                .as_ref()
-                .map(|name| (name.clone(), WorkloadPort(p.container_port)))
-        })
-        .collect()
-}
 
 /// `<region>/<zone>` from the node's topology labels.
 fn locality(node_labels: Option<&BTreeMap<String, String>>) -> Option<String> {
@@ -82,19 +30,12 @@ fn locality(node_labels: Option<&BTreeMap<String, String>>) -> Option<String> {
 }
 
 /// The pod's `Ready` condition as the entry's `Healthy` condition.
-fn healthy(pod: &Pod) -> WorkloadCondition {
-    let ready = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"));
+fn healthy(pod: &InjectedPod) -> WorkloadCondition {
     WorkloadCondition {
         type_: "Healthy".to_owned(),
-        status: ready.map_or("Unknown", |c| c.status.as_str()).to_owned(),
+        status: pod.ready.as_deref().unwrap_or("Unknown").to_owned(),
         last_probe_time: None,
-        last_transition_time: ready
-            .and_then(|c| c.last_transition_time.as_ref())
-            .map(|t| t.0.to_string()),
+        last_transition_time: pod.ready_since.as_ref().map(|t| t.0.to_string()),
         reason: None,
         message: None,
     }
@@ -103,29 +44,25 @@ fn healthy(pod: &Pod) -> WorkloadCondition {
 /// The WorkloadEntry for `pod` (on a node with `node_labels`), or `None`
 /// while it has no IP.
 pub fn desired_entry(
-    pod: &Pod,
+    pod: &InjectedPod,
     mesh: &MeshSpec,
     node_labels: Option<&BTreeMap<String, String>>,
 ) -> Option<WorkloadEntry> {
-    let ip = pod
-        .status
-        .as_ref()?
-        .pod_ip
-        .clone()
-        .filter(|ip| !ip.is_empty())?;
+    let ip = pod.ip.clone()?;
     let name = pod.metadata.name.clone()?;
     let uid = pod.metadata.uid.clone()?;
     let spec = WorkloadEntrySpec {
         address: Some(ip),
-        ports: app_ports(pod),
+        ports: pod
+            .ports
+            .iter()
+            .map(|(name, port)| (name.clone(), WorkloadPort(*port)))
+            .collect(),
         labels: pod.metadata.labels.clone().unwrap_or_default(),
         network: (!mesh.network.is_empty()).then(|| mesh.network.clone()),
         locality: locality(node_labels),
         weight: None,
-        service_account: pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.service_account_name.clone()),
+        service_account: pod.service_account.clone(),
     };
     let mut entry = WorkloadEntry::new(&name, spec);
     entry.metadata = ObjectMeta {
@@ -153,46 +90,6 @@ pub fn desired_entry(
         conditions: vec![healthy(pod)],
     });
     Some(entry)
-}
-
-/// Drops what the operator never reads from a watched pod, so that ten
-/// thousand of them fit in a small cache: managed fields, annotations other
-/// than the injection's, containers down to their names and ports, init
-/// containers, volumes, and status down to IP, phase and `Ready`.
-/// [`desired_entry`] gives the same entry for the pruned pod.
-pub fn prune_pod(pod: &mut Pod) {
-    let meta = &mut pod.metadata;
-    meta.managed_fields = None;
-    meta.owner_references = None;
-    if let Some(annotations) = meta.annotations.as_mut() {
-        annotations.retain(|k, _| k == SIDECAR_STATUS || k == REVISION_ANNOTATION);
-    }
-    if let Some(spec) = pod.spec.as_mut() {
-        *spec = PodSpec {
-            containers: std::mem::take(&mut spec.containers)
-                .into_iter()
-                .map(|c| Container {
-                    name: c.name,
-                    ports: c.ports,
-                    ..Container::default()
-                })
-                .collect(),
-            node_name: spec.node_name.take(),
-            service_account_name: spec.service_account_name.take(),
-            ..PodSpec::default()
-        };
-    }
-    if let Some(status) = pod.status.as_mut() {
-        *status = PodStatus {
-            pod_ip: status.pod_ip.take(),
-            phase: status.phase.take(),
-            conditions: status.conditions.take().map(|mut c| {
-                c.retain(|c| c.type_ == "Ready");
-                c
-            }),
-            ..PodStatus::default()
-        };
-    }
 }
 
 /// Whether `existing` already says what `desired` says: same spec, our
@@ -241,8 +138,8 @@ mod tests {
 
     use super::*;
 
-    fn pod() -> Pod {
-        serde_json::from_value(json!({
+    fn pod() -> InjectedPod {
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
             "metadata": {"name": "web-1", "namespace": "shop", "uid": "pod-uid-1", "labels": {"app": "web"},
                          "annotations": {"sidecar.istio.io/status": "{\"initContainers\":[\"istio-init\",\"istio-proxy\"],\"containers\":null}"}},
             "spec": {"serviceAccountName": "web", "nodeName": "n1",
@@ -250,7 +147,8 @@ mod tests {
                      "initContainers": [{"name": "istio-proxy", "ports": [{"name": "http-envoy-prom", "containerPort": 15090}]}]},
             "status": {"podIP": "10.1.2.3", "conditions": [{"type": "Ready", "status": "True"}]}
         }))
-        .expect("pod")
+        .expect("pod");
+        pod.into()
     }
 
     #[test]
@@ -302,10 +200,10 @@ mod tests {
     #[test]
     fn no_entry_without_an_ip_and_unknown_health_without_ready() {
         let mut p = pod();
-        p.status.as_mut().expect("status").pod_ip = None;
+        p.ip = None;
         assert!(desired_entry(&p, &MeshSpec::default(), None).is_none());
         let mut p = pod();
-        p.status.as_mut().expect("status").conditions = None;
+        p.ready = None;
         let entry = desired_entry(&p, &MeshSpec::default(), None).expect("entry");
         assert_eq!(
             entry.status.expect("status").conditions[0].status,
@@ -328,49 +226,6 @@ mod tests {
         assert!(
             !is_orphan(&foreign, &|_, _, _| false),
             "entries without our label are never touched"
-        );
-    }
-
-    #[test]
-    fn a_pruned_pod_gives_the_same_entry() {
-        let mut rich: Pod = serde_json::from_value(json!({
-            "metadata": {"name": "web-1", "namespace": "shop", "uid": "pod-uid-1", "labels": {"app": "web"},
-                         "annotations": {"sidecar.istio.io/status": "{\"initContainers\":[\"istio-init\",\"istio-proxy\"],\"containers\":null}",
-                                         "istio.io/rev": "canary", "kubectl.kubernetes.io/last-applied-configuration": "{...}"},
-                         "managedFields": [{"manager": "kubectl", "operation": "Update"}],
-                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": "rs"}]},
-            "spec": {"serviceAccountName": "web", "nodeName": "n1",
-                     "containers": [{"name": "web", "image": "web:1", "env": [{"name": "A", "value": "b"}],
-                                     "ports": [{"name": "http", "containerPort": 8080}]}],
-                     "initContainers": [{"name": "istio-proxy", "image": "proxyv2", "args": ["proxy", "sidecar"]}],
-                     "volumes": [{"name": "istio-envoy", "emptyDir": {}}]},
-            "status": {"podIP": "10.1.2.3", "phase": "Running", "hostIP": "192.168.0.1",
-                       "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"},
-                                      {"type": "PodScheduled", "status": "True"}],
-                       "containerStatuses": [{"name": "web", "image": "web:1", "imageID": "x", "ready": true, "restartCount": 0}]}
-        }))
-        .expect("pod");
-        let mesh = MeshSpec::default();
-        let before = desired_entry(&rich, &mesh, None).expect("entry");
-        let size = |p: &Pod| serde_json::to_vec(p).expect("json").len();
-        let full = size(&rich);
-        prune_pod(&mut rich);
-        let after = desired_entry(&rich, &mesh, None).expect("entry");
-        assert_eq!(
-            serde_json::to_value(after).expect("json"),
-            serde_json::to_value(before).expect("json")
-        );
-        assert!(
-            size(&rich) * 2 < full,
-            "pruned {} of {full} bytes",
-            full - size(&rich)
-        );
-        assert!(is_injected(&rich) && !is_gone(&rich));
-        assert_eq!(
-            rich.annotations()
-                .get(REVISION_ANNOTATION)
-                .map(String::as_str),
-            Some("canary")
         );
     }
 
@@ -403,13 +258,5 @@ mod tests {
             .expect("labels")
             .remove(REVISION_LABEL);
         assert!(!up_to_date(&relabelled, &desired));
-    }
-
-    #[test]
-    fn finished_and_deleted_pods_are_gone() {
-        let mut p = pod();
-        assert!(!is_gone(&p));
-        p.status.as_mut().expect("status").phase = Some("Succeeded".into());
-        assert!(is_gone(&p));
     }
 }

@@ -16,12 +16,13 @@ use axum::routing::get;
 use clap::{Parser, ValueEnum};
 use ferrimesh_crds::{Mesh, WorkloadEntry};
 use ferrimesh_operator::certificate_store::Lifetimes;
+use ferrimesh_operator::injected_pod;
 use ferrimesh_operator::mesh_controller::{self, CertificateIssuer, WebhookTarget};
 use ferrimesh_operator::synced::{self, synced};
 use ferrimesh_operator::triggers::throttle;
 use ferrimesh_operator::workload_controller::{self, INJECTED_PODS};
-use ferrimesh_operator::workloads::{MANAGED_BY, MANAGED_BY_LABEL, prune_pod};
-use futures::StreamExt;
+use ferrimesh_operator::workloads::{MANAGED_BY, MANAGED_BY_LABEL};
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
 use kube::ResourceExt;
@@ -366,7 +367,8 @@ async fn controllers(
         async {}
     });
 
-    // Pods go into the cache pruned; a deleted pod's entry goes at once.
+    // Pods go into the cache reduced to what their entries are made of; a
+    // deleted pod's entry goes at once.
     let (pods, pod_writer) = reflector::store();
     let (mark_pods, pods_synced) = synced();
     let (deleted_pods_tx, deleted_pods_rx) = mpsc::unbounded_channel();
@@ -375,7 +377,7 @@ async fn controllers(
         watcher::Config::default().labels(INJECTED_PODS),
     )
     .default_backoff()
-    .modify(prune_pod)
+    .map_ok(injected_pod::reduce)
     .reflect(pod_writer)
     .inspect(move |event| {
         mark_pods.observe(event);

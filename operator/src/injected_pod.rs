@@ -1,0 +1,264 @@
+//! What the operator keeps of an injected pod: exactly what its
+//! WorkloadEntry is made of, and nothing else.
+//!
+//! The workload controller caches every injected pod in the cluster. As the
+//! API server serves them, ten thousand pods take hundreds of megabytes in
+//! memory (a `Pod` value is 2.4 KB before any of its strings, each
+//! `Container` 2.1 KB more); as [`InjectedPod`]s they take a few.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::Resource;
+use kube::runtime::watcher;
+use serde::{Deserialize, Serialize};
+
+/// Annotation present on every injected pod: its injection status.
+pub const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+/// Annotation naming the revision that injected the pod.
+pub const REVISION_ANNOTATION: &str = "istio.io/rev";
+
+/// An injected pod as the operator sees it. A [`Resource`] of kind `Pod`,
+/// so that a reflector and a controller can hold it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct InjectedPod {
+    /// Name, namespace, uid, labels, resourceVersion and deletion timestamp
+    /// (no annotations, owners or managed fields).
+    pub metadata: ObjectMeta,
+    /// Whether the pod carries the injector's status annotation.
+    pub injected: bool,
+    /// The revision that injected it (`istio.io/rev`), when named.
+    pub revision: Option<String>,
+    /// The named ports of the containers the injection did not add.
+    pub ports: BTreeMap<String, i32>,
+    /// `spec.serviceAccountName`.
+    pub service_account: Option<String>,
+    /// `spec.nodeName`.
+    pub node_name: Option<String>,
+    /// `status.podIP`.
+    pub ip: Option<String>,
+    /// `status.phase`.
+    pub phase: Option<String>,
+    /// The status of the pod's `Ready` condition (`True`, `False`,
+    /// `Unknown`), when it has one.
+    pub ready: Option<String>,
+    /// When the `Ready` condition last changed.
+    pub ready_since: Option<Time>,
+}
+
+impl InjectedPod {
+    /// Whether the pod has finished (succeeded or failed) or is being
+    /// deleted: its entry must go.
+    pub fn is_gone(&self) -> bool {
+        self.metadata.deletion_timestamp.is_some()
+            || matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"))
+    }
+}
+
+/// The containers the injection added, as its status annotation lists them.
+fn injected_containers(status: Option<&String>) -> Vec<String> {
+    let Some(status) = status.and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+    else {
+        return Vec::new();
+    };
+    ["containers", "initContainers"]
+        .iter()
+        .filter_map(|k| status.get(*k).and_then(|v| v.as_array()))
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect()
+}
+
+impl From<Pod> for InjectedPod {
+    fn from(pod: Pod) -> Self {
+        let Pod {
+            metadata,
+            spec,
+            status,
+        } = pod;
+        let annotations = metadata.annotations.unwrap_or_default();
+        let added = injected_containers(annotations.get(SIDECAR_STATUS));
+        let (ports, service_account, node_name) = match spec {
+            Some(spec) => (
+                spec.containers
+                    .into_iter()
+                    .filter(|c| !added.contains(&c.name))
+                    .flat_map(|c| c.ports.into_iter().flatten())
+                    .filter_map(|p| Some((p.name?, p.container_port)))
+                    .collect(),
+                spec.service_account_name,
+                spec.node_name,
+            ),
+            None => (BTreeMap::new(), None, None),
+        };
+        let (ip, phase, ready) = match status {
+            Some(status) => (
+                status.pod_ip.filter(|ip| !ip.is_empty()),
+                status.phase,
+                status
+                    .conditions
+                    .into_iter()
+                    .flatten()
+                    .find(|c| c.type_ == "Ready"),
+            ),
+            None => (None, None, None),
+        };
+        Self {
+            metadata: ObjectMeta {
+                name: metadata.name,
+                namespace: metadata.namespace,
+                uid: metadata.uid,
+                labels: metadata.labels,
+                resource_version: metadata.resource_version,
+                deletion_timestamp: metadata.deletion_timestamp,
+                ..ObjectMeta::default()
+            },
+            injected: annotations.contains_key(SIDECAR_STATUS),
+            revision: annotations.get(REVISION_ANNOTATION).cloned(),
+            ports,
+            service_account,
+            node_name,
+            ip,
+            phase,
+            ready_since: ready.as_ref().and_then(|c| c.last_transition_time.clone()),
+            ready: ready.map(|c| c.status),
+        }
+    }
+}
+
+/// A pod watch event with the pod reduced to an [`InjectedPod`].
+pub fn reduce(event: watcher::Event<Pod>) -> watcher::Event<InjectedPod> {
+    use watcher::Event;
+    match event {
+        Event::Apply(pod) => Event::Apply(pod.into()),
+        Event::Delete(pod) => Event::Delete(pod.into()),
+        Event::Init => Event::Init,
+        Event::InitApply(pod) => Event::InitApply(pod.into()),
+        Event::InitDone => Event::InitDone,
+    }
+}
+
+impl Resource for InjectedPod {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        Pod::kind(&())
+    }
+
+    fn group(_: &()) -> Cow<'_, str> {
+        Pod::group(&())
+    }
+
+    fn version(_: &()) -> Cow<'_, str> {
+        Pod::version(&())
+    }
+
+    fn plural(_: &()) -> Cow<'_, str> {
+        Pod::plural(&())
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn rich_pod() -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "uid": "pod-uid-1", "resourceVersion": "42",
+                         "labels": {"app": "web"},
+                         "annotations": {"sidecar.istio.io/status": "{\"initContainers\":[\"istio-init\",\"istio-proxy\"],\"containers\":null}",
+                                         "istio.io/rev": "canary", "kubectl.kubernetes.io/last-applied-configuration": "{...}"},
+                         "managedFields": [{"manager": "kubectl", "operation": "Update"}],
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": "rs"}]},
+            "spec": {"serviceAccountName": "web", "nodeName": "n1",
+                     "containers": [{"name": "web", "image": "web:1", "env": [{"name": "A", "value": "b"}],
+                                     "ports": [{"name": "http", "containerPort": 8080}, {"containerPort": 9999}]}],
+                     "initContainers": [{"name": "istio-proxy", "image": "proxyv2", "args": ["proxy", "sidecar"],
+                                         "ports": [{"name": "http-envoy-prom", "containerPort": 15090}]}],
+                     "volumes": [{"name": "istio-envoy", "emptyDir": {}}]},
+            "status": {"podIP": "10.1.2.3", "phase": "Running", "hostIP": "192.168.0.1",
+                       "conditions": [{"type": "PodScheduled", "status": "True"},
+                                      {"type": "Ready", "status": "False", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+                       "containerStatuses": [{"name": "web", "image": "web:1", "imageID": "x", "ready": true, "restartCount": 0}]}
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn keeps_what_an_entry_is_made_of_and_nothing_else() {
+        let pod = InjectedPod::from(rich_pod());
+        let expected: InjectedPod = serde_json::from_value(json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "uid": "pod-uid-1", "resourceVersion": "42",
+                         "labels": {"app": "web"}},
+            "injected": true,
+            "revision": "canary",
+            "ports": {"http": 8080},
+            "service_account": "web",
+            "node_name": "n1",
+            "ip": "10.1.2.3",
+            "phase": "Running",
+            "ready": "False",
+            "ready_since": "2026-01-01T00:00:00Z"
+        }))
+        .expect("expected");
+        assert_eq!(pod, expected);
+        assert!(!pod.is_gone());
+    }
+
+    #[test]
+    fn a_pod_without_spec_status_or_annotations_is_not_injected() {
+        let pod = InjectedPod::from(Pod {
+            metadata: ObjectMeta {
+                name: Some("bare".into()),
+                ..ObjectMeta::default()
+            },
+            ..Pod::default()
+        });
+        assert!(!pod.injected && pod.ports.is_empty() && pod.ip.is_none() && pod.ready.is_none());
+    }
+
+    #[test]
+    fn finished_and_deleted_pods_are_gone() {
+        let mut pod = InjectedPod::from(rich_pod());
+        pod.phase = Some("Succeeded".into());
+        assert!(pod.is_gone());
+        let mut pod = InjectedPod::from(rich_pod());
+        pod.metadata.deletion_timestamp = pod.ready_since.clone();
+        assert!(pod.is_gone());
+    }
+
+    #[test]
+    fn is_a_pod_to_the_api() {
+        assert_eq!(
+            InjectedPod::url_path(&(), Some("shop")),
+            "/api/v1/namespaces/shop/pods"
+        );
+        assert_eq!(InjectedPod::kind(&()), "Pod");
+    }
+
+    #[test]
+    fn watch_events_carry_the_reduced_pod() {
+        match reduce(watcher::Event::Apply(rich_pod())) {
+            watcher::Event::Apply(pod) => assert_eq!(pod.ip.as_deref(), Some("10.1.2.3")),
+            other => panic!("not an Apply: {other:?}"),
+        }
+        assert!(matches!(
+            reduce(watcher::Event::InitDone),
+            watcher::Event::InitDone
+        ));
+    }
+}
