@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferrimesh_crds::selection::{SYSTEM_NAMESPACES, webhook_configuration};
-use ferrimesh_crds::{Mesh, MeshStatus, WorkloadEntry};
+use ferrimesh_crds::{Mesh, MeshStatus};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ServiceReference, WebhookClientConfig,
@@ -27,6 +27,7 @@ use crate::cert_manager;
 use crate::certificate_store::{self, Lifetimes};
 use crate::certificates::Renewal;
 use crate::namespaces::{desired_labels, managed_by_operator, selecting_mesh, up_to_date};
+use crate::registered_entry::RegisteredEntry;
 use crate::workloads::{MANAGED_BY, MANAGED_BY_LABEL, REVISION_LABEL};
 use crate::{Error, FIELD_MANAGER, Result};
 
@@ -134,7 +135,7 @@ pub struct Context {
     pub namespaces: Store<Namespace>,
     /// The WorkloadEntries of ours, from a cache synced before the first
     /// reconcile (counted per revision).
-    pub entries: Store<WorkloadEntry>,
+    pub entries: Store<RegisteredEntry>,
     /// Publishes an Event for every change the operator makes.
     pub recorder: Recorder,
 }

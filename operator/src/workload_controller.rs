@@ -18,8 +18,9 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::injected_pod::{InjectedPod, SIDECAR_STATUS};
+use crate::registered_entry::{RegisteredEntry, up_to_date};
 use crate::workloads::{
-    MANAGED_BY, MANAGED_BY_LABEL, POD_UID_ANNOTATION, desired_entry, is_orphan, up_to_date,
+    MANAGED_BY, MANAGED_BY_LABEL, POD_UID_ANNOTATION, desired_entry, is_orphan,
 };
 use crate::{FIELD_MANAGER, Result};
 
@@ -33,7 +34,7 @@ pub struct Context {
     /// Every Mesh.
     pub meshes: Store<Mesh>,
     /// The WorkloadEntries of ours, to skip writes that change nothing.
-    pub entries: Store<WorkloadEntry>,
+    pub entries: Store<RegisteredEntry>,
     /// Nodes (metadata only), for the locality of their pods.
     pub nodes: Store<PartialObjectMeta<Node>>,
 }
@@ -138,7 +139,7 @@ pub async fn on_pod_deleted(client: &Client, pod: &InjectedPod) -> Result<()> {
 pub async fn sweep_orphans(
     client: &Client,
     pods: &Store<InjectedPod>,
-    entries: &Store<WorkloadEntry>,
+    entries: &Store<RegisteredEntry>,
 ) -> Result<usize> {
     let live: BTreeSet<(String, String, String)> = pods
         .state()
@@ -156,7 +157,7 @@ pub async fn sweep_orphans(
     };
     let mut deleted = 0;
     for entry in entries.state() {
-        if !is_orphan(&entry, &is_live) {
+        if !is_orphan(&entry.metadata, &is_live) {
             continue;
         }
         let (namespace, name) = (entry.namespace().unwrap_or_default(), entry.name_any());
@@ -215,7 +216,13 @@ mod tests {
             Arc::new(Context {
                 client,
                 meshes: store(meshes),
-                entries: store(entries),
+                entries: store(
+                    &entries
+                        .iter()
+                        .cloned()
+                        .map(RegisteredEntry::from)
+                        .collect::<Vec<_>>(),
+                ),
                 nodes: store(&[]),
             }),
             handle,

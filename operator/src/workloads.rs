@@ -92,29 +92,9 @@ pub fn desired_entry(
     Some(entry)
 }
 
-/// Whether `existing` already says what `desired` says: same spec, our
-/// labels and pod-uid annotation, owner, and `Healthy` condition. Then no
-/// write is needed.
-pub fn up_to_date(existing: &WorkloadEntry, desired: &WorkloadEntry) -> bool {
-    let contains = |have: &Option<BTreeMap<String, String>>,
-                    want: &Option<BTreeMap<String, String>>| {
-        want.iter()
-            .flatten()
-            .all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
-    };
-    let (have, want) = (&existing.metadata, &desired.metadata);
-    existing.spec == desired.spec
-        && contains(&have.labels, &want.labels)
-        && contains(&have.annotations, &want.annotations)
-        && have.owner_references == want.owner_references
-        && existing.status.as_ref().map(|s| &s.conditions)
-            == desired.status.as_ref().map(|s| &s.conditions)
-}
-
-/// Whether an entry of ours is an orphan: its pod is not among `live`
+/// Whether an entry (by its metadata) is an orphan of ours: its pod is not among `live`
 /// (namespace, name, uid) triples.
-pub fn is_orphan(entry: &WorkloadEntry, live: &dyn Fn(&str, &str, &str) -> bool) -> bool {
-    let meta = &entry.metadata;
+pub fn is_orphan(meta: &ObjectMeta, live: &dyn Fn(&str, &str, &str) -> bool) -> bool {
     let ours = meta
         .labels
         .as_ref()
@@ -215,48 +195,22 @@ mod tests {
     #[test]
     fn finds_orphans_among_its_own_entries_only() {
         let entry = desired_entry(&pod(), &MeshSpec::default(), None).expect("entry");
-        assert!(!is_orphan(&entry, &|ns, name, uid| (ns, name, uid)
-            == ("shop", "web-1", "pod-uid-1")));
+        assert!(!is_orphan(&entry.metadata, &|ns, name, uid| (
+            ns, name, uid
+        ) == (
+            "shop",
+            "web-1",
+            "pod-uid-1"
+        )));
         assert!(
-            is_orphan(&entry, &|_, _, uid| uid == "another-uid"),
+            is_orphan(&entry.metadata, &|_, _, uid| uid == "another-uid"),
             "a new pod of the same name"
         );
         let mut foreign = entry.clone();
         foreign.metadata.labels = None;
         assert!(
-            !is_orphan(&foreign, &|_, _, _| false),
+            !is_orphan(&foreign.metadata, &|_, _, _| false),
             "entries without our label are never touched"
         );
-    }
-
-    #[test]
-    fn an_entry_is_up_to_date_when_what_we_write_is_there() {
-        let desired = desired_entry(&pod(), &MeshSpec::default(), None).expect("entry");
-        let mut existing = desired.clone();
-        existing
-            .metadata
-            .labels
-            .as_mut()
-            .expect("labels")
-            .insert("extra".into(), "kept".into());
-        existing.metadata.resource_version = Some("7".into());
-        assert!(
-            up_to_date(&existing, &desired),
-            "fields of others do not count"
-        );
-        let mut moved = existing.clone();
-        moved.spec.address = Some("10.9.9.9".into());
-        assert!(!up_to_date(&moved, &desired));
-        let mut unhealthy = existing.clone();
-        unhealthy.status = None;
-        assert!(!up_to_date(&unhealthy, &desired));
-        let mut relabelled = existing;
-        relabelled
-            .metadata
-            .labels
-            .as_mut()
-            .expect("labels")
-            .remove(REVISION_LABEL);
-        assert!(!up_to_date(&relabelled, &desired));
     }
 }

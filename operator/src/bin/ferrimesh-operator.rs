@@ -16,18 +16,17 @@ use axum::routing::get;
 use clap::{Parser, ValueEnum};
 use ferrimesh_crds::{Mesh, WorkloadEntry};
 use ferrimesh_operator::certificate_store::Lifetimes;
-use ferrimesh_operator::injected_pod;
 use ferrimesh_operator::mesh_controller::{self, CertificateIssuer, WebhookTarget};
 use ferrimesh_operator::synced::{self, synced};
 use ferrimesh_operator::triggers::throttle;
 use ferrimesh_operator::workload_controller::{self, INJECTED_PODS};
 use ferrimesh_operator::workloads::{MANAGED_BY, MANAGED_BY_LABEL};
+use ferrimesh_operator::{injected_pod, registered_entry};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
-use kube::ResourceExt;
 use kube::core::PartialObjectMeta;
-use kube::runtime::controller::Controller;
+use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -79,6 +78,9 @@ struct Args {
     /// Seconds between sweeps for WorkloadEntries whose pod is gone.
     #[arg(long, env = "FERRIMESH_SWEEP_INTERVAL_SECONDS", default_value_t = 60)]
     sweep_interval_seconds: u64,
+    /// Pods reconciled at once (each may make two API calls).
+    #[arg(long, env = "FERRIMESH_WORKLOAD_CONCURRENCY", default_value_t = 128)]
+    workload_concurrency: u16,
     /// Address of the admin server (/metrics, /healthz, /readyz).
     #[arg(long, env = "FERRIMESH_ADMIN_LISTEN", default_value = "0.0.0.0:15015")]
     admin_listen: SocketAddr,
@@ -318,7 +320,7 @@ async fn controllers(
                 .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
         )
         .default_backoff()
-        .modify(|entry| entry.managed_fields_mut().clear())
+        .map_ok(registered_entry::reduce)
         .reflect(entry_writer)
         .for_each(move |event| {
             mark_entries.observe(&event);
@@ -374,7 +376,10 @@ async fn controllers(
     let (deleted_pods_tx, deleted_pods_rx) = mpsc::unbounded_channel();
     let pod_events = watcher(
         Api::<Pod>::all(client.clone()),
-        watcher::Config::default().labels(INJECTED_PODS),
+        // Small pages: a page of pods is parsed whole before it is reduced.
+        watcher::Config::default()
+            .labels(INJECTED_PODS)
+            .page_size(100),
     )
     .default_backoff()
     .map_ok(injected_pod::reduce)
@@ -464,6 +469,7 @@ async fn controllers(
     });
     let workload_loop = {
         let counter = reconciles;
+        let concurrency = args.workload_concurrency.max(1);
         let caches = (
             meshes_synced.clone(),
             entries_synced.clone(),
@@ -477,6 +483,7 @@ async fn controllers(
             Controller::for_stream(pod_events, pods)
                 // An entry deleted by someone else is recreated for its pod.
                 .owns_stream(received(deleted_entries_rx))
+                .with_config(controller::Config::default().concurrency(concurrency))
                 .run(
                     workload_controller::reconcile,
                     workload_controller::error_policy,

@@ -1,0 +1,243 @@
+//! What the operator keeps of a WorkloadEntry of its own: whose it is, and
+//! a digest of what the operator writes into it.
+//!
+//! The cache holds every entry of ours (one per injected pod). Whole, an
+//! entry takes a few kilobytes in memory, most of it the tree nodes of its
+//! four small maps; a [`RegisteredEntry`] takes a few hundred bytes and
+//! still answers the two questions asked of the cache: is this entry
+//! already what the operator would write ([`up_to_date`]), and does its pod
+//! still exist (the sweep, by the metadata).
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::hash::{DefaultHasher, Hasher};
+
+use ferrimesh_crds::WorkloadEntry;
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Resource;
+use kube::runtime::watcher;
+use serde::{Deserialize, Serialize};
+
+use crate::workloads::{MANAGED_BY_LABEL, POD_UID_ANNOTATION, REVISION_LABEL};
+
+/// A WorkloadEntry as the operator's cache keeps it. A [`Resource`] of kind
+/// WorkloadEntry, so that a reflector can hold it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RegisteredEntry {
+    /// Name, namespace, uid, resourceVersion, owner references, the
+    /// operator's two labels and the pod-uid annotation; nothing else.
+    pub metadata: ObjectMeta,
+    /// The digest of what the operator writes ([`written`]).
+    pub written: u64,
+}
+
+/// A digest of the parts of `entry` the operator writes: the spec, its own
+/// labels and annotation, the owner, and the status conditions. Fields
+/// others add do not count.
+pub fn written(entry: &WorkloadEntry) -> u64 {
+    let meta = &entry.metadata;
+    let label = |key| meta.labels.as_ref().and_then(|l| l.get(key));
+    let uid = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(POD_UID_ANNOTATION));
+    let conditions = entry.status.as_ref().map(|s| &s.conditions);
+    let parts = (
+        &entry.spec,
+        label(MANAGED_BY_LABEL),
+        label(REVISION_LABEL),
+        uid,
+        &meta.owner_references,
+        conditions,
+    );
+    // Maps serialise in key order: the same content gives the same bytes.
+    let bytes = serde_json::to_vec(&parts).unwrap_or_default();
+    let mut hasher = DefaultHasher::new();
+    hasher.write(&bytes);
+    hasher.finish()
+}
+
+/// Whether the cached entry already holds what `desired` would write.
+pub fn up_to_date(existing: &RegisteredEntry, desired: &WorkloadEntry) -> bool {
+    existing.written == written(desired)
+}
+
+fn only(map: Option<BTreeMap<String, String>>, keys: &[&str]) -> Option<BTreeMap<String, String>> {
+    let kept: BTreeMap<_, _> = map?
+        .into_iter()
+        .filter(|(k, _)| keys.contains(&k.as_str()))
+        .collect();
+    (!kept.is_empty()).then_some(kept)
+}
+
+impl From<WorkloadEntry> for RegisteredEntry {
+    fn from(entry: WorkloadEntry) -> Self {
+        let written = written(&entry);
+        let meta = entry.metadata;
+        Self {
+            metadata: ObjectMeta {
+                name: meta.name,
+                namespace: meta.namespace,
+                uid: meta.uid,
+                resource_version: meta.resource_version,
+                owner_references: meta.owner_references,
+                labels: only(meta.labels, &[MANAGED_BY_LABEL, REVISION_LABEL]),
+                annotations: only(meta.annotations, &[POD_UID_ANNOTATION]),
+                ..ObjectMeta::default()
+            },
+            written,
+        }
+    }
+}
+
+/// A WorkloadEntry watch event with the entry reduced to a
+/// [`RegisteredEntry`].
+pub fn reduce(event: watcher::Event<WorkloadEntry>) -> watcher::Event<RegisteredEntry> {
+    use watcher::Event;
+    match event {
+        Event::Apply(entry) => Event::Apply(entry.into()),
+        Event::Delete(entry) => Event::Delete(entry.into()),
+        Event::Init => Event::Init,
+        Event::InitApply(entry) => Event::InitApply(entry.into()),
+        Event::InitDone => Event::InitDone,
+    }
+}
+
+impl Resource for RegisteredEntry {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        WorkloadEntry::kind(&())
+    }
+
+    fn group(_: &()) -> Cow<'_, str> {
+        WorkloadEntry::group(&())
+    }
+
+    fn version(_: &()) -> Cow<'_, str> {
+        WorkloadEntry::version(&())
+    }
+
+    fn plural(_: &()) -> Cow<'_, str> {
+        WorkloadEntry::plural(&())
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ferrimesh_crds::MeshSpec;
+    use k8s_openapi::api::core::v1::Pod;
+    use serde_json::json;
+
+    use super::*;
+    use crate::injected_pod::InjectedPod;
+    use crate::workloads::desired_entry;
+
+    fn desired() -> WorkloadEntry {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "uid": "pod-uid-1", "labels": {"app": "web"},
+                         "annotations": {"sidecar.istio.io/status": "{}"}},
+            "spec": {"serviceAccountName": "web",
+                     "containers": [{"name": "web", "ports": [{"name": "http", "containerPort": 8080}]}]},
+            "status": {"podIP": "10.1.2.3", "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .expect("pod");
+        desired_entry(&InjectedPod::from(pod), &MeshSpec::default(), None).expect("entry")
+    }
+
+    /// The entry as the API server returns it once written, with what
+    /// others added.
+    fn as_served(mut entry: WorkloadEntry) -> WorkloadEntry {
+        let meta = &mut entry.metadata;
+        meta.resource_version = Some("7".into());
+        meta.uid = Some("entry-uid".into());
+        meta.labels
+            .get_or_insert_default()
+            .insert("extra".into(), "kept".into());
+        meta.annotations
+            .get_or_insert_default()
+            .insert("istio.io/connectedAt".into(), "now".into());
+        entry
+    }
+
+    #[test]
+    fn an_entry_is_up_to_date_when_what_we_write_is_there() {
+        let desired = desired();
+        let cached = RegisteredEntry::from(as_served(desired.clone()));
+        assert!(
+            up_to_date(&cached, &desired),
+            "fields of others do not count"
+        );
+
+        let mut moved = as_served(desired.clone());
+        moved.spec.address = Some("10.9.9.9".into());
+        assert!(!up_to_date(&moved.into(), &desired));
+        let mut unhealthy = as_served(desired.clone());
+        unhealthy.status = None;
+        assert!(!up_to_date(&unhealthy.into(), &desired));
+        let mut relabelled = as_served(desired.clone());
+        relabelled
+            .metadata
+            .labels
+            .get_or_insert_default()
+            .remove(REVISION_LABEL);
+        assert!(!up_to_date(&relabelled.into(), &desired));
+        let mut orphaned = as_served(desired.clone());
+        orphaned.metadata.owner_references = None;
+        assert!(!up_to_date(&orphaned.into(), &desired));
+    }
+
+    #[test]
+    fn keeps_whose_entry_it_is_and_drops_the_rest() {
+        let cached = RegisteredEntry::from(as_served(desired()));
+        let meta = &cached.metadata;
+        assert_eq!(
+            (
+                meta.name.as_deref(),
+                meta.namespace.as_deref(),
+                meta.uid.as_deref()
+            ),
+            (Some("web-1"), Some("shop"), Some("entry-uid"))
+        );
+        let labels = meta.labels.clone().unwrap_or_default();
+        assert_eq!(
+            labels.keys().map(String::as_str).collect::<Vec<_>>(),
+            [MANAGED_BY_LABEL, REVISION_LABEL]
+        );
+        let annotations = meta.annotations.clone().unwrap_or_default();
+        assert_eq!(
+            annotations.get(POD_UID_ANNOTATION).map(String::as_str),
+            Some("pod-uid-1")
+        );
+        assert_eq!(annotations.len(), 1);
+        assert_eq!(
+            meta.owner_references.as_ref().map(|o| o[0].uid.as_str()),
+            Some("pod-uid-1"),
+            "the owner, for mapping a deleted entry back to its pod"
+        );
+    }
+
+    #[test]
+    fn is_a_workload_entry_to_the_api() {
+        assert_eq!(
+            RegisteredEntry::url_path(&(), Some("shop")),
+            "/apis/networking.istio.io/v1/namespaces/shop/workloadentries"
+        );
+        match reduce(watcher::Event::Delete(desired())) {
+            watcher::Event::Delete(entry) => {
+                assert_eq!(entry.metadata.name.as_deref(), Some("web-1"))
+            }
+            other => panic!("not a Delete: {other:?}"),
+        }
+    }
+}
