@@ -203,6 +203,21 @@ async fn operator_configures_injection_and_registers_workloads() -> anyhow::Resu
     })
     .await?;
 
+    // An entry deleted by someone else while its pod lives comes back.
+    let first_uid = entries.get("web-1").await?.uid();
+    entries.delete("web-1", &DeleteParams::default()).await?;
+    eventually("the entry recreated for its live pod", WAIT, || {
+        let entries = entries.clone();
+        let first_uid = first_uid.clone();
+        async move {
+            Ok(entries
+                .get_opt("web-1")
+                .await?
+                .filter(|e| e.uid() != first_uid && e.status.is_some()))
+        }
+    })
+    .await?;
+
     pods.delete("web-1", &DeleteParams::default().grace_period(0))
         .await?;
     eventually("the entry deleted with its pod", WAIT, || {
