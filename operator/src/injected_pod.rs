@@ -6,22 +6,20 @@
 //! memory (a `Pod` value is 2.4 KB before any of its strings, each
 //! `Container` 2.1 KB more); as [`InjectedPod`]s they take a few.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::Resource;
-use kube::runtime::watcher;
 use serde::{Deserialize, Serialize};
+
+use crate::reduced::reduced_resource;
 
 /// Annotation present on every injected pod: its injection status.
 pub const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
 /// Annotation naming the revision that injected the pod.
 pub const REVISION_ANNOTATION: &str = "istio.io/rev";
 
-/// An injected pod as the operator sees it. A [`Resource`] of kind `Pod`,
+/// An injected pod as the operator sees it. A [`kube::Resource`] of kind `Pod`,
 /// so that a reflector and a controller can hold it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct InjectedPod {
@@ -129,52 +127,16 @@ impl From<Pod> for InjectedPod {
     }
 }
 
-/// A pod watch event with the pod reduced to an [`InjectedPod`].
-pub fn reduce(event: watcher::Event<Pod>) -> watcher::Event<InjectedPod> {
-    use watcher::Event;
-    match event {
-        Event::Apply(pod) => Event::Apply(pod.into()),
-        Event::Delete(pod) => Event::Delete(pod.into()),
-        Event::Init => Event::Init,
-        Event::InitApply(pod) => Event::InitApply(pod.into()),
-        Event::InitDone => Event::InitDone,
-    }
-}
-
-impl Resource for InjectedPod {
-    type DynamicType = ();
-    type Scope = NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        Pod::kind(&())
-    }
-
-    fn group(_: &()) -> Cow<'_, str> {
-        Pod::group(&())
-    }
-
-    fn version(_: &()) -> Cow<'_, str> {
-        Pod::version(&())
-    }
-
-    fn plural(_: &()) -> Cow<'_, str> {
-        Pod::plural(&())
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+reduced_resource!(InjectedPod, Pod);
 
 #[cfg(test)]
 mod tests {
+    use kube::Resource;
+    use kube::runtime::watcher;
     use serde_json::json;
 
     use super::*;
+    use crate::reduced::reduce;
 
     fn rich_pod() -> Pod {
         serde_json::from_value(json!({
@@ -252,12 +214,12 @@ mod tests {
 
     #[test]
     fn watch_events_carry_the_reduced_pod() {
-        match reduce(watcher::Event::Apply(rich_pod())) {
+        match reduce::<_, InjectedPod>(watcher::Event::Apply(rich_pod())) {
             watcher::Event::Apply(pod) => assert_eq!(pod.ip.as_deref(), Some("10.1.2.3")),
             other => panic!("not an Apply: {other:?}"),
         }
         assert!(matches!(
-            reduce(watcher::Event::InitDone),
+            reduce::<Pod, InjectedPod>(watcher::Event::InitDone),
             watcher::Event::InitDone
         ));
     }

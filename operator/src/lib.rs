@@ -13,6 +13,7 @@ pub mod certificates;
 pub mod injected_pod;
 pub mod mesh_controller;
 pub mod namespaces;
+pub mod reduced;
 pub mod registered_entry;
 pub mod synced;
 #[cfg(test)]

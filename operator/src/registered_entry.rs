@@ -8,20 +8,17 @@
 //! already what the operator would write ([`up_to_date`]), and does its pod
 //! still exist (the sweep, by the metadata).
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hasher};
 
 use ferrimesh_crds::WorkloadEntry;
-use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::Resource;
-use kube::runtime::watcher;
 use serde::{Deserialize, Serialize};
 
+use crate::reduced::reduced_resource;
 use crate::workloads::{MANAGED_BY_LABEL, POD_UID_ANNOTATION, REVISION_LABEL};
 
-/// A WorkloadEntry as the operator's cache keeps it. A [`Resource`] of kind
+/// A WorkloadEntry as the operator's cache keeps it. A [`kube::Resource`] of kind
 /// WorkloadEntry, so that a reflector can hold it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RegisteredEntry {
@@ -91,56 +88,19 @@ impl From<WorkloadEntry> for RegisteredEntry {
     }
 }
 
-/// A WorkloadEntry watch event with the entry reduced to a
-/// [`RegisteredEntry`].
-pub fn reduce(event: watcher::Event<WorkloadEntry>) -> watcher::Event<RegisteredEntry> {
-    use watcher::Event;
-    match event {
-        Event::Apply(entry) => Event::Apply(entry.into()),
-        Event::Delete(entry) => Event::Delete(entry.into()),
-        Event::Init => Event::Init,
-        Event::InitApply(entry) => Event::InitApply(entry.into()),
-        Event::InitDone => Event::InitDone,
-    }
-}
-
-impl Resource for RegisteredEntry {
-    type DynamicType = ();
-    type Scope = NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        WorkloadEntry::kind(&())
-    }
-
-    fn group(_: &()) -> Cow<'_, str> {
-        WorkloadEntry::group(&())
-    }
-
-    fn version(_: &()) -> Cow<'_, str> {
-        WorkloadEntry::version(&())
-    }
-
-    fn plural(_: &()) -> Cow<'_, str> {
-        WorkloadEntry::plural(&())
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+reduced_resource!(RegisteredEntry, WorkloadEntry);
 
 #[cfg(test)]
 mod tests {
     use ferrimesh_crds::MeshSpec;
     use k8s_openapi::api::core::v1::Pod;
+    use kube::Resource;
+    use kube::runtime::watcher;
     use serde_json::json;
 
     use super::*;
     use crate::injected_pod::InjectedPod;
+    use crate::reduced::reduce;
     use crate::workloads::desired_entry;
 
     fn desired() -> WorkloadEntry {
@@ -233,7 +193,7 @@ mod tests {
             RegisteredEntry::url_path(&(), Some("shop")),
             "/apis/networking.istio.io/v1/namespaces/shop/workloadentries"
         );
-        match reduce(watcher::Event::Delete(desired())) {
+        match reduce::<_, RegisteredEntry>(watcher::Event::Delete(desired())) {
             watcher::Event::Delete(entry) => {
                 assert_eq!(entry.metadata.name.as_deref(), Some("web-1"))
             }

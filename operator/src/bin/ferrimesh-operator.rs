@@ -16,12 +16,14 @@ use axum::routing::get;
 use clap::{Parser, ValueEnum};
 use ferrimesh_crds::{Mesh, WorkloadEntry};
 use ferrimesh_operator::certificate_store::Lifetimes;
+use ferrimesh_operator::injected_pod::InjectedPod;
 use ferrimesh_operator::mesh_controller::{self, CertificateIssuer, WebhookTarget};
+use ferrimesh_operator::reduced::reduce;
+use ferrimesh_operator::registered_entry::RegisteredEntry;
 use ferrimesh_operator::synced::{self, synced};
 use ferrimesh_operator::triggers::throttle;
 use ferrimesh_operator::workload_controller::{self, INJECTED_PODS};
 use ferrimesh_operator::workloads::{MANAGED_BY, MANAGED_BY_LABEL};
-use ferrimesh_operator::{injected_pod, registered_entry};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
@@ -320,7 +322,7 @@ async fn controllers(
                 .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
         )
         .default_backoff()
-        .map_ok(registered_entry::reduce)
+        .map_ok(reduce::<WorkloadEntry, RegisteredEntry>)
         .reflect(entry_writer)
         .for_each(move |event| {
             mark_entries.observe(&event);
@@ -382,7 +384,7 @@ async fn controllers(
             .page_size(100),
     )
     .default_backoff()
-    .map_ok(injected_pod::reduce)
+    .map_ok(reduce::<Pod, InjectedPod>)
     .reflect(pod_writer)
     .inspect(move |event| {
         mark_pods.observe(event);
