@@ -271,3 +271,37 @@ pub async fn sync_webhook_secret(
     }
     Ok(written)
 }
+
+/// The webhook on `port`, serving the operator's certificate from files
+/// that follow `Secret/ferrimesh-webhook-tls` until `until`
+/// ([`sync_webhook_secret`]); returns once it is ready, with the syncer's
+/// handle (when each certificate was written).
+pub async fn start_webhook_on_secret(
+    plane: &ControlPlane,
+    client: &Client,
+    port: u16,
+    until: Instant,
+) -> anyhow::Result<(
+    Process,
+    tokio::task::JoinHandle<anyhow::Result<Vec<Instant>>>,
+)> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "ferrimesh-system");
+    let syncer = tokio::spawn(sync_webhook_secret(
+        secrets,
+        plane.scratch().path(""),
+        until,
+    ));
+    eventually("the certificate files", WAIT, || async {
+        Ok(plane.scratch().path("tls.crt").exists().then_some(()))
+    })
+    .await?;
+    let webhook = start_webhook(
+        plane,
+        &plane.kubeconfig_for("ferrimesh-webhook")?,
+        port,
+        &plane.scratch().path("tls.crt"),
+        &plane.scratch().path("tls.key"),
+    )
+    .await?;
+    Ok((webhook, syncer))
+}

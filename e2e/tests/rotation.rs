@@ -5,9 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use ferrimesh_e2e::fixtures::{
-    self, WAIT, namespace, start_operator_with, start_webhook, wait_for_crds,
-};
+use ferrimesh_e2e::fixtures::{self, WAIT, namespace, start_operator_with, wait_for_crds};
 use ferrimesh_e2e::{ControlPlane, eventually, free_port, service_account_tokens};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::PostParams;
@@ -51,23 +49,8 @@ async fn rotating_certificates_fail_no_admission() -> anyhow::Result<()> {
     })
     .await?;
     let run_until = Instant::now() + Duration::from_secs(40);
-    let syncer = tokio::spawn(fixtures::sync_webhook_secret(
-        secrets.clone(),
-        plane.scratch().path(""),
-        run_until,
-    ));
-    eventually("the certificate files", WAIT, || async {
-        Ok(plane.scratch().path("tls.crt").exists().then_some(()))
-    })
-    .await?;
-    let _webhook = start_webhook(
-        &plane,
-        &plane.kubeconfig_for("ferrimesh-webhook")?,
-        port,
-        &plane.scratch().path("tls.crt"),
-        &plane.scratch().path("tls.key"),
-    )
-    .await?;
+    let (_webhook, syncer) =
+        fixtures::start_webhook_on_secret(&plane, &client, port, run_until).await?;
     // The webhook configuration reaches the admission chain.
     let pods: Api<Pod> = Api::namespaced(client.clone(), "busy");
     let pod = |name: String| -> anyhow::Result<Pod> {

@@ -19,12 +19,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
-use ferrimesh_e2e::fixtures::{
-    self, WAIT, namespace, start_operator_with, start_webhook, wait_for_crds,
-};
+use ferrimesh_e2e::fixtures::{self, WAIT, namespace, start_operator_with, wait_for_crds};
 use ferrimesh_e2e::metrics::{ADMISSION_DURATION, Metrics, WEBHOOK_REJECTIONS, WEBHOOK_REQUESTS};
 use ferrimesh_e2e::{ControlPlane, eventually, free_port, service_account_tokens};
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -124,25 +122,9 @@ async fn main() -> anyhow::Result<()> {
         &url,
         &lifetimes,
     )?;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), "ferrimesh-system");
     let sync_until = Instant::now() + Duration::from_secs(seconds + 60);
-    let syncer = tokio::spawn(fixtures::sync_webhook_secret(
-        secrets,
-        plane.scratch().path(""),
-        sync_until,
-    ));
-    eventually("the certificate files", WAIT, || async {
-        Ok(plane.scratch().path("tls.crt").exists().then_some(()))
-    })
-    .await?;
-    let webhook = start_webhook(
-        &plane,
-        &plane.kubeconfig_for("ferrimesh-webhook")?,
-        port,
-        &plane.scratch().path("tls.crt"),
-        &plane.scratch().path("tls.key"),
-    )
-    .await?;
+    let (webhook, syncer) =
+        fixtures::start_webhook_on_secret(&plane, &client, port, sync_until).await?;
     let warm_up: Api<Pod> = Api::namespaced(client.clone(), "bench-0");
     eventually("injection working", WAIT, || {
         let warm_up = warm_up.clone();
