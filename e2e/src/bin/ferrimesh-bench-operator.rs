@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use ferrimesh_crds::{Mesh, MeshSpec, WorkloadEntry};
 use ferrimesh_e2e::fixtures::{namespace, start_operator, wait_for_crds};
-use ferrimesh_e2e::{ControlPlane, Process, free_port, service_account_tokens};
+use ferrimesh_e2e::{ControlPlane, Process, client_for, free_port, service_account_tokens};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -50,6 +50,10 @@ fn ip(i: usize) -> String {
 
 struct Run {
     client: Client,
+    /// The baseline's client: the operator's own ServiceAccount, so that
+    /// the API server's priority and fairness treats both alike (the
+    /// admin client is exempt from it).
+    baseline: Client,
     namespaces: usize,
     concurrency: usize,
 }
@@ -77,7 +81,7 @@ impl Run {
 
     async fn baseline_entry(&self, i: usize) -> anyhow::Result<()> {
         let api: Api<WorkloadEntry> =
-            Api::namespaced(self.client.clone(), &self.namespace("base", i));
+            Api::namespaced(self.baseline.clone(), &self.namespace("base", i));
         let name = format!("w{i}");
         let entry: WorkloadEntry = serde_json::from_value(json!({
             "apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
@@ -198,8 +202,10 @@ async fn main() -> anyhow::Result<()> {
         namespace(&client, &format!("bench-{n}"), &[]).await?;
         namespace(&client, &format!("base-{n}"), &[]).await?;
     }
+    let identity = plane.kubeconfig_for("ferrimesh-operator")?;
     let run = Arc::new(Run {
         client: client.clone(),
+        baseline: client_for(&identity).await?,
         namespaces,
         concurrency,
     });
@@ -228,7 +234,6 @@ async fn main() -> anyhow::Result<()> {
     );
     entries.wait_until_ready().await?;
 
-    let identity = plane.kubeconfig_for("ferrimesh-operator")?;
     let url = format!("https://127.0.0.1:{}/inject", free_port()?);
     let mut operator = start_operator(&plane, &identity, "operator-1", &url)?;
     println!(
