@@ -9,10 +9,12 @@
 pub mod fixtures;
 pub mod metrics;
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -30,9 +32,19 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// A free TCP port on 127.0.0.1 (bound, read and released).
+/// A free TCP port on 127.0.0.1 (bound, read and released), never one
+/// this process handed out before: tests run in parallel, and a control
+/// plane restarting etcd or the API server on its ports must find them
+/// still free.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if handed_out.insert(port) {
+            return Ok(port);
+        }
+    }
 }
 
 /// A child process killed when dropped, so a failing test leaves nothing
@@ -398,7 +410,8 @@ impl ControlPlane {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(etcd) = self.etcd.as_mut() {
-                etcd.check_running()?;
+                etcd.check_running()
+                    .with_context(|| self.log_tail("etcd.log"))?;
             }
             if let Some(apiserver) = self.apiserver.as_mut() {
                 apiserver
