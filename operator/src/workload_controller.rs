@@ -346,6 +346,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_sweep_spares_an_entry_whose_pod_the_cache_has_not_seen_yet() {
+        let mesh = Mesh::new("default", MeshSpec::default());
+        let entry =
+            desired_entry(&pod(json!({"podIP": "10.0.0.1"})), &mesh.spec, None).expect("entry");
+        let (ctx, mut handle) = context_with(&[mesh], &[entry]);
+        let server = tokio::spawn(async move {
+            let pod = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                             "metadata": {"name": "web-1", "namespace": "shop", "uid": "uid-1",
+                                          "annotations": {"sidecar.istio.io/status": "{}"}}});
+            let pod_path = "/api/v1/namespaces/shop/pods/web-1";
+            answer(&mut handle, "GET", pod_path, StatusCode::OK, pod).await;
+        });
+        let swept = within(sweep_orphans(&ctx.client, &store(&[]), &ctx.entries)).await;
+        assert_eq!(swept.expect("sweep"), 0, "the pod exists: its entry stays");
+        server.await.expect("scripted requests");
+    }
+
+    #[tokio::test]
     async fn does_nothing_before_the_pod_has_an_ip() {
         let (ctx, _handle) = context(&[Mesh::new("default", MeshSpec::default())]);
         within(reconcile(pod(json!({})), ctx))
