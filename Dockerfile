@@ -1,7 +1,14 @@
+# syntax=docker/dockerfile:1
+#
 # ferrimesh: one image with the three binaries (ferrimesh-webhook,
-# ferrimesh-operator, ferrimesh), static, on distroless, non-root.
+# ferrimesh-operator, ferrimesh), static (musl), on distroless, non-root.
 #
 #   docker build -t ferrimesh/ferrimesh:0.1.0 .
+#
+# The build stage runs `make static`, the same command that builds and checks
+# the static binaries outside a container. Cargo's registry and target
+# directory are BuildKit cache mounts, so a source edit rebuilds only
+# ferrimesh's own crates.
 #
 # config/manager and config/webhook run /ferrimesh-operator and
 # /ferrimesh-webhook from this image.
@@ -12,20 +19,10 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && rustup target add x86_64-unknown-linux-musl
 WORKDIR /src
-# Dependencies first, so source edits do not rebuild them.
-COPY Cargo.toml Cargo.lock ./
-COPY crds/Cargo.toml crds/Cargo.toml
-COPY webhook/Cargo.toml webhook/Cargo.toml
-COPY operator/Cargo.toml operator/Cargo.toml
-COPY e2e/Cargo.toml e2e/Cargo.toml
-RUN cargo fetch --locked
 COPY . .
-RUN cargo build --release --locked --target x86_64-unknown-linux-musl \
-        -p ferrimesh-webhook -p ferrimesh-operator --bins \
-    && mkdir /out \
-    && cp target/x86_64-unknown-linux-musl/release/ferrimesh-webhook \
-          target/x86_64-unknown-linux-musl/release/ferrimesh-operator \
-          target/x86_64-unknown-linux-musl/release/ferrimesh /out/
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    make static DIST=/out
 
 FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=builder /out/ /

@@ -28,6 +28,23 @@ build: ## Build every binary (debug)
 release: ## Build the release binaries
 	$(CARGO) build --workspace --release --bins
 
+STATIC_TARGET ?= x86_64-unknown-linux-musl
+DIST ?= dist
+STATIC_BINS := ferrimesh-webhook ferrimesh-operator ferrimesh
+
+.PHONY: static
+static: ## Static (musl) release binaries in $(DIST)/, as the Dockerfile builds them (installs musl-tools and the target)
+	@command -v musl-gcc >/dev/null || { echo "==> installing musl-tools (apt-get)"; $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y --no-install-recommends musl-tools; }
+	@rustup target list --installed | grep -qx $(STATIC_TARGET) || { echo "==> adding the Rust target $(STATIC_TARGET)"; rustup target add $(STATIC_TARGET); }
+	$(CARGO) build --release --locked --target $(STATIC_TARGET) -p ferrimesh-webhook -p ferrimesh-operator --bins
+	@mkdir -p $(DIST)
+	@target_dir=$$($(CARGO) metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])'); \
+	for bin in $(STATIC_BINS); do \
+	  strip -o $(DIST)/$$bin $$target_dir/$(STATIC_TARGET)/release/$$bin; \
+	  if readelf -d $(DIST)/$$bin | grep -q NEEDED; then echo "$(DIST)/$$bin is not static"; exit 1; fi; \
+	done
+	@ls -l $(addprefix $(DIST)/,$(STATIC_BINS))
+
 .PHONY: fmt
 fmt: ## Format the code
 	$(CARGO) fmt --all
