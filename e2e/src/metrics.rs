@@ -1,6 +1,6 @@
-//! Reading the API server's own view of the webhook from its `/metrics`:
-//! the admission latency histogram and the request and rejection counters,
-//! compared between two scrapes.
+//! Reading the API server's own view from its `/metrics`: the webhook's
+//! admission latency histogram and request and rejection counters, and the
+//! requests it served by resource and verb, compared between two scrapes.
 
 use prometheus_parse::{Sample, Scrape, Value};
 
@@ -11,10 +11,20 @@ pub const WEBHOOK_REQUESTS: &str = "apiserver_admission_webhook_request_total";
 /// The API server's count of webhook calls that failed or were refused.
 pub const WEBHOOK_REJECTIONS: &str = "apiserver_admission_webhook_rejection_count";
 
+/// The API server's count of requests served, by `resource` and `verb`
+/// (server-side apply counts as `APPLY`).
+pub const REQUESTS: &str = "apiserver_request_total";
+
 /// One scrape of a `/metrics` page.
 pub struct Metrics(Scrape);
 
 impl Metrics {
+    /// Scrapes the API server that `client` talks to.
+    pub async fn scrape(client: &kube::Client) -> anyhow::Result<Self> {
+        let request = http::Request::get("/metrics").body(Vec::new())?;
+        Self::parse(&client.request_text(request).await?)
+    }
+
     /// Parses the Prometheus text format.
     pub fn parse(text: &str) -> anyhow::Result<Self> {
         Ok(Self(Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?))

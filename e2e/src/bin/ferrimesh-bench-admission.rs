@@ -24,7 +24,7 @@ use ferrimesh_e2e::metrics::{ADMISSION_DURATION, Metrics, WEBHOOK_REJECTIONS, WE
 use ferrimesh_e2e::{ControlPlane, eventually, free_port, service_account_tokens};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 use tokio::sync::Semaphore;
 
@@ -47,11 +47,6 @@ fn pod(name: &str) -> anyhow::Result<Pod> {
             }]
         }
     }))?)
-}
-
-async fn scrape(client: &Client) -> anyhow::Result<Metrics> {
-    let request = http::Request::get("/metrics").body(Vec::new())?;
-    Metrics::parse(&client.request_text(request).await?)
 }
 
 /// What one create through the API server came to.
@@ -138,7 +133,7 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
 
-    let before = scrape(&client).await?;
+    let before = Metrics::scrape(&client).await?;
     println!("==> creating {} pods", rate * seconds);
     let started = Instant::now();
     let in_flight = Arc::new(Semaphore::new(512));
@@ -166,7 +161,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let took = started.elapsed();
-    let after = scrape(&client).await?;
+    let after = Metrics::scrape(&client).await?;
     let webhook_rss = webhook.peak_rss_mib();
     drop(webhook);
     let rotations: Vec<u64> = syncer

@@ -19,6 +19,9 @@
 //!    registration rate, set against the baseline (in 2. the operator
 //!    can go no faster than the pods are created).
 //!
+//! Each phase also counts the writes on WorkloadEntries the API server
+//! served (its `apiserver_request_total`): two per new entry (spec, then
+//! status) is the least; more means writes the caches could have spared.
 //! The operator's peak RSS (VmHWM) is read from /proc. Defaults:
 //! 10,000 pods, 100 namespaces, concurrency 32.
 
@@ -28,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use ferrimesh_crds::{Mesh, MeshSpec, WorkloadEntry};
 use ferrimesh_e2e::fixtures::{namespace, start_operator, wait_for_crds};
+use ferrimesh_e2e::metrics::{Metrics, REQUESTS};
 use ferrimesh_e2e::{ControlPlane, Process, client_for, free_port, service_account_tokens};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
@@ -175,6 +179,31 @@ async fn wait_converged(
     }
 }
 
+/// The writes on WorkloadEntries the API server has served, from every
+/// client (verbs as its metrics name them; server-side apply is `APPLY`).
+async fn entry_writes(client: &Client) -> anyhow::Result<f64> {
+    let metrics = Metrics::scrape(client).await?;
+    Ok(["POST", "PUT", "PATCH", "APPLY", "DELETE"]
+        .iter()
+        .map(|verb| metrics.counter(REQUESTS, &[("resource", "workloadentries"), ("verb", verb)]))
+        .sum())
+}
+
+/// Reports the writes since `before`, per entry written.
+async fn report_writes(
+    client: &Client,
+    what: &str,
+    before: f64,
+    entries: usize,
+) -> anyhow::Result<f64> {
+    let writes = entry_writes(client).await? - before;
+    println!(
+        "    {what}: {writes:.0} writes on WorkloadEntries, {:.2} per entry",
+        writes / entries.max(1) as f64
+    );
+    Ok(writes / entries.max(1) as f64)
+}
+
 fn rate(n: usize, took: Duration) -> f64 {
     n as f64 / took.as_secs_f64()
 }
@@ -211,6 +240,7 @@ async fn main() -> anyhow::Result<()> {
     });
 
     println!("==> 1. baseline: a plain client creates {pods} WorkloadEntries (spec, then status)");
+    let writes = entry_writes(&client).await?;
     let baseline = run
         .each((0..pods).collect(), |i| {
             let run = Arc::clone(&run);
@@ -222,6 +252,7 @@ async fn main() -> anyhow::Result<()> {
         baseline.as_secs_f64(),
         rate(pods, baseline)
     );
+    report_writes(&client, "baseline", writes, pods).await?;
 
     // The bench's own view of the operator's entries, kept by a watch.
     let (entries, writer) = reflector::store();
@@ -240,6 +271,7 @@ async fn main() -> anyhow::Result<()> {
         "==> 2. registration: {pods} injected pods created and given IPs, the operator running"
     );
     let mut live: BTreeMap<String, String> = (0..pods).map(|i| (format!("p{i}"), ip(i))).collect();
+    let writes = entry_writes(&client).await?;
     let started = Instant::now();
     let created = run
         .each((0..pods).collect(), |i| {
@@ -259,6 +291,7 @@ async fn main() -> anyhow::Result<()> {
         Some(&mut operator),
     )
     .await?;
+    let writes_registration = report_writes(&client, "registration", writes, pods).await?;
     let rss_registration = operator.peak_rss_mib();
 
     println!("==> 3. deletion: 20% of the pods deleted");
@@ -321,6 +354,7 @@ async fn main() -> anyhow::Result<()> {
         None,
     )
     .await?;
+    let writes = entry_writes(&client).await?;
     let started = Instant::now();
     let mut operator = start_operator(&plane, &identity, "operator-3", &url)?;
     let cold = wait_converged(
@@ -331,6 +365,7 @@ async fn main() -> anyhow::Result<()> {
         Some(&mut operator),
     )
     .await?;
+    let writes_cold = report_writes(&client, "cold registration", writes, live.len()).await?;
     let rss_cold = operator.peak_rss_mib();
 
     println!("\n| measure | result |\n|---|---|");
@@ -363,6 +398,9 @@ async fn main() -> anyhow::Result<()> {
         cold.as_secs_f64(),
         rate(live.len(), cold),
         100.0 * rate(live.len(), cold) / rate(pods, baseline)
+    );
+    println!(
+        "| writes on WorkloadEntries per entry (2 at least) | {writes_registration:.2} in registration, {writes_cold:.2} in cold registration |"
     );
     println!(
         "| operator peak RSS | {rss_registration:.1} MiB after registration, {rss_first:.1} MiB after deletion, {rss_second:.1} MiB after restart, {rss_cold:.1} MiB after cold registration |"
