@@ -3,7 +3,8 @@
 //!
 //! 1. Baseline: a plain client creates `BENCH_PODS` WorkloadEntries (spec,
 //!    then the `Healthy` status, as the operator writes them) with
-//!    `BENCH_CONCURRENCY` requests in flight.
+//!    `BENCH_CONCURRENCY` requests in flight; timed, as every phase, until
+//!    the bench's watch has seen them all correct.
 //! 2. Registration: with the operator running, as many injected pods over
 //!    `BENCH_NAMESPACES` namespaces are created and given IPs (the kubelet's
 //!    part, same concurrency); timed until every WorkloadEntry exists with
@@ -239,31 +240,45 @@ async fn main() -> anyhow::Result<()> {
         concurrency,
     });
 
+    // The bench's view of the entries, kept by watches: the baseline's and
+    // the operator's. Both phases are timed until the watch has seen every
+    // entry correct, so each pays for the same watch.
+    let watch_entries = |selector: &str| {
+        let (store, writer) = reflector::store();
+        tokio::spawn(
+            watcher(
+                Api::<WorkloadEntry>::all(client.clone()),
+                watcher::Config::default().labels(selector),
+            )
+            .default_backoff()
+            .reflect(writer)
+            .for_each(|_| async {}),
+        );
+        store
+    };
+    let baseline_entries = watch_entries("bench=baseline");
+    let entries = watch_entries("ferrimesh.io/managed-by=ferrimesh-operator");
+    baseline_entries.wait_until_ready().await?;
+    entries.wait_until_ready().await?;
+
     println!("==> 1. baseline: a plain client creates {pods} WorkloadEntries (spec, then status)");
+    let expected: BTreeMap<String, String> = (0..pods).map(|i| (format!("w{i}"), ip(i))).collect();
     let writes = entry_writes(&client).await?;
-    let baseline = run
+    let started = Instant::now();
+    let written = run
         .each((0..pods).collect(), |i| {
             let run = Arc::clone(&run);
             async move { run.baseline_entry(i).await }
         })
         .await?;
+    println!("    written in {:.1} s", written.as_secs_f64());
+    let baseline = wait_converged("baseline", &baseline_entries, &expected, started, None).await?;
     println!(
         "    {:.1} s, {:.0} entries/s",
         baseline.as_secs_f64(),
         rate(pods, baseline)
     );
     report_writes(&client, "baseline", writes, pods).await?;
-
-    // The bench's own view of the operator's entries, kept by a watch.
-    let (entries, writer) = reflector::store();
-    let managed = watcher::Config::default().labels("ferrimesh.io/managed-by=ferrimesh-operator");
-    tokio::spawn(
-        watcher(Api::<WorkloadEntry>::all(client.clone()), managed)
-            .default_backoff()
-            .reflect(writer)
-            .for_each(|_| async {}),
-    );
-    entries.wait_until_ready().await?;
 
     let url = format!("https://127.0.0.1:{}/inject", free_port()?);
     let mut operator = start_operator(&plane, &identity, "operator-1", &url)?;
