@@ -351,13 +351,17 @@ fn inject_pod(
     // Volumes: the injected ones first, then the pod's own; none removed.
     let injected_volumes = volumes::injected_volumes(&settings.user_volumes);
     let volume_names: Vec<String> = injected_volumes.iter().map(|v| v.name.clone()).collect();
-    let own_volumes = spec
-        .volumes
-        .take()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|v| !volume_names.contains(&v.name));
-    spec.volumes = Some(injected_volumes.into_iter().chain(own_volumes).collect());
+    let own_volumes = spec.volumes.take().unwrap_or_default();
+    // Sized up front: a `Volume` is kilobytes (every volume source inline),
+    // and growing the list would copy all of them.
+    let mut all_volumes = Vec::with_capacity(injected_volumes.len() + own_volumes.len());
+    all_volumes.extend(injected_volumes);
+    all_volumes.extend(
+        own_volumes
+            .into_iter()
+            .filter(|v| !volume_names.contains(&v.name)),
+    );
+    spec.volumes = Some(all_volumes);
 
     // Pull secrets: the Mesh's first, duplicates merged by name.
     if !settings.image_pull_secrets.is_empty() {
