@@ -4,7 +4,9 @@
 //! The workload controller caches every injected pod in the cluster. As the
 //! API server serves them, ten thousand pods take hundreds of megabytes in
 //! memory (a `Pod` value is 2.4 KB before any of its strings, each
-//! `Container` 2.1 KB more); as [`InjectedPod`]s they take a few.
+//! `Container` 2.1 KB more); as [`InjectedPod`]s they take a few. Small maps
+//! are kept as sorted lists: a `BTreeMap` of strings takes a half-kilobyte
+//! tree node for its first entry.
 
 use std::collections::BTreeMap;
 
@@ -23,15 +25,18 @@ pub const REVISION_ANNOTATION: &str = "istio.io/rev";
 /// so that a reflector and a controller can hold it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct InjectedPod {
-    /// Name, namespace, uid, labels, resourceVersion and deletion timestamp
-    /// (no annotations, owners or managed fields).
+    /// Name, namespace, uid, resourceVersion and deletion timestamp (no
+    /// labels, annotations, owners or managed fields).
     pub metadata: ObjectMeta,
+    /// The pod's labels, in key order.
+    pub labels: Vec<(String, String)>,
     /// Whether the pod carries the injector's status annotation.
     pub injected: bool,
     /// The revision that injected it (`istio.io/rev`), when named.
     pub revision: Option<String>,
-    /// The named ports of the containers the injection did not add.
-    pub ports: BTreeMap<String, i32>,
+    /// The named ports of the containers the injection did not add, in
+    /// name order (the last of a name counts).
+    pub ports: Vec<(String, i32)>,
     /// `spec.serviceAccountName`.
     pub service_account: Option<String>,
     /// `spec.nodeName`.
@@ -86,11 +91,13 @@ impl From<Pod> for InjectedPod {
                     .filter(|c| !added.contains(&c.name))
                     .flat_map(|c| c.ports.into_iter().flatten())
                     .filter_map(|p| Some((p.name?, p.container_port)))
+                    .collect::<BTreeMap<_, _>>()
+                    .into_iter()
                     .collect(),
                 spec.service_account_name,
                 spec.node_name,
             ),
-            None => (BTreeMap::new(), None, None),
+            None => (Vec::new(), None, None),
         };
         let (ip, phase, ready) = match status {
             Some(status) => (
@@ -109,11 +116,11 @@ impl From<Pod> for InjectedPod {
                 name: metadata.name,
                 namespace: metadata.namespace,
                 uid: metadata.uid,
-                labels: metadata.labels,
                 resource_version: metadata.resource_version,
                 deletion_timestamp: metadata.deletion_timestamp,
                 ..ObjectMeta::default()
             },
+            labels: metadata.labels.unwrap_or_default().into_iter().collect(),
             injected: annotations.contains_key(SIDECAR_STATUS),
             revision: annotations.get(REVISION_ANNOTATION).cloned(),
             ports,
@@ -164,11 +171,11 @@ mod tests {
     fn keeps_what_an_entry_is_made_of_and_nothing_else() {
         let pod = InjectedPod::from(rich_pod());
         let expected: InjectedPod = serde_json::from_value(json!({
-            "metadata": {"name": "web-1", "namespace": "shop", "uid": "pod-uid-1", "resourceVersion": "42",
-                         "labels": {"app": "web"}},
+            "metadata": {"name": "web-1", "namespace": "shop", "uid": "pod-uid-1", "resourceVersion": "42"},
+            "labels": [["app", "web"]],
             "injected": true,
             "revision": "canary",
-            "ports": {"http": 8080},
+            "ports": [["http", 8080]],
             "service_account": "web",
             "node_name": "n1",
             "ip": "10.1.2.3",

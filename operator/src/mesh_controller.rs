@@ -28,7 +28,7 @@ use crate::certificate_store::{self, Lifetimes};
 use crate::certificates::Renewal;
 use crate::namespaces::{desired_labels, managed_by_operator, selecting_mesh, up_to_date};
 use crate::registered_entry::RegisteredEntry;
-use crate::workloads::{MANAGED_BY, MANAGED_BY_LABEL, REVISION_LABEL};
+
 use crate::{Error, FIELD_MANAGER, Result};
 
 /// The finalizer that lets a deleted Mesh release its namespaces and
@@ -371,13 +371,7 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
         .entries
         .state()
         .iter()
-        .filter(|e| {
-            let labels = e.labels();
-            labels
-                .get(MANAGED_BY_LABEL)
-                .is_some_and(|v| v == MANAGED_BY)
-                && labels.get(REVISION_LABEL) == Some(&mesh.spec.revision)
-        })
+        .filter(|e| e.ours && e.revision.as_ref() == Some(&mesh.spec.revision))
         .count() as i32;
 
     let expiry = jiff::Timestamp::from_second(certificate.serving_not_after)

@@ -3,12 +3,12 @@
 //!
 //! The cache holds every entry of ours (one per injected pod). Whole, an
 //! entry takes a few kilobytes in memory, most of it the tree nodes of its
-//! four small maps; a [`RegisteredEntry`] takes a few hundred bytes and
-//! still answers the two questions asked of the cache: is this entry
-//! already what the operator would write ([`up_to_date`]), and does its pod
-//! still exist (the sweep, by the metadata).
+//! four small maps; a [`RegisteredEntry`] keeps no map and takes a few
+//! hundred bytes, and still answers the questions asked of the cache: is
+//! this entry already what the operator would write ([`up_to_date`]), does
+//! its pod still exist (the sweep), and which Mesh revision registered it
+//! (the Mesh status).
 
-use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hasher};
 
 use ferrimesh_crds::WorkloadEntry;
@@ -16,15 +16,21 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 
 use crate::reduced::reduced_resource;
-use crate::workloads::{MANAGED_BY_LABEL, POD_UID_ANNOTATION, REVISION_LABEL};
+use crate::workloads::{MANAGED_BY, MANAGED_BY_LABEL, POD_UID_ANNOTATION, REVISION_LABEL};
 
 /// A WorkloadEntry as the operator's cache keeps it. A [`kube::Resource`] of kind
 /// WorkloadEntry, so that a reflector can hold it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RegisteredEntry {
-    /// Name, namespace, uid, resourceVersion, owner references, the
-    /// operator's two labels and the pod-uid annotation; nothing else.
+    /// Name, namespace, uid, resourceVersion and owner references (to map
+    /// a deleted entry back to its pod); nothing else.
     pub metadata: ObjectMeta,
+    /// Whether the entry carries the operator's managed-by label.
+    pub ours: bool,
+    /// The operator's revision label.
+    pub revision: Option<String>,
+    /// The pod-uid annotation: the pod the entry was written for.
+    pub pod_uid: Option<String>,
     /// The digest of what the operator writes ([`written`]).
     pub written: u64,
 }
@@ -60,18 +66,11 @@ pub fn up_to_date(existing: &RegisteredEntry, desired: &WorkloadEntry) -> bool {
     existing.written == written(desired)
 }
 
-fn only(map: Option<BTreeMap<String, String>>, keys: &[&str]) -> Option<BTreeMap<String, String>> {
-    let kept: BTreeMap<_, _> = map?
-        .into_iter()
-        .filter(|(k, _)| keys.contains(&k.as_str()))
-        .collect();
-    (!kept.is_empty()).then_some(kept)
-}
-
 impl From<WorkloadEntry> for RegisteredEntry {
     fn from(entry: WorkloadEntry) -> Self {
         let written = written(&entry);
-        let meta = entry.metadata;
+        let mut meta = entry.metadata;
+        let mut labels = meta.labels.take().unwrap_or_default();
         Self {
             metadata: ObjectMeta {
                 name: meta.name,
@@ -79,10 +78,15 @@ impl From<WorkloadEntry> for RegisteredEntry {
                 uid: meta.uid,
                 resource_version: meta.resource_version,
                 owner_references: meta.owner_references,
-                labels: only(meta.labels, &[MANAGED_BY_LABEL, REVISION_LABEL]),
-                annotations: only(meta.annotations, &[POD_UID_ANNOTATION]),
                 ..ObjectMeta::default()
             },
+            ours: labels
+                .get(MANAGED_BY_LABEL)
+                .is_some_and(|v| v == MANAGED_BY),
+            revision: labels.remove(REVISION_LABEL),
+            pod_uid: meta
+                .annotations
+                .and_then(|mut a| a.remove(POD_UID_ANNOTATION)),
             written,
         }
     }
@@ -169,17 +173,10 @@ mod tests {
             ),
             (Some("web-1"), Some("shop"), Some("entry-uid"))
         );
-        let labels = meta.labels.clone().unwrap_or_default();
-        assert_eq!(
-            labels.keys().map(String::as_str).collect::<Vec<_>>(),
-            [MANAGED_BY_LABEL, REVISION_LABEL]
-        );
-        let annotations = meta.annotations.clone().unwrap_or_default();
-        assert_eq!(
-            annotations.get(POD_UID_ANNOTATION).map(String::as_str),
-            Some("pod-uid-1")
-        );
-        assert_eq!(annotations.len(), 1);
+        assert!(meta.labels.is_none() && meta.annotations.is_none());
+        assert!(cached.ours);
+        assert_eq!(cached.revision.as_deref(), Some("default"));
+        assert_eq!(cached.pod_uid.as_deref(), Some("pod-uid-1"));
         assert_eq!(
             meta.owner_references.as_ref().map(|o| o[0].uid.as_str()),
             Some("pod-uid-1"),

@@ -157,15 +157,11 @@ pub async fn sweep_orphans(
     };
     let mut deleted = 0;
     for entry in entries.state() {
-        if !is_orphan(&entry.metadata, &is_live) {
+        if !is_orphan(&entry, &is_live) {
             continue;
         }
         let (namespace, name) = (entry.namespace().unwrap_or_default(), entry.name_any());
-        let uid = entry
-            .annotations()
-            .get(POD_UID_ANNOTATION)
-            .cloned()
-            .unwrap_or_default();
+        let uid = entry.pod_uid.clone().unwrap_or_default();
         let pod = Api::<Pod>::namespaced(client.clone(), &namespace)
             .get_metadata_opt(&name)
             .await?;

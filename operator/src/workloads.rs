@@ -8,6 +8,7 @@ use ferrimesh_crds::{MeshSpec, WorkloadEntry, WorkloadEntrySpec, WorkloadEntrySt
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
 use crate::injected_pod::InjectedPod;
+use crate::registered_entry::RegisteredEntry;
 
 /// Label on every WorkloadEntry the operator writes; entries without it are
 /// never touched.
@@ -58,7 +59,7 @@ pub fn desired_entry(
             .iter()
             .map(|(name, port)| (name.clone(), WorkloadPort(*port)))
             .collect(),
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        labels: pod.labels.iter().cloned().collect(),
         network: (!mesh.network.is_empty()).then(|| mesh.network.clone()),
         locality: locality(node_labels),
         weight: None,
@@ -92,19 +93,16 @@ pub fn desired_entry(
     Some(entry)
 }
 
-/// Whether an entry (by its metadata) is an orphan of ours: its pod is not among `live`
+/// Whether a cached entry is an orphan of ours: its pod is not among `live`
 /// (namespace, name, uid) triples.
-pub fn is_orphan(meta: &ObjectMeta, live: &dyn Fn(&str, &str, &str) -> bool) -> bool {
-    let ours = meta
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(MANAGED_BY_LABEL))
-        .is_some_and(|v| v == MANAGED_BY);
-    let uid = meta
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(POD_UID_ANNOTATION));
-    match (ours, meta.namespace.as_deref(), meta.name.as_deref(), uid) {
+pub fn is_orphan(entry: &RegisteredEntry, live: &dyn Fn(&str, &str, &str) -> bool) -> bool {
+    let meta = &entry.metadata;
+    match (
+        entry.ours,
+        meta.namespace.as_deref(),
+        meta.name.as_deref(),
+        entry.pod_uid.as_deref(),
+    ) {
         (true, Some(ns), Some(name), Some(uid)) => !live(ns, name, uid),
         (true, ..) => true,
         (false, ..) => false,
@@ -195,21 +193,17 @@ mod tests {
     #[test]
     fn finds_orphans_among_its_own_entries_only() {
         let entry = desired_entry(&pod(), &MeshSpec::default(), None).expect("entry");
-        assert!(!is_orphan(&entry.metadata, &|ns, name, uid| (
-            ns, name, uid
-        ) == (
-            "shop",
-            "web-1",
-            "pod-uid-1"
-        )));
+        let cached = RegisteredEntry::from(entry.clone());
+        assert!(!is_orphan(&cached, &|ns, name, uid| (ns, name, uid)
+            == ("shop", "web-1", "pod-uid-1")));
         assert!(
-            is_orphan(&entry.metadata, &|_, _, uid| uid == "another-uid"),
+            is_orphan(&cached, &|_, _, uid| uid == "another-uid"),
             "a new pod of the same name"
         );
-        let mut foreign = entry.clone();
+        let mut foreign = entry;
         foreign.metadata.labels = None;
         assert!(
-            !is_orphan(&foreign.metadata, &|_, _, _| false),
+            !is_orphan(&foreign.into(), &|_, _, _| false),
             "entries without our label are never touched"
         );
     }
