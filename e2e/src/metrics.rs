@@ -2,6 +2,8 @@
 //! admission latency histogram and request and rejection counters, and the
 //! requests it served by resource and verb, compared between two scrapes.
 
+use std::collections::BTreeMap;
+
 use prometheus_parse::{Sample, Scrape, Value};
 
 /// The API server's latency of calls to admission webhooks.
@@ -48,6 +50,22 @@ impl Metrics {
                 _ => 0.0,
             })
             .sum()
+    }
+
+    /// The counters of `metric` added up by the values of the labels
+    /// `keys` (a missing label counts as empty).
+    pub fn counters_by(&self, metric: &str, keys: &[&str]) -> BTreeMap<Vec<String>, f64> {
+        let mut sums = BTreeMap::new();
+        for sample in self.samples(metric, &[]) {
+            if let Value::Counter(v) | Value::Untyped(v) = sample.value {
+                let key = keys
+                    .iter()
+                    .map(|k| sample.labels.get(k).unwrap_or_default().to_owned())
+                    .collect();
+                *sums.entry(key).or_insert(0.0) += v;
+            }
+        }
+        sums
     }
 
     /// The histograms of `metric` whose labels include `labels`, added up.
@@ -161,6 +179,21 @@ apiserver_admission_webhook_admission_duration_seconds_count{name="a.example",op
 apiserver_admission_webhook_request_total{code="200",name="a.example",operation="CREATE",rejected="false",type="admit"} 100
 apiserver_admission_webhook_request_total{code="500",name="a.example",operation="CREATE",rejected="true",type="admit"} 2
 "#;
+
+    #[test]
+    fn counters_add_up_by_the_labels_asked_for() {
+        let metrics = Metrics::parse(PAGE).expect("parses");
+        let by_code = metrics.counters_by(WEBHOOK_REQUESTS, &["code", "absent"]);
+        assert_eq!(
+            by_code.into_iter().collect::<Vec<_>>(),
+            [
+                (vec!["200".to_owned(), String::new()], 100.0),
+                (vec!["500".to_owned(), String::new()], 2.0)
+            ]
+        );
+        let by_name = metrics.counters_by(WEBHOOK_REQUESTS, &["name"]);
+        assert_eq!(by_name.get(&vec!["a.example".to_owned()]), Some(&102.0));
+    }
 
     fn create() -> Histogram {
         let metrics = Metrics::parse(PAGE).expect("parses");

@@ -212,11 +212,7 @@ fn tls_config(ca_pem: &str) -> Arc<rustls::ClientConfig> {
     )
 }
 
-async fn open_all(
-    addr: SocketAddr,
-    tls: &Arc<rustls::ClientConfig>,
-    n: usize,
-) -> Vec<Connection> {
+async fn open_all(addr: SocketAddr, tls: &Arc<rustls::ClientConfig>, n: usize) -> Vec<Connection> {
     let mut connections = Vec::with_capacity(n);
     for _ in 0..n {
         connections.push(

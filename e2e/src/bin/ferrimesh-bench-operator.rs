@@ -190,6 +190,39 @@ async fn entry_writes(client: &Client) -> anyhow::Result<f64> {
         .sum())
 }
 
+/// The requests the API server has served, by resource and verb.
+async fn requests(client: &Client) -> anyhow::Result<BTreeMap<Vec<String>, f64>> {
+    Ok(Metrics::scrape(client)
+        .await?
+        .counters_by(REQUESTS, &["resource", "verb"]))
+}
+
+/// Prints the requests served since `before`, most first (watches are
+/// long-running: they count when they start).
+async fn report_requests(
+    client: &Client,
+    what: &str,
+    before: &BTreeMap<Vec<String>, f64>,
+) -> anyhow::Result<()> {
+    let mut served: Vec<(f64, String)> = requests(client)
+        .await?
+        .into_iter()
+        .map(|(key, n)| (n - before.get(&key).copied().unwrap_or(0.0), key.join(" ")))
+        .filter(|(n, _)| *n > 0.0)
+        .collect();
+    served.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let top: Vec<String> = served
+        .iter()
+        .take(8)
+        .map(|(n, key)| format!("{key} {n:.0}"))
+        .collect();
+    println!(
+        "    {what}: API requests by resource and verb: {}",
+        top.join(", ")
+    );
+    Ok(())
+}
+
 /// Reports the writes since `before`, per entry written.
 async fn report_writes(
     client: &Client,
@@ -264,6 +297,7 @@ async fn main() -> anyhow::Result<()> {
     println!("==> 1. baseline: a plain client creates {pods} WorkloadEntries (spec, then status)");
     let expected: BTreeMap<String, String> = (0..pods).map(|i| (format!("w{i}"), ip(i))).collect();
     let writes = entry_writes(&client).await?;
+    let served = requests(&client).await?;
     let started = Instant::now();
     let written = run
         .each((0..pods).collect(), |i| {
@@ -279,6 +313,7 @@ async fn main() -> anyhow::Result<()> {
         rate(pods, baseline)
     );
     report_writes(&client, "baseline", writes, pods).await?;
+    report_requests(&client, "baseline", &served).await?;
 
     let url = format!("https://127.0.0.1:{}/inject", free_port()?);
     let mut operator = start_operator(&plane, &identity, "operator-1", &url)?;
@@ -370,6 +405,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let writes = entry_writes(&client).await?;
+    let served = requests(&client).await?;
     let started = Instant::now();
     let mut operator = start_operator(&plane, &identity, "operator-3", &url)?;
     let cold = wait_converged(
@@ -381,6 +417,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let writes_cold = report_writes(&client, "cold registration", writes, live.len()).await?;
+    report_requests(&client, "cold registration", &served).await?;
     let rss_cold = operator.peak_rss_mib();
 
     println!("\n| measure | result |\n|---|---|");
