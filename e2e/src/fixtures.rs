@@ -87,6 +87,8 @@ pub fn start_operator_with(
         Command::new(workspace_binary("ferrimesh-operator")?)
             .env("KUBECONFIG", kubeconfig)
             .env("POD_NAME", name)
+            // As config/manager deploys it (see there).
+            .env("MALLOC_ARENA_MAX", "2")
             .args([
                 "--webhook-url",
                 webhook_url,
