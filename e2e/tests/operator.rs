@@ -226,6 +226,26 @@ async fn operator_configures_injection_and_registers_workloads() -> anyhow::Resu
     })
     .await?;
 
+    // The Mesh has been reconciled again and again by now (entries came
+    // and went); its webhook configuration was announced once.
+    let configured: Vec<_> = events
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("WebhookConfigured"))
+        .collect();
+    assert_eq!(
+        configured.len(),
+        1,
+        "one WebhookConfigured Event: {configured:?}"
+    );
+    assert!(
+        configured[0].series.is_none(),
+        "WebhookConfigured repeated for a configuration that did not change: {:?}",
+        configured[0].series
+    );
+
     // Selector no longer matches: the operator's label goes, the hand-made one stays.
     meshes
         .patch(

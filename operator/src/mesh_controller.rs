@@ -329,7 +329,7 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
         &excluded,
     );
     config.metadata.owner_references = mesh.controller_owner_ref(&()).map(|r| vec![r]);
-    configs
+    let applied = configs
         .patch(
             &config_name,
             &PatchParams::apply(FIELD_MANAGER).force(),
@@ -359,7 +359,10 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
             .await
         }
     }
-    if before != config.webhooks {
+    // Both as the API server holds them, defaults filled in: only a real
+    // change is announced (the desired webhooks lack the defaults, and
+    // compared with them every reconcile looked like a change).
+    if before != applied.webhooks {
         let note = format!("applied MutatingWebhookConfiguration {config_name}");
         event(ctx, mesh, "WebhookConfigured", "Apply", note).await;
     }
