@@ -32,6 +32,21 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// Runs a tool's `work` until it ends or the process gets SIGTERM. On
+/// SIGTERM the work is dropped, and with it the processes it started (a
+/// [`ControlPlane`]'s etcd and kube-apiserver, the operator, the webhook),
+/// which a process ended by the signal would leave running. Ctrl-C needs no
+/// such care: the terminal sends it to every process of the group.
+pub async fn until_terminated(
+    work: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = work => result,
+        _ = terminate.recv() => bail!("terminated (SIGTERM): stopped what was started"),
+    }
+}
+
 /// A free TCP port on 127.0.0.1 (bound, read and released), never one
 /// this process handed out before: tests run in parallel, and a control
 /// plane restarting etcd or the API server on its ports must find them

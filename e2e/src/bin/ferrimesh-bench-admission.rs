@@ -82,6 +82,10 @@ fn ms(seconds: Option<f64>) -> String {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    ferrimesh_e2e::until_terminated(run()).await
+}
+
+async fn run() -> anyhow::Result<()> {
     let rate = setting("BENCH_RATE", 20).max(1);
     let seconds = setting("BENCH_SECONDS", 300).max(20);
     let namespaces = setting("BENCH_NAMESPACES", 10).max(1);

@@ -244,6 +244,10 @@ fn rate(n: usize, took: Duration) -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    ferrimesh_e2e::until_terminated(run()).await
+}
+
+async fn run() -> anyhow::Result<()> {
     let pods = setting("BENCH_PODS", 10_000);
     let namespaces = setting("BENCH_NAMESPACES", 100);
     let concurrency = setting("BENCH_CONCURRENCY", 32);

@@ -33,6 +33,10 @@ fn show(plane: &ControlPlane, args: &[&str]) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    ferrimesh_e2e::until_terminated(run()).await
+}
+
+async fn run() -> anyhow::Result<()> {
     step("starting etcd and kube-apiserver on loopback (built from their Go modules on first run)");
     let plane = ControlPlane::start(&service_account_tokens()).await?;
     let client = plane.client().await?;
