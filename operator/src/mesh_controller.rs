@@ -28,7 +28,6 @@ use crate::certificate_store::{self, Lifetimes};
 use crate::certificates::Renewal;
 use crate::namespaces::{desired_labels, managed_by_operator, selecting_mesh, up_to_date};
 use crate::registered_entry::RegisteredEntry;
-
 use crate::{Error, FIELD_MANAGER, Result};
 
 /// The finalizer that lets a deleted Mesh release its namespaces and
