@@ -291,44 +291,38 @@ fn answer(
                 }
                 Some(injected) => {
                     log_pod("injected", &reason);
-                    let (before, after) =
-                        match (serde_json::to_value(&pod), serde_json::to_value(&injected)) {
-                            (Ok(before), Ok(after)) => (before, after),
-                            (Err(e), _) | (_, Err(e)) => {
-                                let message =
-                                    format!("ferrimesh sidecar injector: internal error: {e}");
-                                return Ok(respond(
-                                    api_version,
-                                    &request.uid,
-                                    Verdict::Deny(message),
-                                    warnings,
-                                    Outcome::Rejected,
-                                ));
-                            }
-                        };
-                    let patch = patch::diff(&before, after);
-                    // Re-injecting an injected pod changes nothing: no patch.
-                    let verdict = if patch.0.is_empty() {
-                        Verdict::Allow(None)
-                    } else {
-                        match encode_patch(&patch) {
-                            Ok(encoded) => Verdict::Allow(Some(encoded)),
-                            Err(e) => Verdict::Deny(format!(
+                    let (verdict, outcome) = match patch_between(&pod, &injected) {
+                        Ok(patch) => (Verdict::Allow(patch), Outcome::Injected),
+                        Err(e) => (
+                            Verdict::Deny(format!(
                                 "ferrimesh sidecar injector: internal error: {e}"
                             )),
-                        }
+                            Outcome::Rejected,
+                        ),
                     };
                     Ok(respond(
                         api_version,
                         &request.uid,
                         verdict,
                         warnings,
-                        Outcome::Injected,
+                        outcome,
                     ))
                 }
             }
         }
     }
+}
+
+/// The response's `patch` from `pod` to `injected` ([`encode_patch`]), or
+/// none when re-injecting an injected pod changes nothing.
+fn patch_between(pod: &Pod, injected: &Pod) -> serde_json::Result<Option<Box<RawValue>>> {
+    let before = serde_json::to_value(pod)?;
+    let after = serde_json::to_value(injected)?;
+    let patch = patch::diff(&before, after);
+    if patch.0.is_empty() {
+        return Ok(None);
+    }
+    encode_patch(&patch).map(Some)
 }
 
 /// The patch as the response's `patch` member: the JSON string of its
