@@ -20,9 +20,11 @@
 //!    registration rate, set against the baseline (in 2. the operator
 //!    can go no faster than the pods are created).
 //!
-//! Each phase also counts the writes on WorkloadEntries the API server
-//! served (its `apiserver_request_total`): two per new entry (spec, then
-//! status) is the least; more means writes the caches could have spared.
+//! The baseline, the registration and the cold registration also report
+//! what the API server served (its `apiserver_request_total`): the writes
+//! on WorkloadEntries per entry (two, spec then status, is the least; more
+//! means writes the caches could have spared) and the most frequent
+//! requests.
 //! The operator's peak RSS (VmHWM) is read from /proc. Defaults:
 //! 10,000 pods, 100 namespaces, concurrency 32.
 
@@ -180,62 +182,54 @@ async fn wait_converged(
     }
 }
 
-/// The writes on WorkloadEntries the API server has served, from every
-/// client (verbs as its metrics name them; server-side apply is `APPLY`).
-async fn entry_writes(client: &Client) -> anyhow::Result<f64> {
-    let metrics = Metrics::scrape(client).await?;
-    Ok(["POST", "PUT", "PATCH", "APPLY", "DELETE"]
-        .iter()
-        .map(|verb| metrics.counter(REQUESTS, &[("resource", "workloadentries"), ("verb", verb)]))
-        .sum())
-}
+/// The requests the API server has served so far, by resource and verb
+/// (server-side apply counts as `APPLY`; a watch counts when it starts).
+type Served = BTreeMap<Vec<String>, f64>;
 
-/// The requests the API server has served, by resource and verb.
-async fn requests(client: &Client) -> anyhow::Result<BTreeMap<Vec<String>, f64>> {
+async fn served(client: &Client) -> anyhow::Result<Served> {
     Ok(Metrics::scrape(client)
         .await?
         .counters_by(REQUESTS, &["resource", "verb"]))
 }
 
-/// Prints the requests served since `before`, most first (watches are
-/// long-running: they count when they start).
+/// Prints what the API server served since `before`: the writes on
+/// WorkloadEntries per entry, and the most frequent requests. Returns the
+/// writes per entry.
 async fn report_requests(
     client: &Client,
     what: &str,
-    before: &BTreeMap<Vec<String>, f64>,
-) -> anyhow::Result<()> {
-    let mut served: Vec<(f64, String)> = requests(client)
-        .await?
-        .into_iter()
-        .map(|(key, n)| (n - before.get(&key).copied().unwrap_or(0.0), key.join(" ")))
-        .filter(|(n, _)| *n > 0.0)
-        .collect();
-    served.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let top: Vec<String> = served
+    before: &Served,
+    entries: usize,
+) -> anyhow::Result<f64> {
+    let mut since: Vec<(f64, &[String])> = Vec::new();
+    let now = served(client).await?;
+    for (key, n) in &now {
+        let n = n - before.get(key).copied().unwrap_or(0.0);
+        if n > 0.0 {
+            since.push((n, key));
+        }
+    }
+    let writes: f64 = since
+        .iter()
+        .filter(|(_, key)| {
+            key[0] == "workloadentries"
+                && ["POST", "PUT", "PATCH", "APPLY", "DELETE"].contains(&key[1].as_str())
+        })
+        .map(|(n, _)| n)
+        .sum();
+    let per_entry = writes / entries.max(1) as f64;
+    since.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let top: Vec<String> = since
         .iter()
         .take(8)
-        .map(|(n, key)| format!("{key} {n:.0}"))
+        .map(|(n, key)| format!("{} {n:.0}", key.join(" ")))
         .collect();
+    println!("    {what}: {writes:.0} writes on WorkloadEntries, {per_entry:.2} per entry");
     println!(
         "    {what}: API requests by resource and verb: {}",
         top.join(", ")
     );
-    Ok(())
-}
-
-/// Reports the writes since `before`, per entry written.
-async fn report_writes(
-    client: &Client,
-    what: &str,
-    before: f64,
-    entries: usize,
-) -> anyhow::Result<f64> {
-    let writes = entry_writes(client).await? - before;
-    println!(
-        "    {what}: {writes:.0} writes on WorkloadEntries, {:.2} per entry",
-        writes / entries.max(1) as f64
-    );
-    Ok(writes / entries.max(1) as f64)
+    Ok(per_entry)
 }
 
 fn rate(n: usize, took: Duration) -> f64 {
@@ -300,8 +294,7 @@ async fn run() -> anyhow::Result<()> {
 
     println!("==> 1. baseline: a plain client creates {pods} WorkloadEntries (spec, then status)");
     let expected: BTreeMap<String, String> = (0..pods).map(|i| (format!("w{i}"), ip(i))).collect();
-    let writes = entry_writes(&client).await?;
-    let served = requests(&client).await?;
+    let before = served(&client).await?;
     let started = Instant::now();
     let written = run
         .each((0..pods).collect(), |i| {
@@ -316,8 +309,7 @@ async fn run() -> anyhow::Result<()> {
         baseline.as_secs_f64(),
         rate(pods, baseline)
     );
-    report_writes(&client, "baseline", writes, pods).await?;
-    report_requests(&client, "baseline", &served).await?;
+    report_requests(&client, "baseline", &before, pods).await?;
 
     let url = format!("https://127.0.0.1:{}/inject", free_port()?);
     let mut operator = start_operator(&plane, &identity, "operator-1", &url)?;
@@ -325,7 +317,7 @@ async fn run() -> anyhow::Result<()> {
         "==> 2. registration: {pods} injected pods created and given IPs, the operator running"
     );
     let mut live: BTreeMap<String, String> = (0..pods).map(|i| (format!("p{i}"), ip(i))).collect();
-    let writes = entry_writes(&client).await?;
+    let before = served(&client).await?;
     let started = Instant::now();
     let created = run
         .each((0..pods).collect(), |i| {
@@ -345,7 +337,7 @@ async fn run() -> anyhow::Result<()> {
         Some(&mut operator),
     )
     .await?;
-    let writes_registration = report_writes(&client, "registration", writes, pods).await?;
+    let writes_registration = report_requests(&client, "registration", &before, pods).await?;
     let rss_registration = operator.peak_rss_mib();
 
     println!("==> 3. deletion: 20% of the pods deleted");
@@ -408,8 +400,7 @@ async fn run() -> anyhow::Result<()> {
         None,
     )
     .await?;
-    let writes = entry_writes(&client).await?;
-    let served = requests(&client).await?;
+    let before = served(&client).await?;
     let started = Instant::now();
     let mut operator = start_operator(&plane, &identity, "operator-3", &url)?;
     let cold = wait_converged(
@@ -420,8 +411,7 @@ async fn run() -> anyhow::Result<()> {
         Some(&mut operator),
     )
     .await?;
-    let writes_cold = report_writes(&client, "cold registration", writes, live.len()).await?;
-    report_requests(&client, "cold registration", &served).await?;
+    let writes_cold = report_requests(&client, "cold registration", &before, live.len()).await?;
     let rss_cold = operator.peak_rss_mib();
 
     println!("\n| measure | result |\n|---|---|");
