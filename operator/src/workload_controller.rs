@@ -10,11 +10,11 @@ use std::time::Duration;
 use ferrimesh_crds::mesh::DEFAULT_REVISION;
 use ferrimesh_crds::{Mesh, WorkloadEntry};
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use crate::injected_pod::{InjectedPod, SIDECAR_STATUS};
@@ -101,18 +101,87 @@ pub async fn reconcile(pod: Arc<InjectedPod>, ctx: Arc<Context>) -> Result<Actio
         return Ok(Action::await_change()); // no IP yet
     };
     let existing = ctx.entries.get(&ObjectRef::new(&name).within(&namespace));
-    if existing.is_some_and(|existing| up_to_date(&existing, &entry)) {
+    if existing
+        .as_ref()
+        .is_some_and(|existing| up_to_date(existing, &entry))
+    {
         return Ok(Action::await_change());
     }
-    let api: Api<WorkloadEntry> = Api::namespaced(ctx.client.clone(), &namespace);
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    let mut spec_only = entry.clone();
-    spec_only.status = None;
-    api.patch(&name, &params, &Patch::Apply(&spec_only)).await?;
-    let status = json!({"apiVersion": WorkloadEntry::api_version(&()), "kind": WorkloadEntry::kind(&()), "status": entry.status});
-    api.patch_status(&name, &params, &Patch::Apply(&status))
-        .await?;
+    write_entry(&ctx.client, entry, existing.is_some()).await?;
     Ok(Action::await_change())
+}
+
+/// Writes `desired` (spec, the operator's labels, annotation and owner,
+/// then the status): created when the cache has no entry, otherwise read,
+/// changed and replaced.
+///
+/// Not server-side apply: for a custom resource the API server parses an
+/// apply body as YAML and merges it field by field against the schema,
+/// which made each entry cost it twice the CPU of a create and a merge
+/// patch (docs/benchmarks.md), and entries are the operator's bulk write.
+/// The spec is the operator's alone and is replaced whole; of the metadata
+/// only its own keys and its pod's owner reference are set, so labels,
+/// annotations and owners others add stay.
+async fn write_entry(client: &Client, mut desired: WorkloadEntry, cached: bool) -> Result<()> {
+    let namespace = desired.namespace().unwrap_or_default();
+    let name = desired.name_any();
+    let api: Api<WorkloadEntry> = Api::namespaced(client.clone(), &namespace);
+    let status = desired.status.take();
+    let created = if cached {
+        false
+    } else {
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..PostParams::default()
+        };
+        match api.create(&params, &desired).await {
+            Ok(_) => true,
+            // The cache had not seen it yet: update it as below.
+            Err(kube::Error::Api(status)) if status.is_already_exists() => false,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if !created {
+        let current = api.get(&name).await?;
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..PostParams::default()
+        };
+        // A conflict (changed since the read) fails the reconcile, which is retried.
+        api.replace(&name, &params, &merged(current, desired))
+            .await?;
+    }
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..PatchParams::default()
+    };
+    api.patch_status(&name, &params, &Patch::Merge(json!({ "status": status })))
+        .await?;
+    Ok(())
+}
+
+/// `current` with what the operator writes taken from `desired`: the spec,
+/// its labels and annotation, and the owner reference to its pod (an owner
+/// reference to an earlier pod of the same name is dropped).
+fn merged(mut current: WorkloadEntry, desired: WorkloadEntry) -> WorkloadEntry {
+    let meta = &mut current.metadata;
+    let wanted = desired.metadata;
+    meta.labels
+        .get_or_insert_default()
+        .extend(wanted.labels.unwrap_or_default());
+    meta.annotations
+        .get_or_insert_default()
+        .extend(wanted.annotations.unwrap_or_default());
+    let ours = wanted.owner_references.unwrap_or_default();
+    let owners = meta.owner_references.get_or_insert_default();
+    owners.retain(|owner| {
+        !ours.iter().any(|o| {
+            o.kind == owner.kind && o.api_version == owner.api_version && o.name == owner.name
+        })
+    });
+    owners.extend(ours);
+    current.spec = desired.spec;
+    current
 }
 
 /// Retries a failed reconcile after a pause.
@@ -249,35 +318,140 @@ mod tests {
 
     const ENTRY: &str = "/apis/networking.istio.io/v1/namespaces/shop/workloadentries/web-1";
 
+    const ENTRIES: &str = "/apis/networking.istio.io/v1/namespaces/shop/workloadentries";
+
+    fn ready_with_ip(ip: &str) -> Value {
+        json!({"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]})
+    }
+
+    /// Answers the status write and checks it is a merge patch of `Healthy`.
+    async fn expect_status(handle: &mut Handle) {
+        let status = answer(
+            handle,
+            "PATCH",
+            &format!("{ENTRY}/status"),
+            StatusCode::OK,
+            entry_json("uid-1"),
+        )
+        .await;
+        assert_eq!(status["status"]["conditions"][0]["type"], "Healthy");
+        assert!(
+            status.get("spec").is_none(),
+            "the status write carries the status only"
+        );
+    }
+
     #[tokio::test]
     async fn creates_the_entry_then_its_status_once_the_pod_has_an_ip() {
         let (ctx, mut handle) = context(&[Mesh::new("default", MeshSpec::default())]);
         let server = tokio::spawn(async move {
-            let applied = answer(
+            let created = answer(
                 &mut handle,
-                "PATCH",
-                ENTRY,
-                StatusCode::OK,
+                "POST",
+                ENTRIES,
+                StatusCode::CREATED,
                 entry_json("uid-1"),
             )
             .await;
-            assert_eq!(applied["spec"]["address"], "10.0.0.1");
+            assert_eq!(created["spec"]["address"], "10.0.0.1");
+            assert_eq!(created["metadata"]["labels"][MANAGED_BY_LABEL], MANAGED_BY);
+            assert_eq!(created["metadata"]["ownerReferences"][0]["uid"], "uid-1");
             assert!(
-                applied.get("status").is_none(),
-                "spec and status are applied separately"
+                created.get("status").is_none(),
+                "the status goes to its subresource"
             );
-            let status = answer(
-                &mut handle,
-                "PATCH",
-                &format!("{ENTRY}/status"),
-                StatusCode::OK,
-                entry_json("uid-1"),
-            )
-            .await;
-            assert_eq!(status["status"]["conditions"][0]["type"], "Healthy");
+            expect_status(&mut handle).await;
         });
-        let ip = json!({"podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]});
-        within(reconcile(pod(ip), ctx)).await.expect("reconcile");
+        within(reconcile(pod(ready_with_ip("10.0.0.1")), ctx))
+            .await
+            .expect("reconcile");
+        server.await.expect("scripted requests");
+    }
+
+    /// The entry as the API server has it: written for the pod's earlier
+    /// address, with a label, an annotation and an owner someone else added,
+    /// and an owner reference to an earlier pod of the same name.
+    fn stale_entry() -> Value {
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+               "metadata": {"name": "web-1", "namespace": "shop", "uid": "we-uid", "resourceVersion": "7",
+                            "labels": {MANAGED_BY_LABEL: MANAGED_BY, "team": "shop"},
+                            "annotations": {POD_UID_ANNOTATION: "uid-0", "note": "kept"},
+                            "ownerReferences": [
+                                {"apiVersion": "v1", "kind": "Pod", "name": "web-1", "uid": "uid-0", "controller": true},
+                                {"apiVersion": "example.com/v1", "kind": "Inventory", "name": "shop", "uid": "inv-1"}]},
+               "spec": {"address": "10.0.0.9", "ports": {"old": 9}}})
+    }
+
+    /// Answers the read and the replace of [`stale_entry`] and checks what
+    /// the operator wrote.
+    async fn expect_replace_of_stale_entry(handle: &mut Handle) {
+        answer(handle, "GET", ENTRY, StatusCode::OK, stale_entry()).await;
+        let replaced = answer(handle, "PUT", ENTRY, StatusCode::OK, stale_entry()).await;
+        let meta = &replaced["metadata"];
+        assert_eq!(meta["resourceVersion"], "7", "replaced at the version read");
+        assert_eq!(replaced["spec"]["address"], "10.0.0.1");
+        assert!(
+            replaced["spec"].get("ports").is_none(),
+            "the spec is replaced whole"
+        );
+        assert_eq!(meta["labels"]["team"], "shop");
+        assert_eq!(meta["annotations"]["note"], "kept");
+        assert_eq!(meta["annotations"][POD_UID_ANNOTATION], "uid-1");
+        let owners: Vec<&str> = meta["ownerReferences"]
+            .as_array()
+            .expect("owners")
+            .iter()
+            .map(|o| o["uid"].as_str().expect("uid"))
+            .collect();
+        assert_eq!(
+            owners,
+            ["inv-1", "uid-1"],
+            "the earlier pod's reference replaced by this pod's"
+        );
+    }
+
+    #[tokio::test]
+    async fn replaces_a_stale_entry_keeping_what_others_added() {
+        let mesh = Mesh::new("default", MeshSpec::default());
+        let stale: WorkloadEntry = serde_json::from_value(stale_entry()).expect("entry");
+        let (ctx, mut handle) = context_with(&[mesh], &[stale]);
+        let server = tokio::spawn(async move {
+            expect_replace_of_stale_entry(&mut handle).await;
+            expect_status(&mut handle).await;
+        });
+        within(reconcile(pod(ready_with_ip("10.0.0.1")), ctx))
+            .await
+            .expect("reconcile");
+        server.await.expect("scripted requests");
+    }
+
+    #[tokio::test]
+    async fn an_entry_the_cache_has_not_seen_yet_is_replaced_instead_of_created() {
+        let (ctx, mut handle) = context(&[Mesh::new("default", MeshSpec::default())]);
+        let server = tokio::spawn(async move {
+            let exists = failure(409, "AlreadyExists");
+            answer(&mut handle, "POST", ENTRIES, StatusCode::CONFLICT, exists).await;
+            expect_replace_of_stale_entry(&mut handle).await;
+            expect_status(&mut handle).await;
+        });
+        within(reconcile(pod(ready_with_ip("10.0.0.1")), ctx))
+            .await
+            .expect("reconcile");
+        server.await.expect("scripted requests");
+    }
+
+    #[tokio::test]
+    async fn a_replace_that_lost_a_race_fails_the_reconcile_for_a_retry() {
+        let mesh = Mesh::new("default", MeshSpec::default());
+        let stale: WorkloadEntry = serde_json::from_value(stale_entry()).expect("entry");
+        let (ctx, mut handle) = context_with(&[mesh], &[stale]);
+        let server = tokio::spawn(async move {
+            answer(&mut handle, "GET", ENTRY, StatusCode::OK, stale_entry()).await;
+            let conflict = failure(409, "Conflict");
+            answer(&mut handle, "PUT", ENTRY, StatusCode::CONFLICT, conflict).await;
+        });
+        let result = within(reconcile(pod(ready_with_ip("10.0.0.1")), ctx)).await;
+        assert!(result.is_err(), "a conflict is retried, not ignored");
         server.await.expect("scripted requests");
     }
 
@@ -438,8 +612,8 @@ mod tests {
             let failure = failure(500, "InternalError");
             answer(
                 &mut handle,
-                "PATCH",
-                ENTRY,
+                "POST",
+                ENTRIES,
                 StatusCode::INTERNAL_SERVER_ERROR,
                 failure,
             )
