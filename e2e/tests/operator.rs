@@ -203,6 +203,37 @@ async fn operator_configures_injection_and_registers_workloads() -> anyhow::Resu
     })
     .await?;
 
+    // Someone else edits the entry: what the operator writes is put back,
+    // a label they added stays.
+    entries
+        .patch(
+            "web-1",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"labels": {"team": "shop"}}, "spec": {"address": "10.9.9.9"}}),
+            ),
+        )
+        .await?;
+    let restored = eventually("the entry's address put back", WAIT, || {
+        let entries = entries.clone();
+        async move {
+            let entry = entries.get("web-1").await?;
+            Ok((entry.spec.address.as_deref() == Some("10.1.0.5")).then_some(entry))
+        }
+    })
+    .await?;
+    assert_eq!(
+        restored.labels().get("team").map(String::as_str),
+        Some("shop")
+    );
+    assert_eq!(
+        restored
+            .labels()
+            .get("ferrimesh.io/managed-by")
+            .map(String::as_str),
+        Some("ferrimesh-operator")
+    );
+
     // An entry deleted by someone else while its pod lives comes back.
     let first_uid = entries.get("web-1").await?.uid();
     entries.delete("web-1", &DeleteParams::default()).await?;

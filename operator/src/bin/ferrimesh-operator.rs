@@ -77,7 +77,8 @@ struct Args {
     /// Lifetime of the CA, seconds (renewed at two thirds).
     #[arg(long, env = "FERRIMESH_CA_LIFETIME_SECONDS", default_value_t = 5 * 365 * 24 * 3600)]
     ca_lifetime_seconds: i64,
-    /// Seconds between sweeps for WorkloadEntries whose pod is gone.
+    /// Seconds between sweeps: WorkloadEntries whose pod is gone are
+    /// deleted, and ones edited by someone else written back.
     #[arg(long, env = "FERRIMESH_SWEEP_INTERVAL_SECONDS", default_value_t = 60)]
     sweep_interval_seconds: u64,
     /// Pods reconciled at once (each may make two API calls).
@@ -263,6 +264,14 @@ async fn shutdown_signal() {
 /// A stream of the items an unbounded channel receives.
 fn received<T>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// A stream that yields once every `period`, the first time after one period.
+fn every(period: Duration) -> impl futures::Stream<Item = ()> + Send {
+    futures::stream::unfold((), move |()| async move {
+        tokio::time::sleep(period).await;
+        Some(((), ()))
+    })
 }
 
 fn count(reconciles: &Family<ReconcileLabels, Counter>, controller: &str, ok: bool) {
@@ -478,13 +487,17 @@ async fn controllers(
             nodes_synced.clone(),
         );
         let pods = pods.clone();
+        // Every sweep interval each pod is checked against its cached entry
+        // (no API call when it matches): an entry someone else edited is
+        // written back. A deleted one comes back at once.
+        let resync = every(Duration::from_secs(args.sweep_interval_seconds.max(1)));
         async move {
             if !synced::all(&[&caches.0, &caches.1, &caches.2]).await {
                 return;
             }
             Controller::for_stream(pod_events, pods)
-                // An entry deleted by someone else is recreated for its pod.
                 .owns_stream(received(deleted_entries_rx))
+                .reconcile_all_on(resync)
                 .with_config(controller::Config::default().concurrency(concurrency))
                 .run(
                     workload_controller::reconcile,
