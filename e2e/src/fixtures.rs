@@ -168,11 +168,12 @@ pub async fn start_operator_and_webhook(
 ) -> anyhow::Result<Installed> {
     let webhook_port = free_port()?;
     let webhook_url = format!("https://127.0.0.1:{webhook_port}/inject");
-    let operator = start_operator(
+    let operator = start_operator_with(
         plane,
         &plane.kubeconfig_for("ferrimesh-operator")?,
         "operator",
         &webhook_url,
+        &["--resync-interval-seconds", "2"],
     )?;
     let secrets: Api<k8s_openapi::api::core::v1::Secret> =
         Api::namespaced(client.clone(), "ferrimesh-system");

@@ -77,10 +77,13 @@ struct Args {
     /// Lifetime of the CA, seconds (renewed at two thirds).
     #[arg(long, env = "FERRIMESH_CA_LIFETIME_SECONDS", default_value_t = 5 * 365 * 24 * 3600)]
     ca_lifetime_seconds: i64,
-    /// Seconds between sweeps: WorkloadEntries whose pod is gone are
-    /// deleted, and ones edited by someone else written back.
+    /// Seconds between sweeps for WorkloadEntries whose pod is gone.
     #[arg(long, env = "FERRIMESH_SWEEP_INTERVAL_SECONDS", default_value_t = 60)]
     sweep_interval_seconds: u64,
+    /// Seconds between resyncs: every injected pod checked against its
+    /// cached WorkloadEntry, and an entry someone else edited written back.
+    #[arg(long, env = "FERRIMESH_RESYNC_INTERVAL_SECONDS", default_value_t = 300)]
+    resync_interval_seconds: u64,
     /// Pods reconciled at once (each may make two API calls).
     #[arg(long, env = "FERRIMESH_WORKLOAD_CONCURRENCY", default_value_t = 128)]
     workload_concurrency: u16,
@@ -487,10 +490,12 @@ async fn controllers(
             nodes_synced.clone(),
         );
         let pods = pods.clone();
-        // Every sweep interval each pod is checked against its cached entry
-        // (no API call when it matches): an entry someone else edited is
-        // written back. A deleted one comes back at once.
-        let resync = every(Duration::from_secs(args.sweep_interval_seconds.max(1)));
+        // Every resync interval each pod is checked against its cached
+        // entry (no API call when it matches): an entry someone else edited
+        // is written back. A deleted one comes back at once. Not more
+        // often: a pod whose write the cache has not seen yet is written
+        // again (to no effect but the API server's work).
+        let resync = every(Duration::from_secs(args.resync_interval_seconds.max(1)));
         async move {
             if !synced::all(&[&caches.0, &caches.1, &caches.2]).await {
                 return;
