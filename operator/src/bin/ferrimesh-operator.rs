@@ -277,6 +277,15 @@ fn every(period: Duration) -> impl futures::Stream<Item = ()> + Send {
     })
 }
 
+/// A stream that yields each time `notify` is notified.
+fn notified(notify: Arc<Notify>) -> futures::stream::BoxStream<'static, ()> {
+    futures::stream::unfold(notify, |notify| async move {
+        notify.notified().await;
+        Some(((), notify))
+    })
+    .boxed()
+}
+
 fn count(reconciles: &Family<ReconcileLabels, Counter>, controller: &str, ok: bool) {
     reconciles
         .get_or_create(&ReconcileLabels {
@@ -313,7 +322,10 @@ async fn controllers(
     // its first list ends. A controller starts only once the caches it reads
     // are synced: a pod reconciled before the Meshes are known would lose
     // its entry, and one reconciled before the Nodes would get no locality.
+    // Namespace changes relabel namespaces, entry changes only move the
+    // Meshes' registeredWorkloads counts: each has its own throttle.
     let changed = Arc::new(Notify::new());
+    let entries_changed = Arc::new(Notify::new());
     let (meshes, mesh_writer) = reflector::store();
     let (mark_meshes, meshes_synced) = synced();
     let mesh_events = watcher(Api::<Mesh>::all(client.clone()), config.clone())
@@ -326,7 +338,7 @@ async fn controllers(
     let (mark_entries, entries_synced) = synced();
     let (deleted_entries_tx, deleted_entries_rx) = mpsc::unbounded_channel();
     let entry_cache = {
-        let changed = Arc::clone(&changed);
+        let changed = Arc::clone(&entries_changed);
         watcher(
             Api::<WorkloadEntry>::all(client.clone()),
             config
@@ -406,11 +418,10 @@ async fn controllers(
     })
     .touched_objects();
 
-    let notifications = futures::stream::unfold(changed, |changed| async move {
-        changed.notified().await;
-        Some(((), changed))
-    });
-    let cluster_changes = throttle(notifications.boxed(), Duration::from_millis(500));
+    let cluster_changes = futures::stream::select(
+        throttle(notified(changed), Duration::from_millis(500)),
+        throttle(notified(entries_changed), Duration::from_secs(5)),
+    );
     let mesh_context = Arc::new(mesh_controller::Context {
         client: client.clone(),
         namespace: args.namespace.clone(),
