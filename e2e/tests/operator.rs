@@ -166,6 +166,15 @@ async fn operator_configures_injection_and_registers_workloads() -> anyhow::Resu
     })
     .await?;
     assert_eq!(entry.spec.address.as_deref(), Some("10.1.0.5"));
+    // The Mesh counts it (entry changes reach the Mesh status throttled).
+    eventually("the Mesh counting the entry", WAIT, || {
+        let meshes = meshes.clone();
+        async move {
+            let mesh = meshes.get("default").await?;
+            Ok(mesh.status.filter(|s| s.registered_workloads == 1))
+        }
+    })
+    .await?;
     assert_eq!(entry.spec.service_account.as_deref(), Some("web"));
     assert_eq!(entry.spec.ports.get("http").map(|p| p.0), Some(8080));
     assert_eq!(entry.spec.locality.as_deref(), Some("eu-1/eu-1b"));

@@ -31,7 +31,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{Predicate, PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -332,7 +332,15 @@ async fn controllers(
         .default_backoff()
         .reflect(mesh_writer)
         .inspect(move |event| mark_meshes.observe(event))
-        .touched_objects();
+        .touched_objects()
+        // Not on its own status writes: each reconcile wrote a new
+        // registeredWorkloads while entries came, and so triggered the next.
+        // The finalizers count: the first reconcile only adds its own and
+        // relies on seeing it (deletion bumps the generation).
+        .predicate_filter(
+            predicates::generation.combine(predicates::finalizers),
+            PredicateConfig::default(),
+        );
 
     let (entries, entry_writer) = reflector::store();
     let (mark_entries, entries_synced) = synced();
