@@ -42,7 +42,7 @@ use ferrimesh_e2e::fixtures::{namespace, start_operator_with, wait_for_crds};
 use ferrimesh_e2e::metrics::{Metrics, REQUESTS};
 use ferrimesh_e2e::{ControlPlane, Process, client_for, free_port, service_account_tokens};
 use ferrimesh_operator::injected_pod::InjectedPod;
-use ferrimesh_operator::workloads::{MANAGED_BY_LABEL, desired_entry};
+use ferrimesh_operator::workloads::{MANAGED_BY, MANAGED_BY_LABEL, desired_entry};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -64,6 +64,26 @@ fn ip(i: usize) -> String {
 
 /// The managed-by label's value on the baseline's entries.
 const BASELINE: &str = "ferrimesh-baseline";
+
+/// Deletes the entries labelled managed by `manager` in the namespaces
+/// `<prefix>-<n>`, and waits until `seen` (the bench's watch) has none.
+async fn delete_entries(
+    client: &Client,
+    prefix: &str,
+    namespaces: usize,
+    manager: &str,
+    seen: &Store<WorkloadEntry>,
+) -> anyhow::Result<()> {
+    let selector = ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={manager}"));
+    for n in 0..namespaces {
+        Api::<WorkloadEntry>::namespaced(client.clone(), &format!("{prefix}-{n}"))
+            .delete_collection(&DeleteParams::default(), &selector)
+            .await?;
+    }
+    let what = format!("{prefix} entries deleted");
+    wait_converged(&what, seen, &BTreeMap::new(), Instant::now(), None).await?;
+    Ok(())
+}
 
 /// Injected pod `i` as the benchmark creates it.
 fn bench_pod(i: usize) -> Pod {
@@ -425,37 +445,11 @@ async fn run() -> anyhow::Result<()> {
     // the new one does not wait it out, which would be timed here as
     // registration.
     operator.stop(Duration::from_secs(10))?;
-    let managed = ListParams::default().labels("ferrimesh.io/managed-by=ferrimesh-operator");
-    for n in 0..namespaces {
-        Api::<WorkloadEntry>::namespaced(client.clone(), &format!("bench-{n}"))
-            .delete_collection(&DeleteParams::default(), &managed)
-            .await?;
-    }
-    wait_converged(
-        "entries deleted",
-        &entries,
-        &BTreeMap::new(),
-        Instant::now(),
-        None,
-    )
-    .await?;
+    delete_entries(&client, "bench", namespaces, MANAGED_BY, &entries).await?;
     // The baseline again, in the cluster as the new operator finds it (the
     // live pods there, no operator running): the same entries for the same
     // pods, written by the plain client.
-    let base = ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={BASELINE}"));
-    for n in 0..namespaces {
-        Api::<WorkloadEntry>::namespaced(client.clone(), &format!("base-{n}"))
-            .delete_collection(&DeleteParams::default(), &base)
-            .await?;
-    }
-    wait_converged(
-        "baseline entries deleted",
-        &baseline_entries,
-        &BTreeMap::new(),
-        Instant::now(),
-        None,
-    )
-    .await?;
+    delete_entries(&client, "base", namespaces, BASELINE, &baseline_entries).await?;
     let live_indices: Vec<usize> = live
         .keys()
         .filter_map(|name| name.strip_prefix('p')?.parse().ok())
