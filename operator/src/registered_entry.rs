@@ -46,12 +46,19 @@ pub fn written(entry: &WorkloadEntry) -> u64 {
         .as_ref()
         .and_then(|a| a.get(POD_UID_ANNOTATION));
     let conditions = entry.status.as_ref().map(|s| &s.conditions);
+    // The operator's owner reference is to a pod; others may add theirs.
+    let pod_owners: Vec<_> = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .filter(|o| o.kind == "Pod" && o.api_version == "v1")
+        .collect();
     let parts = (
         &entry.spec,
         label(MANAGED_BY_LABEL),
         label(REVISION_LABEL),
         uid,
-        &meta.owner_references,
+        pod_owners,
         conditions,
     );
     // Maps serialise in key order: the same content gives the same bytes.
@@ -98,6 +105,7 @@ reduced_resource!(RegisteredEntry, WorkloadEntry);
 mod tests {
     use ferrimesh_crds::MeshSpec;
     use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     use kube::Resource;
     use kube::runtime::watcher;
     use serde_json::json;
@@ -131,6 +139,15 @@ mod tests {
         meta.annotations
             .get_or_insert_default()
             .insert("istio.io/connectedAt".into(), "now".into());
+        meta.owner_references
+            .get_or_insert_default()
+            .push(OwnerReference {
+                api_version: "example.com/v1".into(),
+                kind: "Inventory".into(),
+                name: "shop".into(),
+                uid: "inventory-uid".into(),
+                ..OwnerReference::default()
+            });
         entry
     }
 
