@@ -84,7 +84,8 @@ struct Args {
     /// cached WorkloadEntry, and an entry someone else edited written back.
     #[arg(long, env = "FERRIMESH_RESYNC_INTERVAL_SECONDS", default_value_t = 300)]
     resync_interval_seconds: u64,
-    /// Pods reconciled at once (each may make two API calls).
+    /// Pods reconciled at once (each makes two API calls for a new entry,
+    /// four for one that changed).
     #[arg(long, env = "FERRIMESH_WORKLOAD_CONCURRENCY", default_value_t = 128)]
     workload_concurrency: u16,
     /// Address of the admin server (/metrics, /healthz, /readyz).
