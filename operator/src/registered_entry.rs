@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 
 use crate::reduced::reduced_resource;
-use crate::workloads::{MANAGED_BY, MANAGED_BY_LABEL, POD_UID_ANNOTATION, REVISION_LABEL};
+use crate::workloads::{MANAGED_BY_LABEL, POD_UID_ANNOTATION, REVISION_LABEL, is_ours};
 
 /// A WorkloadEntry as the operator's cache keeps it. A [`kube::Resource`] of kind
 /// WorkloadEntry, so that a reflector can hold it.
@@ -87,9 +87,7 @@ impl From<WorkloadEntry> for RegisteredEntry {
                 owner_references: meta.owner_references,
                 ..ObjectMeta::default()
             },
-            ours: labels
-                .get(MANAGED_BY_LABEL)
-                .is_some_and(|v| v == MANAGED_BY),
+            ours: is_ours(&labels),
             revision: labels.remove(REVISION_LABEL),
             pod_uid: meta
                 .annotations

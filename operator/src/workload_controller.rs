@@ -19,9 +19,7 @@ use serde_json::json;
 
 use crate::injected_pod::{InjectedPod, SIDECAR_STATUS};
 use crate::registered_entry::{RegisteredEntry, up_to_date};
-use crate::workloads::{
-    MANAGED_BY, MANAGED_BY_LABEL, POD_UID_ANNOTATION, desired_entry, is_orphan,
-};
+use crate::workloads::{POD_UID_ANNOTATION, desired_entry, is_orphan, is_ours};
 use crate::{FIELD_MANAGER, Result};
 
 /// The label selector of the pods the controller watches.
@@ -53,11 +51,7 @@ async fn delete_entry(client: &Client, namespace: &str, name: &str, uid: &str) -
     let Some(entry) = api.get_opt(name).await? else {
         return Ok(());
     };
-    let ours = entry
-        .labels()
-        .get(MANAGED_BY_LABEL)
-        .is_some_and(|v| v == MANAGED_BY);
-    if !ours
+    if !is_ours(entry.labels())
         || entry
             .annotations()
             .get(POD_UID_ANNOTATION)
@@ -144,11 +138,7 @@ async fn write_entry(client: &Client, mut desired: WorkloadEntry, cached: bool) 
     };
     if !created {
         let current = api.get(&name).await?;
-        let ours = current
-            .labels()
-            .get(MANAGED_BY_LABEL)
-            .is_some_and(|v| v == MANAGED_BY);
-        if !ours {
+        if !is_ours(current.labels()) {
             tracing::warn!(
                 namespace,
                 name,
@@ -271,6 +261,7 @@ mod tests {
 
     use super::*;
     use crate::test_api::{self, Handle, answer, failure};
+    use crate::workloads::{MANAGED_BY, MANAGED_BY_LABEL};
 
     fn store<K>(objects: &[K]) -> Store<K>
     where

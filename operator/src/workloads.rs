@@ -20,6 +20,14 @@ pub const REVISION_LABEL: &str = "ferrimesh.io/revision";
 /// Annotation with the UID of the pod an entry stands for.
 pub const POD_UID_ANNOTATION: &str = "ferrimesh.io/pod-uid";
 
+/// Whether an entry with these labels is the operator's (carries
+/// [`MANAGED_BY_LABEL`]=[`MANAGED_BY`]).
+pub fn is_ours(labels: &BTreeMap<String, String>) -> bool {
+    labels
+        .get(MANAGED_BY_LABEL)
+        .is_some_and(|v| v == MANAGED_BY)
+}
+
 /// `<region>/<zone>` from the node's topology labels.
 fn locality(node_labels: Option<&BTreeMap<String, String>>) -> Option<String> {
     let labels = node_labels?;
