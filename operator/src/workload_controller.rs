@@ -343,29 +343,32 @@ mod tests {
 
     #[tokio::test]
     async fn creates_the_entry_then_its_status_once_the_pod_has_an_ip() {
-        let (ctx, mut handle) = context(&[Mesh::new("default", MeshSpec::default())]);
-        let server = tokio::spawn(async move {
-            let created = answer(
-                &mut handle,
-                "POST",
-                ENTRIES,
-                StatusCode::CREATED,
-                entry_json("uid-1"),
-            )
-            .await;
-            assert_eq!(created["spec"]["address"], "10.0.0.1");
-            assert_eq!(created["metadata"]["labels"][MANAGED_BY_LABEL], MANAGED_BY);
-            assert_eq!(created["metadata"]["ownerReferences"][0]["uid"], "uid-1");
-            assert!(
-                created.get("status").is_none(),
-                "the status goes to its subresource"
-            );
-            expect_status(&mut handle).await;
-        });
-        within(reconcile(pod(ready_with_ip("10.0.0.1")), ctx))
-            .await
-            .expect("reconcile");
-        server.await.expect("scripted requests");
+        let (ctx, handle) = context(&[Mesh::new("default", MeshSpec::default())]);
+        reconcile_scripted(
+            pod(ready_with_ip("10.0.0.1")),
+            ctx,
+            handle,
+            |mut handle| async move {
+                let created = answer(
+                    &mut handle,
+                    "POST",
+                    ENTRIES,
+                    StatusCode::CREATED,
+                    entry_json("uid-1"),
+                )
+                .await;
+                assert_eq!(created["spec"]["address"], "10.0.0.1");
+                assert_eq!(created["metadata"]["labels"][MANAGED_BY_LABEL], MANAGED_BY);
+                assert_eq!(created["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+                assert!(
+                    created.get("status").is_none(),
+                    "the status goes to its subresource"
+                );
+                expect_status(&mut handle).await;
+            },
+        )
+        .await
+        .expect("reconcile");
     }
 
     /// The entry as the API server has it: written for the pod's earlier
@@ -414,61 +417,92 @@ mod tests {
     async fn replaces_a_stale_entry_keeping_what_others_added() {
         let mesh = Mesh::new("default", MeshSpec::default());
         let stale: WorkloadEntry = serde_json::from_value(stale_entry()).expect("entry");
-        let (ctx, mut handle) = context_with(&[mesh], &[stale]);
-        let server = tokio::spawn(async move {
-            expect_replace_of_stale_entry(&mut handle).await;
-            expect_status(&mut handle).await;
-        });
-        within(reconcile(pod(ready_with_ip("10.0.0.1")), ctx))
-            .await
-            .expect("reconcile");
-        server.await.expect("scripted requests");
+        let (ctx, handle) = context_with(&[mesh], &[stale]);
+        reconcile_scripted(
+            pod(ready_with_ip("10.0.0.1")),
+            ctx,
+            handle,
+            |mut handle| async move {
+                expect_replace_of_stale_entry(&mut handle).await;
+                expect_status(&mut handle).await;
+            },
+        )
+        .await
+        .expect("reconcile");
     }
 
     #[tokio::test]
     async fn an_entry_the_cache_has_not_seen_yet_is_replaced_instead_of_created() {
-        let (ctx, mut handle) = context(&[Mesh::new("default", MeshSpec::default())]);
-        let server = tokio::spawn(async move {
-            let exists = failure(409, "AlreadyExists");
-            answer(&mut handle, "POST", ENTRIES, StatusCode::CONFLICT, exists).await;
-            expect_replace_of_stale_entry(&mut handle).await;
-            expect_status(&mut handle).await;
-        });
-        within(reconcile(pod(ready_with_ip("10.0.0.1")), ctx))
-            .await
-            .expect("reconcile");
-        server.await.expect("scripted requests");
+        let (ctx, handle) = context(&[Mesh::new("default", MeshSpec::default())]);
+        reconcile_scripted(
+            pod(ready_with_ip("10.0.0.1")),
+            ctx,
+            handle,
+            |mut handle| async move {
+                let exists = failure(409, "AlreadyExists");
+                answer(&mut handle, "POST", ENTRIES, StatusCode::CONFLICT, exists).await;
+                expect_replace_of_stale_entry(&mut handle).await;
+                expect_status(&mut handle).await;
+            },
+        )
+        .await
+        .expect("reconcile");
     }
 
     #[tokio::test]
     async fn an_entry_of_the_same_name_that_is_not_ours_is_left_alone() {
-        let (ctx, mut handle) = context(&[Mesh::new("default", MeshSpec::default())]);
-        let server = tokio::spawn(async move {
-            let exists = failure(409, "AlreadyExists");
-            answer(&mut handle, "POST", ENTRIES, StatusCode::CONFLICT, exists).await;
-            let mut foreign = stale_entry();
-            foreign["metadata"]["labels"] = json!({"team": "shop"});
-            answer(&mut handle, "GET", ENTRY, StatusCode::OK, foreign).await;
-        });
-        within(reconcile(pod(ready_with_ip("10.0.0.1")), ctx))
-            .await
-            .expect("nothing to do");
-        server.await.expect("scripted requests");
+        let (ctx, handle) = context(&[Mesh::new("default", MeshSpec::default())]);
+        reconcile_scripted(
+            pod(ready_with_ip("10.0.0.1")),
+            ctx,
+            handle,
+            |mut handle| async move {
+                let exists = failure(409, "AlreadyExists");
+                answer(&mut handle, "POST", ENTRIES, StatusCode::CONFLICT, exists).await;
+                let mut foreign = stale_entry();
+                foreign["metadata"]["labels"] = json!({"team": "shop"});
+                answer(&mut handle, "GET", ENTRY, StatusCode::OK, foreign).await;
+            },
+        )
+        .await
+        .expect("nothing to do");
     }
 
     #[tokio::test]
     async fn a_replace_that_lost_a_race_fails_the_reconcile_for_a_retry() {
         let mesh = Mesh::new("default", MeshSpec::default());
         let stale: WorkloadEntry = serde_json::from_value(stale_entry()).expect("entry");
-        let (ctx, mut handle) = context_with(&[mesh], &[stale]);
-        let server = tokio::spawn(async move {
-            answer(&mut handle, "GET", ENTRY, StatusCode::OK, stale_entry()).await;
-            let conflict = failure(409, "Conflict");
-            answer(&mut handle, "PUT", ENTRY, StatusCode::CONFLICT, conflict).await;
-        });
-        let result = within(reconcile(pod(ready_with_ip("10.0.0.1")), ctx)).await;
+        let (ctx, handle) = context_with(&[mesh], &[stale]);
+        let result = reconcile_scripted(
+            pod(ready_with_ip("10.0.0.1")),
+            ctx,
+            handle,
+            |mut handle| async move {
+                answer(&mut handle, "GET", ENTRY, StatusCode::OK, stale_entry()).await;
+                let conflict = failure(409, "Conflict");
+                answer(&mut handle, "PUT", ENTRY, StatusCode::CONFLICT, conflict).await;
+            },
+        )
+        .await;
         assert!(result.is_err(), "a conflict is retried, not ignored");
+    }
+
+    /// Reconciles `pod` while `script` plays the API server on `handle`;
+    /// fails unless every request the script expects came.
+    async fn reconcile_scripted<S, F>(
+        pod: Arc<InjectedPod>,
+        ctx: Arc<Context>,
+        handle: Handle,
+        script: S,
+    ) -> Result<Action>
+    where
+        S: FnOnce(Handle) -> F,
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let server = tokio::spawn(script(handle));
+        let result = within(reconcile(pod, ctx)).await;
         server.await.expect("scripted requests");
+        result
     }
 
     /// Runs a reconcile; an unexpected API call leaves it waiting for an
@@ -560,32 +594,35 @@ mod tests {
     #[tokio::test]
     async fn deletes_the_entry_of_a_finished_pod_and_tolerates_not_found_and_conflict() {
         let finished = json!({"podIP": "10.0.0.1", "phase": "Succeeded"});
-        let (ctx, mut handle) = context(&[Mesh::new("default", MeshSpec::default())]);
-        let server = tokio::spawn(async move {
-            answer(
-                &mut handle,
-                "GET",
-                ENTRY,
-                StatusCode::OK,
-                entry_json("uid-1"),
-            )
-            .await;
-            answer(
-                &mut handle,
-                "DELETE",
-                ENTRY,
-                StatusCode::CONFLICT,
-                failure(409, "Conflict"),
-            )
-            .await;
-        });
-        within(reconcile(pod(finished.clone()), ctx))
-            .await
-            .expect("a conflict means someone else changed it: fine");
-        server.await.expect("scripted requests");
+        let (ctx, handle) = context(&[Mesh::new("default", MeshSpec::default())]);
+        reconcile_scripted(
+            pod(finished.clone()),
+            ctx,
+            handle,
+            |mut handle| async move {
+                answer(
+                    &mut handle,
+                    "GET",
+                    ENTRY,
+                    StatusCode::OK,
+                    entry_json("uid-1"),
+                )
+                .await;
+                answer(
+                    &mut handle,
+                    "DELETE",
+                    ENTRY,
+                    StatusCode::CONFLICT,
+                    failure(409, "Conflict"),
+                )
+                .await;
+            },
+        )
+        .await
+        .expect("a conflict means someone else changed it: fine");
 
-        let (ctx, mut handle) = context(&[Mesh::new("default", MeshSpec::default())]);
-        let server = tokio::spawn(async move {
+        let (ctx, handle) = context(&[Mesh::new("default", MeshSpec::default())]);
+        reconcile_scripted(pod(finished), ctx, handle, |mut handle| async move {
             answer(
                 &mut handle,
                 "GET",
@@ -594,49 +631,54 @@ mod tests {
                 failure(404, "NotFound"),
             )
             .await;
-        });
-        within(reconcile(pod(finished), ctx))
-            .await
-            .expect("nothing to delete");
-        server.await.expect("scripted requests");
+        })
+        .await
+        .expect("nothing to delete");
     }
 
     #[tokio::test]
     async fn never_deletes_an_entry_of_another_pod() {
-        let (ctx, mut handle) = context(&[]);
-        let server = tokio::spawn(async move {
-            // No Mesh serves the pod: its entry would go, but this one is another pod's.
-            answer(
-                &mut handle,
-                "GET",
-                ENTRY,
-                StatusCode::OK,
-                entry_json("uid-of-another-pod"),
-            )
-            .await;
-        });
-        within(reconcile(pod(json!({"podIP": "10.0.0.1"})), ctx))
-            .await
-            .expect("reconcile");
-        server.await.expect("scripted requests");
+        let (ctx, handle) = context(&[]);
+        reconcile_scripted(
+            pod(json!({"podIP": "10.0.0.1"})),
+            ctx,
+            handle,
+            |mut handle| async move {
+                // No Mesh serves the pod: its entry would go, but this one is another pod's.
+                answer(
+                    &mut handle,
+                    "GET",
+                    ENTRY,
+                    StatusCode::OK,
+                    entry_json("uid-of-another-pod"),
+                )
+                .await;
+            },
+        )
+        .await
+        .expect("reconcile");
     }
 
     #[tokio::test]
     async fn reports_api_errors() {
-        let (ctx, mut handle) = context(&[Mesh::new("default", MeshSpec::default())]);
-        let server = tokio::spawn(async move {
-            let failure = failure(500, "InternalError");
-            answer(
-                &mut handle,
-                "POST",
-                ENTRIES,
-                StatusCode::INTERNAL_SERVER_ERROR,
-                failure,
-            )
-            .await;
-        });
-        let result = within(reconcile(pod(json!({"podIP": "10.0.0.1"})), ctx)).await;
+        let (ctx, handle) = context(&[Mesh::new("default", MeshSpec::default())]);
+        let result = reconcile_scripted(
+            pod(json!({"podIP": "10.0.0.1"})),
+            ctx,
+            handle,
+            |mut handle| async move {
+                let failure = failure(500, "InternalError");
+                answer(
+                    &mut handle,
+                    "POST",
+                    ENTRIES,
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    failure,
+                )
+                .await;
+            },
+        )
+        .await;
         assert!(matches!(result, Err(crate::Error::Kube(_))), "{result:?}");
-        server.await.expect("scripted requests");
     }
 }
