@@ -25,7 +25,7 @@
 //!    is the operator's own registration rate, set against both baselines
 //!    (in 2. the operator can go no faster than the pods are created).
 //!
-//! The baseline, the registration and the cold registration also report
+//! Both baselines, the registration and the cold registration also report
 //! what the API server served (its `apiserver_request_total`): the writes
 //! on WorkloadEntries per entry (two, spec then status, is the least; more
 //! means writes the caches could have spared) and the most frequent
@@ -339,7 +339,7 @@ async fn run() -> anyhow::Result<()> {
         store
     };
     let baseline_entries = watch_entries(&format!("{MANAGED_BY_LABEL}={BASELINE}"));
-    let entries = watch_entries("ferrimesh.io/managed-by=ferrimesh-operator");
+    let entries = watch_entries(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     baseline_entries.wait_until_ready().await?;
     entries.wait_until_ready().await?;
 
