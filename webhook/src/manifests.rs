@@ -418,11 +418,13 @@ fn process_object(
             .metadata
             .namespace
             .clone_from(&pod.metadata.namespace);
-        let before = serde_json::to_value(&pod).map_err(|e| fail(e.to_string()))?;
-        let after = serde_json::to_value(&injected).map_err(|e| fail(e.to_string()))?;
-        let patch = patch::diff(&before, after);
-        json_patch::patch(template, &patch.0)
-            .map_err(|e| fail(format!("internal error applying patch: {e}")))?;
+        let patch = patch::between(&pod, &injected).map_err(|e| fail(e.to_string()))?;
+        if let Some(patch) = patch {
+            let patch: json_patch::Patch = serde_json::from_slice(&patch)
+                .map_err(|e| fail(format!("internal error reading patch: {e}")))?;
+            json_patch::patch(template, &patch.0)
+                .map_err(|e| fail(format!("internal error applying patch: {e}")))?;
+        }
     }
     reports.push(PodReport {
         location: location.clone(),

@@ -7,7 +7,6 @@
 use std::time::Instant;
 
 use ferrimesh_crds::mesh::MeshSpec;
-use json_patch::Patch;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, Operation};
@@ -313,35 +312,21 @@ fn answer(
     }
 }
 
-/// The response's `patch` from `pod` to `injected` ([`encode_patch`]), or
-/// none when re-injecting an injected pod changes nothing.
+/// The response's `patch` from `pod` to `injected`: the JSON string of the
+/// patch's base64 form (SIMD-encoded), kept raw so that writing the response
+/// copies it rather than scanning each of its bytes for characters to
+/// escape (base64 has none). None when re-injecting an injected pod changes
+/// nothing.
 fn patch_between(pod: &Pod, injected: &Pod) -> serde_json::Result<Option<Box<RawValue>>> {
-    let before = serde_json::to_value(pod)?;
-    let after = serde_json::to_value(injected)?;
-    let patch = patch::diff(&before, after);
-    if patch.0.is_empty() {
+    let Some(json) = patch::between(pod, injected)? else {
         return Ok(None);
-    }
-    encode_patch(&patch).map(Some)
-}
-
-/// The patch as the response's `patch` member: the JSON string of its
-/// base64 form (SIMD-encoded), kept raw so that writing the response copies
-/// it rather than scanning each of its bytes for characters to escape
-/// (base64 has none).
-fn encode_patch(patch: &Patch) -> serde_json::Result<Box<RawValue>> {
-    let mut json = Vec::with_capacity(PATCH_CAPACITY);
-    serde_json::to_writer(&mut json, patch)?;
+    };
     let mut quoted = String::with_capacity(json.len().div_ceil(3) * 4 + 2);
     quoted.push('"');
     base64_simd::STANDARD.encode_append(&json, &mut quoted);
     quoted.push('"');
-    RawValue::from_string(quoted)
+    RawValue::from_string(quoted).map(Some)
 }
-
-/// Room for a typical pod's patch (about 6 KiB), so it is written without
-/// growing its buffer.
-const PATCH_CAPACITY: usize = 8 * 1024;
 
 fn check_uid(uid: &str) -> Result<(), Refusal> {
     if uid.is_empty() {
@@ -353,7 +338,7 @@ fn check_uid(uid: &str) -> Result<(), Refusal> {
 }
 
 enum Verdict {
-    /// Allowed, with the base64 JSONPatch (see [`encode_patch`]) when the
+    /// Allowed, with the base64 JSONPatch (see [`patch_between`]) when the
     /// pod changes.
     Allow(Option<Box<RawValue>>),
     /// Refused with a message for the user.
