@@ -104,6 +104,11 @@ impl Process {
             .map_or(0.0, |kib| kib / 1024.0)
     }
 
+    /// The CPU time the process has used so far ([`cpu_seconds`]).
+    pub fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(self.id())
+    }
+
     /// Fails when the process has exited.
     pub fn check_running(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
@@ -168,6 +173,27 @@ pub fn machine() -> String {
         .unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     format!("{cores} cores, {cpu}")
+}
+
+/// The CPU time, user and system, that process `pid` has used so far, in
+/// seconds (all its threads, from `/proc/<pid>/stat`); 0 when unknown.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    // Linux reports these times in USER_HZ ticks, 100 a second on every
+    // architecture it exposes to user space as such.
+    const USER_HZ: f64 = 100.0;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name, in parentheses, may itself hold spaces: fields are
+    // counted from the last `)`; utime and stime are the 14th and 15th.
+    let Some((_, fields)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let ticks: Vec<f64> = fields
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    ticks.iter().sum::<f64>() / USER_HZ
 }
 
 /// The directory holding `kube-apiserver` and `etcd`, built when missing.
@@ -528,6 +554,13 @@ impl ControlPlane {
     pub fn scratch(&self) -> &Scratch {
         &self.scratch
     }
+
+    /// The CPU seconds kube-apiserver and etcd have used so far (0 for one
+    /// not running).
+    pub fn cpu_seconds(&self) -> (f64, f64) {
+        let of = |process: &Option<Process>| process.as_ref().map_or(0.0, Process::cpu_seconds);
+        (of(&self.apiserver), of(&self.etcd))
+    }
 }
 
 /// GETs `url` (any certificate accepted: the test control plane's is
@@ -609,5 +642,30 @@ impl ServingCertificate {
             cert: cert_path,
             key: key_path,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_seconds_counts_this_process_working() {
+        let before = cpu_seconds(std::process::id());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut spun = 0u64;
+        // Work until the kernel has counted 0.2 s more of it (at most 20 s
+        // of wall time on a busy machine).
+        while cpu_seconds(std::process::id()) - before < 0.2 {
+            assert!(Instant::now() < deadline, "no CPU time counted");
+            for i in 0..1_000_000u64 {
+                spun = std::hint::black_box(spun.wrapping_add(i));
+            }
+        }
+    }
+
+    #[test]
+    fn cpu_seconds_of_no_process_is_zero() {
+        assert_eq!(cpu_seconds(u32::MAX), 0.0);
     }
 }

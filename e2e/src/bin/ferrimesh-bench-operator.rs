@@ -30,6 +30,8 @@
 //! on WorkloadEntries per entry (two, spec then status, is the least; more
 //! means writes the caches could have spared) and the most frequent
 //! requests.
+//! The same phases report the CPU time the API server, etcd, the operator
+//! and the bench itself used, and per entry.
 //! The operator's peak RSS (VmHWM) is read from /proc. Defaults:
 //! 10,000 pods, 100 namespaces, concurrency 32.
 
@@ -283,6 +285,45 @@ async fn report_requests(
     Ok(per_entry)
 }
 
+/// CPU seconds used so far by each process of the benchmark.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    apiserver: f64,
+    etcd: f64,
+    operator: f64,
+    bench: f64,
+}
+
+impl Cpu {
+    /// Now, for the control plane, the operator if one runs, and the bench
+    /// (the load generator and its watches).
+    fn now(plane: &ControlPlane, operator: Option<&Process>) -> Self {
+        let (apiserver, etcd) = plane.cpu_seconds();
+        Self {
+            apiserver,
+            etcd,
+            operator: operator.map_or(0.0, Process::cpu_seconds),
+            bench: ferrimesh_e2e::cpu_seconds(std::process::id()),
+        }
+    }
+
+    /// Prints what each process used since `before`, also per entry.
+    fn report(&self, phase: &str, before: &Cpu, entries: usize) {
+        let per_entry = |used: f64| 1000.0 * used / entries as f64;
+        let used = [
+            ("API server", self.apiserver - before.apiserver),
+            ("etcd", self.etcd - before.etcd),
+            ("operator", self.operator - before.operator),
+            ("bench", self.bench - before.bench),
+        ];
+        let parts: Vec<String> = used
+            .iter()
+            .map(|(name, s)| format!("{name} {s:.1} s ({:.2} ms/entry)", per_entry(*s)))
+            .collect();
+        println!("    {phase}: CPU {}", parts.join(", "));
+    }
+}
+
 fn rate(n: usize, took: Duration) -> f64 {
     n as f64 / took.as_secs_f64()
 }
@@ -346,6 +387,7 @@ async fn run() -> anyhow::Result<()> {
     println!("==> 1. baseline: a plain client creates {pods} WorkloadEntries (spec, then status)");
     let expected: BTreeMap<String, String> = (0..pods).map(|i| (format!("p{i}"), ip(i))).collect();
     let before = served(&client).await?;
+    let cpu_before = Cpu::now(&plane, None);
     let started = Instant::now();
     let written = run
         .each((0..pods).collect(), |i| {
@@ -360,6 +402,7 @@ async fn run() -> anyhow::Result<()> {
         baseline.as_secs_f64(),
         rate(pods, baseline)
     );
+    Cpu::now(&plane, None).report("baseline", &cpu_before, pods);
     report_requests(&client, "baseline", &before, pods).await?;
 
     let url = format!("https://127.0.0.1:{}/inject", free_port()?);
@@ -373,6 +416,7 @@ async fn run() -> anyhow::Result<()> {
     );
     let mut live: BTreeMap<String, String> = (0..pods).map(|i| (format!("p{i}"), ip(i))).collect();
     let before = served(&client).await?;
+    let cpu_before = Cpu::now(&plane, Some(&operator));
     let started = Instant::now();
     let created = run
         .each((0..pods).collect(), |i| {
@@ -392,6 +436,7 @@ async fn run() -> anyhow::Result<()> {
         Some(&mut operator),
     )
     .await?;
+    Cpu::now(&plane, Some(&operator)).report("registration", &cpu_before, pods);
     let writes_registration = report_requests(&client, "registration", &before, pods).await?;
     let rss_registration = operator.peak_rss_mib();
 
@@ -455,6 +500,7 @@ async fn run() -> anyhow::Result<()> {
         .filter_map(|name| name.strip_prefix('p')?.parse().ok())
         .collect();
     let before = served(&client).await?;
+    let cpu_before = Cpu::now(&plane, None);
     let started = Instant::now();
     run.each(live_indices, |i| {
         let run = Arc::clone(&run);
@@ -469,6 +515,11 @@ async fn run() -> anyhow::Result<()> {
         None,
     )
     .await?;
+    Cpu::now(&plane, None).report(
+        "baseline before the cold registration",
+        &cpu_before,
+        live.len(),
+    );
     report_requests(
         &client,
         "baseline before the cold registration",
@@ -478,6 +529,7 @@ async fn run() -> anyhow::Result<()> {
     .await?;
 
     let before = served(&client).await?;
+    let cpu_before = Cpu::now(&plane, None);
     let started = Instant::now();
     let mut operator =
         start_operator_with(&plane, &identity, "operator-3", &url, &same_concurrency)?;
@@ -489,6 +541,7 @@ async fn run() -> anyhow::Result<()> {
         Some(&mut operator),
     )
     .await?;
+    Cpu::now(&plane, Some(&operator)).report("cold registration", &cpu_before, live.len());
     let writes_cold = report_requests(&client, "cold registration", &before, live.len()).await?;
     let rss_cold = operator.peak_rss_mib();
 
