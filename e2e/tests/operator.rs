@@ -258,6 +258,55 @@ async fn operator_configures_injection_and_registers_workloads() -> anyhow::Resu
     })
     .await?;
 
+    // An entry of a pod's name that ferrimesh did not create is left alone;
+    // the pod gets a Warning Event saying why it is not registered.
+    let foreign: WorkloadEntry = serde_json::from_value(json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+        "metadata": {"name": "web-2", "labels": {"team": "vm"}},
+        "spec": {"address": "10.7.7.7"}
+    }))?;
+    entries.create(&PostParams::default(), &foreign).await?;
+    let mut second = pod.clone();
+    second.metadata.name = Some("web-2".to_owned());
+    let second = pods.create(&PostParams::default(), &second).await?;
+    assert!(second.annotations().contains_key("sidecar.istio.io/status"));
+    pods.patch_status(
+        "web-2",
+        &PatchParams::default(),
+        &Patch::Merge(ready("True")),
+    )
+    .await?;
+    let pod_events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), "apps");
+    let warning = eventually("a Warning Event on the pod", WAIT, || {
+        let pod_events = pod_events.clone();
+        async move {
+            let found = pod_events
+                .list(&Default::default())
+                .await?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("WorkloadEntryNotManaged")
+                        && e.regarding
+                            .as_ref()
+                            .is_some_and(|r| r.name.as_deref() == Some("web-2"))
+                });
+            Ok(found)
+        }
+    })
+    .await?;
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+    let untouched = entries.get("web-2").await?;
+    assert_eq!(untouched.spec.address.as_deref(), Some("10.7.7.7"));
+    assert_eq!(untouched.metadata.owner_references, None);
+    assert_eq!(
+        untouched.labels().get("ferrimesh.io/managed-by"),
+        None,
+        "not taken over"
+    );
+    assert!(untouched.status.is_none(), "no status written");
+
     pods.delete("web-1", &DeleteParams::default().grace_period(0))
         .await?;
     eventually("the entry deleted with its pod", WAIT, || {

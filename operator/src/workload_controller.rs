@@ -13,8 +13,9 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::injected_pod::{InjectedPod, SIDECAR_STATUS};
@@ -35,6 +36,8 @@ pub struct Context {
     pub entries: Store<RegisteredEntry>,
     /// Nodes (metadata only), for the locality of their pods.
     pub nodes: Store<PartialObjectMeta<Node>>,
+    /// Publishes an Event on a pod that cannot be registered.
+    pub recorder: Recorder,
 }
 
 fn mesh_for(pod: &InjectedPod, meshes: &Store<Mesh>) -> Option<Arc<Mesh>> {
@@ -101,8 +104,35 @@ pub async fn reconcile(pod: Arc<InjectedPod>, ctx: Arc<Context>) -> Result<Actio
     {
         return Ok(Action::await_change());
     }
-    write_entry(&ctx.client, entry, existing.is_some()).await?;
+    if let Written::NotOurs = write_entry(&ctx.client, entry, existing.is_some()).await? {
+        tracing::warn!(
+            namespace,
+            name,
+            "a WorkloadEntry of this name is not ours: left alone"
+        );
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: "WorkloadEntryNotManaged".to_owned(),
+            note: Some(format!(
+                "WorkloadEntry {namespace}/{name} exists and was not created by ferrimesh: \
+                 the pod is not registered until that entry is deleted"
+            )),
+            action: "Register".to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &pod.object_ref(&())).await {
+            tracing::warn!(error = %e, "could not publish an Event");
+        }
+    }
     Ok(Action::await_change())
+}
+
+/// What [`write_entry`] did.
+enum Written {
+    /// The entry is as the operator writes it.
+    Written,
+    /// An entry of the pod's name exists that the operator did not create.
+    NotOurs,
 }
 
 /// Writes `desired` (spec, the operator's labels, annotation and owner,
@@ -117,7 +147,7 @@ pub async fn reconcile(pod: Arc<InjectedPod>, ctx: Arc<Context>) -> Result<Actio
 /// only its own keys and its pod's owner reference are set, so labels,
 /// annotations and owners others add stay. An entry of the same name that
 /// the operator did not create is left alone.
-async fn write_entry(client: &Client, mut desired: WorkloadEntry, cached: bool) -> Result<()> {
+async fn write_entry(client: &Client, mut desired: WorkloadEntry, cached: bool) -> Result<Written> {
     let namespace = desired.namespace().unwrap_or_default();
     let name = desired.name_any();
     let api: Api<WorkloadEntry> = Api::namespaced(client.clone(), &namespace);
@@ -139,12 +169,7 @@ async fn write_entry(client: &Client, mut desired: WorkloadEntry, cached: bool) 
     if !created {
         let current = api.get(&name).await?;
         if !is_ours(current.labels()) {
-            tracing::warn!(
-                namespace,
-                name,
-                "a WorkloadEntry of this name is not ours: left alone"
-            );
-            return Ok(());
+            return Ok(Written::NotOurs);
         }
         // A conflict (changed since the read) fails the reconcile, which is retried.
         api.replace(&name, &params, &merged(current, desired))
@@ -156,7 +181,7 @@ async fn write_entry(client: &Client, mut desired: WorkloadEntry, cached: bool) 
     };
     api.patch_status(&name, &params, &Patch::Merge(json!({ "status": status })))
         .await?;
-    Ok(())
+    Ok(Written::Written)
 }
 
 /// `current` with what the operator writes taken from `desired`: the spec,
@@ -279,7 +304,7 @@ mod tests {
         let (client, handle) = test_api::client();
         (
             Arc::new(Context {
-                client,
+                client: client.clone(),
                 meshes: store(meshes),
                 entries: store(
                     &entries
@@ -289,6 +314,13 @@ mod tests {
                         .collect::<Vec<_>>(),
                 ),
                 nodes: store(&[]),
+                recorder: Recorder::new(
+                    client,
+                    kube::runtime::events::Reporter {
+                        controller: "test".into(),
+                        instance: None,
+                    },
+                ),
             }),
             handle,
         )
@@ -462,6 +494,22 @@ mod tests {
                 let mut foreign = stale_entry();
                 foreign["metadata"]["labels"] = json!({"team": "shop"});
                 answer(&mut handle, "GET", ENTRY, StatusCode::OK, foreign).await;
+                // Nothing written to the entry; the pod gets a Warning Event.
+                let events = "/apis/events.k8s.io/v1/namespaces/shop/events";
+                let created = json!({"apiVersion": "events.k8s.io/v1", "kind": "Event",
+                                     "metadata": {"name": "e", "namespace": "shop"},
+                                     "eventTime": "2026-01-01T00:00:00.000000Z"});
+                let event = answer(&mut handle, "POST", events, StatusCode::CREATED, created).await;
+                assert_eq!(event["type"], "Warning");
+                assert_eq!(event["reason"], "WorkloadEntryNotManaged");
+                assert_eq!(event["regarding"]["kind"], "Pod");
+                assert_eq!(event["regarding"]["name"], "web-1");
+                assert!(
+                    event["note"]
+                        .as_str()
+                        .is_some_and(|n| n.contains("shop/web-1")),
+                    "{event}"
+                );
             },
         )
         .await

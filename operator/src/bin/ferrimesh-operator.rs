@@ -431,6 +431,13 @@ async fn controllers(
         throttle(notified(changed), Duration::from_millis(500)),
         throttle(notified(entries_changed), Duration::from_secs(5)),
     );
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "ferrimesh-operator".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
     let mesh_context = Arc::new(mesh_controller::Context {
         client: client.clone(),
         namespace: args.namespace.clone(),
@@ -445,13 +452,7 @@ async fn controllers(
         meshes: meshes.clone(),
         namespaces,
         entries: entries.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "ferrimesh-operator".into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
-        ),
+        recorder: recorder.clone(),
     });
     let every_mesh = {
         let meshes = meshes.clone();
@@ -500,6 +501,7 @@ async fn controllers(
         meshes,
         entries: entries.clone(),
         nodes,
+        recorder,
     });
     let workload_loop = {
         let counter = reconciles;
