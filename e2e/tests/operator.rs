@@ -13,7 +13,8 @@ use ferrimesh_e2e::fixtures::{
 };
 use ferrimesh_e2e::{ControlPlane, eventually, free_port, service_account_tokens};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -57,25 +58,9 @@ async fn operator_configures_injection_and_registers_workloads() -> anyhow::Resu
         }
     })
     .await?;
-    let events: Api<k8s_openapi::api::events::v1::Event> =
-        Api::namespaced(client.clone(), "default");
-    eventually("a NamespaceLabelled Event on the Mesh", WAIT, || {
-        let events = events.clone();
-        async move {
-            let found = events
-                .list(&Default::default())
-                .await?
-                .items
-                .into_iter()
-                .find(|e| {
-                    e.reason.as_deref() == Some("NamespaceLabelled")
-                        && e.regarding
-                            .as_ref()
-                            .is_some_and(|r| r.kind.as_deref() == Some("Mesh"))
-                        && e.note.as_deref().is_some_and(|n| n.contains("apps"))
-                });
-            Ok(found)
-        }
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    event_about(&events, "NamespaceLabelled", |about, note| {
+        about.kind.as_deref() == Some("Mesh") && note.contains("apps")
     })
     .await?;
     assert_eq!(
@@ -276,24 +261,9 @@ async fn operator_configures_injection_and_registers_workloads() -> anyhow::Resu
         &Patch::Merge(ready("True")),
     )
     .await?;
-    let pod_events: Api<k8s_openapi::api::events::v1::Event> =
-        Api::namespaced(client.clone(), "apps");
-    let warning = eventually("a Warning Event on the pod", WAIT, || {
-        let pod_events = pod_events.clone();
-        async move {
-            let found = pod_events
-                .list(&Default::default())
-                .await?
-                .items
-                .into_iter()
-                .find(|e| {
-                    e.reason.as_deref() == Some("WorkloadEntryNotManaged")
-                        && e.regarding
-                            .as_ref()
-                            .is_some_and(|r| r.name.as_deref() == Some("web-2"))
-                });
-            Ok(found)
-        }
+    let pod_events: Api<Event> = Api::namespaced(client.clone(), "apps");
+    let warning = event_about(&pod_events, "WorkloadEntryNotManaged", |about, _| {
+        about.kind.as_deref() == Some("Pod") && about.name.as_deref() == Some("web-2")
     })
     .await?;
     assert_eq!(warning.type_.as_deref(), Some("Warning"));
@@ -379,6 +349,29 @@ async fn operator_configures_injection_and_registers_workloads() -> anyhow::Resu
         "user label survives"
     );
     Ok(())
+}
+
+/// Waits for an Event with `reason` whose object and note `matches`.
+async fn event_about(
+    events: &Api<Event>,
+    reason: &str,
+    matches: impl Fn(&ObjectReference, &str) -> bool,
+) -> anyhow::Result<Event> {
+    let matches = &matches;
+    eventually(&format!("a {reason} Event"), WAIT, || async move {
+        Ok(events
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.regarding
+                        .as_ref()
+                        .is_some_and(|about| matches(about, e.note.as_deref().unwrap_or_default()))
+            }))
+    })
+    .await
 }
 
 async fn holder(client: &Client) -> anyhow::Result<Option<String>> {
