@@ -105,26 +105,33 @@ pub async fn reconcile(pod: Arc<InjectedPod>, ctx: Arc<Context>) -> Result<Actio
         return Ok(Action::await_change());
     }
     if let Written::NotOurs = write_entry(&ctx.client, entry, existing.is_some()).await? {
-        tracing::warn!(
-            namespace,
-            name,
-            "a WorkloadEntry of this name is not ours: left alone"
-        );
-        let event = KubeEvent {
-            type_: EventType::Warning,
-            reason: "WorkloadEntryNotManaged".to_owned(),
-            note: Some(format!(
-                "WorkloadEntry {namespace}/{name} exists and was not created by ferrimesh: \
-                 the pod is not registered until that entry is deleted"
-            )),
-            action: "Register".to_owned(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &pod.object_ref(&())).await {
-            tracing::warn!(error = %e, "could not publish an Event");
-        }
+        report_not_ours(&ctx.recorder, &pod).await;
     }
     Ok(Action::await_change())
+}
+
+/// Logs and tells the pod's owner (a Warning Event on the pod) that an
+/// entry of its name that ferrimesh did not create keeps it unregistered.
+async fn report_not_ours(recorder: &Recorder, pod: &InjectedPod) {
+    let (namespace, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
+    tracing::warn!(
+        namespace,
+        name,
+        "a WorkloadEntry of this name is not ours: left alone"
+    );
+    let event = KubeEvent {
+        type_: EventType::Warning,
+        reason: "WorkloadEntryNotManaged".to_owned(),
+        note: Some(format!(
+            "WorkloadEntry {namespace}/{name} exists and was not created by ferrimesh: \
+             the pod is not registered until that entry is deleted"
+        )),
+        action: "Register".to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &pod.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish an Event");
+    }
 }
 
 /// What [`write_entry`] did.
@@ -375,30 +382,24 @@ mod tests {
 
     #[tokio::test]
     async fn creates_the_entry_then_its_status_once_the_pod_has_an_ip() {
-        let (ctx, handle) = context(&[Mesh::new("default", MeshSpec::default())]);
-        reconcile_scripted(
-            pod(ready_with_ip("10.0.0.1")),
-            ctx,
-            handle,
-            |mut handle| async move {
-                let created = answer(
-                    &mut handle,
-                    "POST",
-                    ENTRIES,
-                    StatusCode::CREATED,
-                    entry_json("uid-1"),
-                )
-                .await;
-                assert_eq!(created["spec"]["address"], "10.0.0.1");
-                assert_eq!(created["metadata"]["labels"][MANAGED_BY_LABEL], MANAGED_BY);
-                assert_eq!(created["metadata"]["ownerReferences"][0]["uid"], "uid-1");
-                assert!(
-                    created.get("status").is_none(),
-                    "the status goes to its subresource"
-                );
-                expect_status(&mut handle).await;
-            },
-        )
+        register_scripted(&[], |mut handle| async move {
+            let created = answer(
+                &mut handle,
+                "POST",
+                ENTRIES,
+                StatusCode::CREATED,
+                entry_json("uid-1"),
+            )
+            .await;
+            assert_eq!(created["spec"]["address"], "10.0.0.1");
+            assert_eq!(created["metadata"]["labels"][MANAGED_BY_LABEL], MANAGED_BY);
+            assert_eq!(created["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+            assert!(
+                created.get("status").is_none(),
+                "the status goes to its subresource"
+            );
+            expect_status(&mut handle).await;
+        })
         .await
         .expect("reconcile");
     }
@@ -447,92 +448,77 @@ mod tests {
 
     #[tokio::test]
     async fn replaces_a_stale_entry_keeping_what_others_added() {
-        let mesh = Mesh::new("default", MeshSpec::default());
         let stale: WorkloadEntry = serde_json::from_value(stale_entry()).expect("entry");
-        let (ctx, handle) = context_with(&[mesh], &[stale]);
-        reconcile_scripted(
-            pod(ready_with_ip("10.0.0.1")),
-            ctx,
-            handle,
-            |mut handle| async move {
-                expect_replace_of_stale_entry(&mut handle).await;
-                expect_status(&mut handle).await;
-            },
-        )
+        register_scripted(&[stale], |mut handle| async move {
+            expect_replace_of_stale_entry(&mut handle).await;
+            expect_status(&mut handle).await;
+        })
         .await
         .expect("reconcile");
     }
 
     #[tokio::test]
     async fn an_entry_the_cache_has_not_seen_yet_is_replaced_instead_of_created() {
-        let (ctx, handle) = context(&[Mesh::new("default", MeshSpec::default())]);
-        reconcile_scripted(
-            pod(ready_with_ip("10.0.0.1")),
-            ctx,
-            handle,
-            |mut handle| async move {
-                let exists = failure(409, "AlreadyExists");
-                answer(&mut handle, "POST", ENTRIES, StatusCode::CONFLICT, exists).await;
-                expect_replace_of_stale_entry(&mut handle).await;
-                expect_status(&mut handle).await;
-            },
-        )
+        register_scripted(&[], |mut handle| async move {
+            let exists = failure(409, "AlreadyExists");
+            answer(&mut handle, "POST", ENTRIES, StatusCode::CONFLICT, exists).await;
+            expect_replace_of_stale_entry(&mut handle).await;
+            expect_status(&mut handle).await;
+        })
         .await
         .expect("reconcile");
     }
 
     #[tokio::test]
     async fn an_entry_of_the_same_name_that_is_not_ours_is_left_alone() {
-        let (ctx, handle) = context(&[Mesh::new("default", MeshSpec::default())]);
-        reconcile_scripted(
-            pod(ready_with_ip("10.0.0.1")),
-            ctx,
-            handle,
-            |mut handle| async move {
-                let exists = failure(409, "AlreadyExists");
-                answer(&mut handle, "POST", ENTRIES, StatusCode::CONFLICT, exists).await;
-                let mut foreign = stale_entry();
-                foreign["metadata"]["labels"] = json!({"team": "shop"});
-                answer(&mut handle, "GET", ENTRY, StatusCode::OK, foreign).await;
-                // Nothing written to the entry; the pod gets a Warning Event.
-                let events = "/apis/events.k8s.io/v1/namespaces/shop/events";
-                let created = json!({"apiVersion": "events.k8s.io/v1", "kind": "Event",
+        register_scripted(&[], |mut handle| async move {
+            let exists = failure(409, "AlreadyExists");
+            answer(&mut handle, "POST", ENTRIES, StatusCode::CONFLICT, exists).await;
+            let mut foreign = stale_entry();
+            foreign["metadata"]["labels"] = json!({"team": "shop"});
+            answer(&mut handle, "GET", ENTRY, StatusCode::OK, foreign).await;
+            // Nothing written to the entry; the pod gets a Warning Event.
+            let events = "/apis/events.k8s.io/v1/namespaces/shop/events";
+            let created = json!({"apiVersion": "events.k8s.io/v1", "kind": "Event",
                                      "metadata": {"name": "e", "namespace": "shop"},
                                      "eventTime": "2026-01-01T00:00:00.000000Z"});
-                let event = answer(&mut handle, "POST", events, StatusCode::CREATED, created).await;
-                assert_eq!(event["type"], "Warning");
-                assert_eq!(event["reason"], "WorkloadEntryNotManaged");
-                assert_eq!(event["regarding"]["kind"], "Pod");
-                assert_eq!(event["regarding"]["name"], "web-1");
-                assert!(
-                    event["note"]
-                        .as_str()
-                        .is_some_and(|n| n.contains("shop/web-1")),
-                    "{event}"
-                );
-            },
-        )
+            let event = answer(&mut handle, "POST", events, StatusCode::CREATED, created).await;
+            assert_eq!(event["type"], "Warning");
+            assert_eq!(event["reason"], "WorkloadEntryNotManaged");
+            assert_eq!(event["regarding"]["kind"], "Pod");
+            assert_eq!(event["regarding"]["name"], "web-1");
+            assert!(
+                event["note"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("shop/web-1")),
+                "{event}"
+            );
+        })
         .await
         .expect("nothing to do");
     }
 
     #[tokio::test]
     async fn a_replace_that_lost_a_race_fails_the_reconcile_for_a_retry() {
-        let mesh = Mesh::new("default", MeshSpec::default());
         let stale: WorkloadEntry = serde_json::from_value(stale_entry()).expect("entry");
-        let (ctx, handle) = context_with(&[mesh], &[stale]);
-        let result = reconcile_scripted(
-            pod(ready_with_ip("10.0.0.1")),
-            ctx,
-            handle,
-            |mut handle| async move {
-                answer(&mut handle, "GET", ENTRY, StatusCode::OK, stale_entry()).await;
-                let conflict = failure(409, "Conflict");
-                answer(&mut handle, "PUT", ENTRY, StatusCode::CONFLICT, conflict).await;
-            },
-        )
+        let result = register_scripted(&[stale], |mut handle| async move {
+            answer(&mut handle, "GET", ENTRY, StatusCode::OK, stale_entry()).await;
+            let conflict = failure(409, "Conflict");
+            answer(&mut handle, "PUT", ENTRY, StatusCode::CONFLICT, conflict).await;
+        })
         .await;
         assert!(result.is_err(), "a conflict is retried, not ignored");
+    }
+
+    /// Reconciles a ready pod with the IP 10.0.0.1 under the default Mesh,
+    /// the cache holding `cached`, while `script` plays the API server.
+    async fn register_scripted<S, F>(cached: &[WorkloadEntry], script: S) -> Result<Action>
+    where
+        S: FnOnce(Handle) -> F,
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (ctx, handle) = context_with(&[Mesh::new("default", MeshSpec::default())], cached);
+        reconcile_scripted(pod(ready_with_ip("10.0.0.1")), ctx, handle, script).await
     }
 
     /// Reconciles `pod` while `script` plays the API server on `handle`;
