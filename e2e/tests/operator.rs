@@ -132,13 +132,17 @@ async fn operator_configures_injection_and_registers_workloads() -> anyhow::Resu
             "topology.kubernetes.io/region": "eu-1", "topology.kubernetes.io/zone": "eu-1b"}}}))?,
         )
         .await?;
-    let ready = |status: &str| json!({"status": {"podIP": "10.1.0.5", "phase": "Running", "conditions": [{"type": "Ready", "status": status}]}});
-    pods.patch_status(
-        "web-1",
-        &PatchParams::default(),
-        &Patch::Merge(ready("True")),
-    )
-    .await?;
+    // Play the kubelet's status write: the pod's IP and its Ready condition.
+    let set_ready = |name: &'static str, ready: &'static str| {
+        let status = json!({"status": {"podIP": "10.1.0.5", "phase": "Running",
+                                       "conditions": [{"type": "Ready", "status": ready}]}});
+        let pods = pods.clone();
+        async move {
+            pods.patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+                .await
+        }
+    };
+    set_ready("web-1", "True").await?;
     let entries: Api<WorkloadEntry> = Api::namespaced(client.clone(), "apps");
     let entry = eventually("a WorkloadEntry", WAIT, || {
         let entries = entries.clone();
@@ -178,12 +182,7 @@ async fn operator_configures_injection_and_registers_workloads() -> anyhow::Resu
         Some("True")
     );
 
-    pods.patch_status(
-        "web-1",
-        &PatchParams::default(),
-        &Patch::Merge(ready("False")),
-    )
-    .await?;
+    set_ready("web-1", "False").await?;
     eventually("Healthy=False", WAIT, || {
         let entries = entries.clone();
         async move {
@@ -255,12 +254,7 @@ async fn operator_configures_injection_and_registers_workloads() -> anyhow::Resu
     second.metadata.name = Some("web-2".to_owned());
     let second = pods.create(&PostParams::default(), &second).await?;
     assert!(second.annotations().contains_key("sidecar.istio.io/status"));
-    pods.patch_status(
-        "web-2",
-        &PatchParams::default(),
-        &Patch::Merge(ready("True")),
-    )
-    .await?;
+    set_ready("web-2", "True").await?;
     let pod_events: Api<Event> = Api::namespaced(client.clone(), "apps");
     let warning = event_about(&pod_events, "WorkloadEntryNotManaged", |about, _| {
         about.kind.as_deref() == Some("Pod") && about.name.as_deref() == Some("web-2")
