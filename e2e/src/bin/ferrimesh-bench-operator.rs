@@ -286,7 +286,6 @@ async fn report_requests(
 }
 
 /// CPU seconds used so far by each process of the benchmark.
-#[derive(Clone, Copy, Default)]
 struct Cpu {
     apiserver: f64,
     etcd: f64,
