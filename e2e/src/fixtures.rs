@@ -115,6 +115,18 @@ pub async fn start_webhook(
     cert: &Path,
     key: &Path,
 ) -> anyhow::Result<Process> {
+    start_webhook_with(plane, kubeconfig, port, cert, key, &[]).await
+}
+
+/// [`start_webhook`] with extra flags (e.g. `--mesh-file`).
+pub async fn start_webhook_with(
+    plane: &ControlPlane,
+    kubeconfig: &Path,
+    port: u16,
+    cert: &Path,
+    key: &Path,
+    extra: &[&std::ffi::OsStr],
+) -> anyhow::Result<Process> {
     let admin = free_port()?;
     let mut process = Process::spawn(
         "ferrimesh-webhook",
@@ -129,7 +141,8 @@ pub async fn start_webhook(
             .arg("--tls-cert-file")
             .arg(cert)
             .arg("--tls-key-file")
-            .arg(key),
+            .arg(key)
+            .args(extra),
         &plane.scratch().path("webhook.log"),
     )?;
     let deadline = std::time::Instant::now() + WAIT;

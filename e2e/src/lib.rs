@@ -6,7 +6,11 @@
 //! `e2e/hack/build-control-plane.sh` and cached by version outside the
 //! repository; the first test to need them builds them.
 
+pub mod differential;
 pub mod fixtures;
+pub mod generated_pods;
+pub mod istio_config;
+pub mod istiod;
 pub mod metrics;
 
 use std::collections::BTreeSet;
