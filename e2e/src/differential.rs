@@ -9,7 +9,7 @@
 //! order or membership are reported once, as their `[*].name` lists, and
 //! the elements they share are compared by name.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
 
@@ -140,6 +140,10 @@ pub struct Deviation {
     /// absent.
     #[serde(default)]
     pub inputs: Option<Vec<String>>,
+    /// Only for input pods with all these annotations, each value matching
+    /// its pattern (`*` for any value).
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// The deviation list.
@@ -156,15 +160,24 @@ impl Deviations {
         Ok(Self(list))
     }
 
-    /// The deviation that excuses `difference` for `input` in `scenario`.
+    /// The deviation that excuses `difference` for the input pod `pod`
+    /// named `input` in `scenario`.
     pub fn excuse(
         &self,
         scenario: &str,
         input: &str,
+        pod: &Value,
         difference: &Difference,
     ) -> Option<&Deviation> {
+        let annotations = &pod["metadata"]["annotations"];
         self.0.iter().find(|d| {
-            d.scenarios
+            d.annotations.iter().all(|(k, v)| {
+                annotations
+                    .get(k)
+                    .and_then(Value::as_str)
+                    .is_some_and(|a| wildcard(v, a))
+            }) && d
+                .scenarios
                 .as_ref()
                 .is_none_or(|s| s.iter().any(|s| s == scenario))
                 && d.inputs
@@ -275,23 +288,37 @@ mod tests {
             fields: vec!["metadata.labels*".to_owned()],
             scenarios: Some(vec!["default".to_owned()]),
             inputs: Some(vec!["gen-*".to_owned()]),
+            annotations: BTreeMap::from([("a".to_owned(), "1".to_owned())]),
         }]);
+        let pod = json!({"metadata": {"annotations": {"a": "1"}}});
         let difference = Difference {
             path: "metadata.labels[\"a\"]".to_owned(),
             ours: None,
             theirs: Some(json!("1")),
         };
-        assert!(deviations.excuse("default", "gen-1", &difference).is_some());
-        assert!(deviations.excuse("canary", "gen-1", &difference).is_none());
         assert!(
             deviations
-                .excuse("default", "pod.yaml", &difference)
+                .excuse("default", "gen-1", &pod, &difference)
+                .is_some()
+        );
+        assert!(
+            deviations
+                .excuse("canary", "gen-1", &pod, &difference)
+                .is_none()
+        );
+        assert!(
+            deviations
+                .excuse("default", "pod.yaml", &pod, &difference)
                 .is_none()
         );
         let other = Difference {
             path: "spec.containers".to_owned(),
             ..difference
         };
-        assert!(deviations.excuse("default", "gen-1", &other).is_none());
+        assert!(
+            deviations
+                .excuse("default", "gen-1", &pod, &other)
+                .is_none()
+        );
     }
 }

@@ -82,10 +82,25 @@ fn pod(rng: &mut Rng, name: &str) -> Value {
             init_containers.push(proxy);
         }
     }
+    let annotations = annotations(rng);
+    if annotations.get("sidecar.istio.io/nativeSidecar") != Some(&json!("true")) {
+        // A classic proxy is overridden from the containers only (one among
+        // the init containers would be a second `istio-proxy`): only a pod
+        // that asks for the native layout has its override there.
+        if let Some(at) = init_containers
+            .iter()
+            .position(|c| c["name"] == "istio-proxy")
+        {
+            let proxy = init_containers.remove(at);
+            if let Some(containers) = spec["containers"].as_array_mut() {
+                containers.push(proxy);
+            }
+        }
+    }
     if !init_containers.is_empty() {
         spec["initContainers"] = Value::from(init_containers);
     }
-    let mut metadata = json!({"labels": labels(rng), "annotations": annotations(rng)});
+    let mut metadata = json!({"labels": labels(rng), "annotations": annotations});
     owner(rng, name, &mut metadata);
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec})
 }
@@ -376,18 +391,6 @@ fn annotations(rng: &mut Rng) -> Value {
     put(rng, 6, "sidecar.istio.io/agentLogLevel", &["default:debug"]);
     put(
         rng,
-        6,
-        "sidecar.istio.io/userVolume",
-        &["{\"extra\":{\"emptyDir\":{}}}"],
-    );
-    put(
-        rng,
-        6,
-        "sidecar.istio.io/userVolumeMount",
-        &["{\"extra\":{\"mountPath\":\"/extra\"}}"],
-    );
-    put(
-        rng,
         10,
         "sidecar.istio.io/rewriteAppHTTPProbers",
         &["true", "false"],
@@ -403,6 +406,17 @@ fn annotations(rng: &mut Rng) -> Value {
         &["9090:/metrics", "8080:/a,9091:/b"],
     );
     put(rng, 5, "kubectl.kubernetes.io/default-container", &["app0"]);
+    if chance(rng, 6) {
+        // A user volume and the proxy's mount of it come together.
+        a.insert(
+            "sidecar.istio.io/userVolume".to_owned(),
+            json!("{\"extra\":{\"emptyDir\":{}}}"),
+        );
+        a.insert(
+            "sidecar.istio.io/userVolumeMount".to_owned(),
+            json!("{\"extra\":{\"mountPath\":\"/extra\"}}"),
+        );
+    }
     Value::Object(a)
 }
 

@@ -140,6 +140,16 @@ pub fn values_overlay(mesh: &MeshSpec) -> anyhow::Result<Value> {
     } else {
         &proxy.init_image
     };
+    // As a Helm user writes it: `hub`, `tag` and the image's name, so that
+    // Istio's image logic (annotations without a `/` fall back to
+    // hub/name:tag) sees what it sees in a real install. An init image
+    // with another hub or tag stays a full reference.
+    let (hub, image_name, tag) =
+        split_image(&proxy.image).unwrap_or(("", proxy.image.as_str(), ""));
+    let init_image_name = match split_image(init_image) {
+        Some((h, name, t)) if h == hub && t == tag => name,
+        _ => init_image.as_str(),
+    };
     let revision = if mesh.revision == "default" {
         ""
     } else {
@@ -151,18 +161,26 @@ pub fn values_overlay(mesh: &MeshSpec) -> anyhow::Result<Value> {
     } else {
         mesh.mesh_id.as_str()
     };
+    // Istio's chart leaves clusterName empty for its default, `Kubernetes`.
+    let cluster_name = if mesh.cluster_id == "Kubernetes" {
+        ""
+    } else {
+        mesh.cluster_id.as_str()
+    };
     Ok(json!({
         "revision": revision,
         "global": {
+            "hub": hub,
+            "tag": tag,
             "caAddress": mesh.effective_ca_address(),
             "meshID": mesh_id,
             "network": mesh.network,
-            "multiCluster": {"clusterName": mesh.cluster_id},
+            "multiCluster": {"clusterName": cluster_name},
             "imagePullPolicy": mesh.injection.image_pull_policy.as_kubernetes().unwrap_or_default(),
             "imagePullSecrets": mesh.injection.image_pull_secrets,
             "logging": {"level": proxy.agent_log_level},
             "proxy": {
-                "image": proxy.image,
+                "image": image_name,
                 "autoInject": match mesh.injection.policy {
                     InjectionPolicy::Enabled => "enabled",
                     InjectionPolicy::Disabled => "disabled",
@@ -182,7 +200,7 @@ pub fn values_overlay(mesh: &MeshSpec) -> anyhow::Result<Value> {
                 "excludeOutboundPorts": traffic.exclude_outbound_ports,
                 "holdApplicationUntilProxyStarts": mesh.injection.hold_application_until_proxy_starts,
             },
-            "proxy_init": {"image": init_image},
+            "proxy_init": {"image": init_image_name},
         },
         "meshConfig": {"enablePrometheusMerge": mesh.injection.merge_prometheus_metrics},
         "sidecarInjectorWebhook": {
@@ -192,6 +210,17 @@ pub fn values_overlay(mesh: &MeshSpec) -> anyhow::Result<Value> {
             "rewriteAppHTTPProbe": mesh.injection.rewrite_app_probes,
         },
     }))
+}
+
+/// `<hub>/<name>:<tag>` split in three; `None` for a reference with a
+/// digest or without a tag.
+fn split_image(image: &str) -> Option<(&str, &str, &str)> {
+    if image.contains('@') {
+        return None;
+    }
+    let (hub, name_tag) = image.rsplit_once('/')?;
+    let (name, tag) = name_tag.split_once(':')?;
+    Some((hub, name, tag))
 }
 
 /// The `values` key of the injector ConfigMap: the chart picks `global`,
@@ -298,11 +327,12 @@ mod tests {
             overlay["global"]["caAddress"],
             "istiod.istio-system.svc:15012"
         );
-        assert_eq!(
-            overlay["global"]["proxy"]["image"],
-            overlay["global"]["proxy_init"]["image"]
-        );
+        assert_eq!(overlay["global"]["hub"], "docker.io/istio");
+        assert_eq!(overlay["global"]["tag"], "1.28.0");
+        assert_eq!(overlay["global"]["proxy"]["image"], "proxyv2");
+        assert_eq!(overlay["global"]["proxy_init"]["image"], "proxyv2");
         assert_eq!(overlay["global"]["imagePullPolicy"], "");
+        assert_eq!(overlay["global"]["multiCluster"]["clusterName"], "");
     }
 
     #[test]
@@ -328,8 +358,8 @@ mod tests {
         assert_eq!(overlay["global"]["meshID"], "mesh1");
         assert_eq!(overlay["global"]["network"], "net1");
         assert_eq!(
-            overlay["global"]["proxy_init"]["image"],
-            "registry.example/init:1"
+            overlay["global"]["proxy_init"]["image"], "registry.example/init:1",
+            "another hub: a full reference"
         );
         assert_eq!(overlay["global"]["proxy"]["statusPort"], 15555);
         assert_eq!(overlay["global"]["proxy"]["excludeOutboundPorts"], "5432");
