@@ -14,7 +14,9 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-use crate::{ControlPlane, Process, eventually, free_port, http_get, workspace_binary};
+use crate::{
+    ControlPlane, Process, eventually, free_port, http_get, workspace_binary, write_private,
+};
 
 /// How long the tests wait for the cluster to converge.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -187,7 +189,7 @@ pub async fn start_operator_and_webhook(
         let value = data
             .get(key)
             .ok_or_else(|| anyhow::anyhow!("certificate Secret has no {key}"))?;
-        std::fs::write(plane.scratch().path(key), &value.0)?;
+        write_private(&plane.scratch().path(key), &value.0)?;
     }
     let webhook = start_webhook(
         plane,
@@ -263,7 +265,7 @@ pub async fn sync_webhook_secret(
             {
                 for (name, bytes) in [("tls.key", &key.0), ("tls.crt", &cert.0)] {
                     let tmp = dir.join(format!("{name}.tmp"));
-                    std::fs::write(&tmp, bytes)?;
+                    write_private(&tmp, bytes)?;
                     std::fs::rename(&tmp, dir.join(name))?;
                 }
                 seen.push(cert.0.clone());

@@ -9,7 +9,7 @@ use ferrimesh_crds::{Mesh, WorkloadEntry};
 use ferrimesh_e2e::fixtures::{
     WAIT, namespace, namespace_label, start_operator_and_webhook, wait_for_crds,
 };
-use ferrimesh_e2e::{ControlPlane, eventually, service_account_tokens};
+use ferrimesh_e2e::{ControlPlane, eventually};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
@@ -17,7 +17,7 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kustomize_install_with_enforced_rbac_injects_and_registers() -> anyhow::Result<()> {
-    let plane = ControlPlane::start(&service_account_tokens()).await?;
+    let plane = ControlPlane::start().await?;
     let client = plane.client().await?;
 
     let applied = plane.apply_kustomization("config/default")?;
