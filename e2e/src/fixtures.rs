@@ -117,6 +117,17 @@ pub async fn start_webhook(
     cert: &Path,
     key: &Path,
 ) -> anyhow::Result<Process> {
+    start_webhook_with(plane, kubeconfig, port, (cert, key), &[]).await
+}
+
+/// [`start_webhook`] with extra flags; `tls` is the certificate and key files.
+pub async fn start_webhook_with(
+    plane: &ControlPlane,
+    kubeconfig: &Path,
+    port: u16,
+    (cert, key): (&Path, &Path),
+    extra: &[&str],
+) -> anyhow::Result<Process> {
     let admin = free_port()?;
     let mut process = Process::spawn(
         "ferrimesh-webhook",
@@ -131,7 +142,8 @@ pub async fn start_webhook(
             .arg("--tls-cert-file")
             .arg(cert)
             .arg("--tls-key-file")
-            .arg(key),
+            .arg(key)
+            .args(extra),
         &plane.scratch().path("webhook.log"),
     )?;
     let deadline = std::time::Instant::now() + WAIT;
@@ -168,7 +180,17 @@ pub async fn start_operator_and_webhook(
     plane: &ControlPlane,
     client: &Client,
 ) -> anyhow::Result<Installed> {
-    let webhook_port = free_port()?;
+    start_operator_and_webhook_with(plane, client, free_port()?, &[]).await
+}
+
+/// [`start_operator_and_webhook`] with the webhook on `webhook_port` and
+/// extra webhook flags.
+pub async fn start_operator_and_webhook_with(
+    plane: &ControlPlane,
+    client: &Client,
+    webhook_port: u16,
+    webhook_flags: &[&str],
+) -> anyhow::Result<Installed> {
     let webhook_url = format!("https://127.0.0.1:{webhook_port}/inject");
     let operator = start_operator_with(
         plane,
@@ -191,12 +213,15 @@ pub async fn start_operator_and_webhook(
             .ok_or_else(|| anyhow::anyhow!("certificate Secret has no {key}"))?;
         write_private(&plane.scratch().path(key), &value.0)?;
     }
-    let webhook = start_webhook(
+    let webhook = start_webhook_with(
         plane,
         &plane.kubeconfig_for("ferrimesh-webhook")?,
         webhook_port,
-        &plane.scratch().path("tls.crt"),
-        &plane.scratch().path("tls.key"),
+        (
+            &plane.scratch().path("tls.crt"),
+            &plane.scratch().path("tls.key"),
+        ),
+        webhook_flags,
     )
     .await?;
     Ok(Installed {

@@ -423,6 +423,11 @@ impl ControlPlane {
     /// `/readyz`. Tokens for [`IDENTITIES`] give the binaries their own
     /// identities for RBAC ([`ControlPlane::kubeconfig_for`]).
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// [`ControlPlane::start`] with extra kube-apiserver flags.
+    pub async fn start_with(apiserver_flags: &[String]) -> anyhow::Result<Self> {
         let bin_dir = control_plane_binaries()?;
         let scratch = Scratch::new("control-plane")?;
         let (etcd_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
@@ -442,7 +447,7 @@ impl ControlPlane {
         credentials.write(&scratch)?;
         let url = format!("https://127.0.0.1:{api_port}");
         let path = |p: &str| scratch.path(p).display().to_string();
-        let apiserver_args = vec![
+        let mut apiserver_args = vec![
             format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
             "--bind-address=127.0.0.1".to_owned(),
             "--advertise-address=127.0.0.1".to_owned(),
@@ -458,6 +463,7 @@ impl ControlPlane {
             "--allow-privileged=true".to_owned(),
             "--v=1".to_owned(),
         ];
+        apiserver_args.extend_from_slice(apiserver_flags);
         let mut plane = Self {
             url,
             kubeconfig: scratch.path("kubeconfig"),
@@ -573,6 +579,13 @@ impl ControlPlane {
     /// `kubectl apply -k <dir>` (relative to the repository) as admin.
     pub fn apply_kustomization(&self, dir: &str) -> anyhow::Result<String> {
         self.kubectl_apply(&["-k"], &repo_root().join(dir))
+    }
+
+    /// `kubectl apply --dry-run=server -k <dir>` (relative to the
+    /// repository) as admin: the API server validates every object, stores
+    /// none.
+    pub fn dry_run_kustomization(&self, dir: &str) -> anyhow::Result<String> {
+        self.kubectl_apply(&["--dry-run=server", "-k"], &repo_root().join(dir))
     }
 
     /// `kubectl apply --server-side --force-conflicts -f <path>` (a file or a
