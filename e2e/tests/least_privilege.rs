@@ -55,7 +55,13 @@ fn own_configuration(revision: &str) -> MutatingWebhookConfiguration {
         }),
         ..WebhookClientConfig::default()
     };
-    let mut config = webhook_configuration(&spec, &client_config, &["kube-system"]);
+    let excluded = [
+        "kube-system",
+        "kube-public",
+        "kube-node-lease",
+        "ferrimesh-system",
+    ];
+    let mut config = webhook_configuration(&spec, &client_config, &excluded);
     config.metadata.owner_references = None;
     config
 }
@@ -260,7 +266,8 @@ async fn operator_token_may_write_only_its_own_webhook_configurations() -> anyho
         .await?;
 
     // What it may not: touch another's configuration, or make its own a tap
-    // on other kinds or on a server of its choosing.
+    // on other kinds or on a server of its choosing, or reach the system
+    // namespaces.
     let mut taken = foreign.clone();
     taken.metadata.labels = Some([("app.kubernetes.io/managed-by".into(), MANAGER.into())].into());
     let message = refused(
@@ -306,6 +313,19 @@ async fn operator_token_may_write_only_its_own_webhook_configurations() -> anyho
         message.contains("ferrimesh-system/ferrimesh-webhook"),
         "{message}"
     );
+    let mut everywhere = own_configuration("canary");
+    for webhook in everywhere.webhooks.iter_mut().flatten() {
+        if let Some(selector) = webhook.namespace_selector.as_mut() {
+            selector.match_expressions = None;
+        }
+    }
+    let message = refused(
+        configs
+            .patch(&name, &apply(), &Patch::Apply(&everywhere))
+            .await,
+        "the operator's webhooks reaching kube-system",
+    )?;
+    assert!(message.contains("must exclude the namespaces"), "{message}");
     let mut unlabelled = own_configuration("other");
     unlabelled.metadata.labels = None;
     refused(
