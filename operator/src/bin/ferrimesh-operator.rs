@@ -95,7 +95,8 @@ struct Args {
     /// the holder reconciles. Turn off only for a single replica.
     #[arg(long, env = "FERRIMESH_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     leader_election: bool,
-    /// Name of the Lease (in the operator's namespace).
+    /// Name of the Lease (in the operator's namespace; config/rbac grants
+    /// it by this name).
     #[arg(
         long,
         env = "FERRIMESH_LEASE_NAME",
