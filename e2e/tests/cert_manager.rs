@@ -14,9 +14,7 @@ use ferrimesh_crds::Mesh;
 use ferrimesh_e2e::fixtures::{
     self, WAIT, namespace, start_operator_with, start_webhook, wait_for_crds,
 };
-use ferrimesh_e2e::{
-    ControlPlane, cert_manager_crds, eventually, free_port, service_account_tokens,
-};
+use ferrimesh_e2e::{ControlPlane, cert_manager_crds, eventually, free_port, write_private};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Pod, Secret};
@@ -76,7 +74,7 @@ async fn publish(client: &Client, issued: &Issued, files: &Path) -> anyhow::Resu
         .await?;
     for (name, text) in [("tls.key", &issued.key), ("tls.crt", &issued.cert)] {
         let tmp = files.join(format!("{name}.tmp"));
-        std::fs::write(&tmp, text)?;
+        write_private(&tmp, text)?;
         std::fs::rename(&tmp, files.join(name))?;
     }
     Ok(())
@@ -123,7 +121,7 @@ async fn create_injected_pod(client: &Client, name: &str) -> anyhow::Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cert_manager_issues_and_the_operator_publishes_its_ca() -> anyhow::Result<()> {
-    let plane = ControlPlane::start(&service_account_tokens()).await?;
+    let plane = ControlPlane::start().await?;
     let client = plane.client().await?;
     plane.apply_files(&cert_manager_crds()?)?;
     // The component's objects need cert-manager's CRDs established first.

@@ -200,19 +200,21 @@ fn env_number(name: &str, default: u64) -> anyhow::Result<u64> {
 /// deviation excuses, each with its input's name.
 async fn differential(scenario: &str, mesh: &MeshSpec, mesh_file: &Path) -> anyhow::Result<()> {
     let deviations = Deviations::load(&repo_root().join("e2e/differential/deviations.yaml"))?;
-    let plane = ControlPlane::start(&[]).await?;
+    let plane = ControlPlane::start().await?;
     let istiod = Istiod::start(&plane, mesh).await?;
     let client = plane.client().await?;
     namespace(&client, NAMESPACE, &[]).await?;
     let certificate = ServingCertificate::issue(&plane.scratch().path(""))?;
     let port = free_port()?;
+    let mesh_file = mesh_file
+        .to_str()
+        .context("the Mesh file's path is not UTF-8")?;
     let _webhook = start_webhook_with(
         &plane,
         &plane.kubeconfig,
         port,
-        &certificate.cert,
-        &certificate.key,
-        &[OsStr::new("--mesh-file"), mesh_file.as_os_str()],
+        (&certificate.cert, &certificate.key),
+        &["--mesh-file", mesh_file],
     )
     .await?;
     let ours_url = format!("https://127.0.0.1:{port}/inject");

@@ -11,7 +11,7 @@ use ferrimesh_e2e::fixtures::{
     WAIT, entry_exists, injected_pod, namespace, namespace_label, start_operator,
     start_operator_and_webhook, wait_for_crds,
 };
-use ferrimesh_e2e::{ControlPlane, eventually, free_port, service_account_tokens};
+use ferrimesh_e2e::{ControlPlane, eventually, free_port};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use k8s_openapi::api::events::v1::Event;
@@ -21,7 +21,7 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_configures_injection_and_registers_workloads() -> anyhow::Result<()> {
-    let plane = ControlPlane::start(&service_account_tokens()).await?;
+    let plane = ControlPlane::start().await?;
     let client = plane.client().await?;
     plane.apply_kustomization("config/overlays/local")?;
     wait_for_crds(&client).await?;
@@ -379,7 +379,7 @@ async fn holder(client: &Client) -> anyhow::Result<Option<String>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_lease_holder_reconciles_and_a_standby_takes_over() -> anyhow::Result<()> {
-    let plane = ControlPlane::start(&service_account_tokens()).await?;
+    let plane = ControlPlane::start().await?;
     let client = plane.client().await?;
     plane.apply_kustomization("config/overlays/local")?;
     wait_for_crds(&client).await?;
@@ -444,7 +444,7 @@ async fn only_the_lease_holder_reconciles_and_a_standby_takes_over() -> anyhow::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn converges_after_operator_and_api_server_restarts() -> anyhow::Result<()> {
-    let mut plane = ControlPlane::start(&service_account_tokens()).await?;
+    let mut plane = ControlPlane::start().await?;
     let client = plane.client().await?;
     plane.apply_kustomization("config/overlays/local")?;
     wait_for_crds(&client).await?;
