@@ -194,6 +194,8 @@ fn template_pointer(kind: &str) -> Option<&'static str> {
         | "DaemonSet"
         | "ReplicaSet"
         | "ReplicationController"
+        // OpenShift's apps.openshift.io/v1, as `istioctl kube-inject` knows it.
+        | "DeploymentConfig"
         | "Job" => Some("/spec/template"),
         "CronJob" => Some("/spec/jobTemplate/spec/template"),
         _ => None,
@@ -492,6 +494,30 @@ mod tests {
                 "app.yaml: document 1 (Deployment/web): field spec.template.spec.containers[0].name"
             ),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn injects_an_openshift_deployment_config() {
+        let input = DEPLOYMENT
+            .replace("apps/v1", "apps.openshift.io/v1")
+            .replace("kind: Deployment", "kind: DeploymentConfig");
+        let config = MeshConfig::default();
+        let out = process(
+            "dc.yaml",
+            &input,
+            Run {
+                config: &config,
+                namespace_labels: None,
+            },
+        )
+        .expect("ok");
+        let template = &out.documents[0].json["spec"]["template"];
+        assert!(
+            template
+                .pointer("/metadata/annotations/sidecar.istio.io~1status")
+                .is_some(),
+            "{template}"
         );
     }
 

@@ -59,6 +59,9 @@ pub const EXCLUDE_INTERFACES: &str = "traffic.sidecar.istio.io/excludeInterfaces
 pub const KUBEVIRT_INTERFACES: &str = "traffic.sidecar.istio.io/kubevirtInterfaces";
 /// Virtual interfaces treated as outbound; wins over `KUBEVIRT_INTERFACES`.
 pub const REROUTE_VIRTUAL_INTERFACES: &str = "istio.io/reroute-virtual-interfaces";
+/// The injection templates to apply, comma-separated (Istio's default:
+/// `sidecar`).
+pub const TEMPLATES: &str = "inject.istio.io/templates";
 /// Per-pod proxy config (YAML or JSON of Istio's ProxyConfig).
 pub const PROXY_CONFIG: &str = "proxy.istio.io/config";
 /// The user's own `istio-proxy` / `istio-init` containers, as first given.
@@ -117,6 +120,24 @@ pub fn parse_port(value: &str) -> Result<u16, Invalid> {
         .trim()
         .parse::<u16>()
         .map_err(|_| "must be a port number (0-65535)".to_owned())
+}
+
+/// The injection templates ferrimesh implements.
+pub const SUPPORTED_TEMPLATES: [&str; 1] = ["sidecar"];
+
+/// `inject.istio.io/templates`: every name (trimmed) must be a template
+/// ferrimesh implements; any other is refused by name rather than injected
+/// as something it is not.
+pub fn validate_templates(value: &str) -> Result<(), Invalid> {
+    for name in value.split(',').map(str::trim) {
+        if !SUPPORTED_TEMPLATES.contains(&name) {
+            return Err(format!(
+                "template {name:?} is not supported by ferrimesh (supported: {})",
+                SUPPORTED_TEMPLATES.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A comma-separated list of ports 0..=65535, as Istio's injector checks
@@ -237,6 +258,15 @@ mod tests {
         assert!(validate_cidr_list("10.0.0.0", false).is_err());
         assert!(validate_cidr_list("10.0.0.0/33", false).is_err());
         assert!(validate_cidr_list("nope/8", false).is_err());
+    }
+
+    #[test]
+    fn refuses_templates_it_does_not_implement_by_name() {
+        assert!(validate_templates("sidecar").is_ok());
+        assert!(validate_templates(" sidecar ").is_ok());
+        let error = validate_templates("sidecar,gateway").expect_err("gateway");
+        assert!(error.contains("\"gateway\""), "{error}");
+        assert!(validate_templates("").is_err(), "an empty name");
     }
 
     #[test]

@@ -123,6 +123,13 @@ pub fn decide(
         .and_then(|s| s.host_network)
         .unwrap_or(false)
     {
+        // Istio's offline injector says so too: iptables rules in a pod on
+        // the host's network would change the node's routing.
+        warnings.push(
+            "skipping injection: the pod has host networking enabled (hostNetwork: true), \
+             and capturing its traffic would change the node's routing"
+                .to_owned(),
+        );
         return Decision::skip(Reason::HostNetwork);
     }
     if IGNORED_NAMESPACES.contains(&namespace) {
@@ -261,9 +268,11 @@ mod tests {
     fn skips_host_network_pods() {
         let mut p = pod(&[(INJECT, "true")], &[]);
         p.spec.as_mut().expect("spec").host_network = Some(true);
-        assert_eq!(
-            run(&p, "app", &InjectionSettings::default()).0,
-            Decision::skip(Reason::HostNetwork)
+        let (decision, warnings) = run(&p, "app", &InjectionSettings::default());
+        assert_eq!(decision, Decision::skip(Reason::HostNetwork));
+        assert!(
+            warnings.iter().any(|w| w.contains("host networking")),
+            "{warnings:?}"
         );
     }
 

@@ -415,6 +415,7 @@ impl Settings {
         }
 
         let a = Annotations(pod.metadata.annotations.as_ref());
+        a.checked(ann::TEMPLATES, ann::validate_templates)?;
         let config = a
             .checked(ann::PROXY_CONFIG, ProxyConfig::parse)?
             .unwrap_or_default();
