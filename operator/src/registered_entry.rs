@@ -16,7 +16,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 
 use crate::reduced::reduced_resource;
-use crate::workloads::{MANAGED_BY_LABEL, POD_UID_ANNOTATION, REVISION_LABEL, is_ours};
+use crate::workloads::{
+    HEALTH_CHECKS_ANNOTATION, MANAGED_BY_LABEL, POD_UID_ANNOTATION, REVISION_LABEL, is_ours,
+};
 
 /// A WorkloadEntry as the operator's cache keeps it. A [`kube::Resource`] of kind
 /// WorkloadEntry, so that a reflector can hold it.
@@ -41,10 +43,9 @@ pub struct RegisteredEntry {
 pub fn written(entry: &WorkloadEntry) -> u64 {
     let meta = &entry.metadata;
     let label = |key| meta.labels.as_ref().and_then(|l| l.get(key));
-    let uid = meta
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(POD_UID_ANNOTATION));
+    let annotation = |key| meta.annotations.as_ref().and_then(|a| a.get(key));
+    let uid = annotation(POD_UID_ANNOTATION);
+    let health_checks = annotation(HEALTH_CHECKS_ANNOTATION);
     let conditions = entry.status.as_ref().map(|s| &s.conditions);
     // The operator's owner reference is to a pod; others may add theirs.
     let pod_owners: Vec<_> = meta
@@ -58,6 +59,7 @@ pub fn written(entry: &WorkloadEntry) -> u64 {
         label(MANAGED_BY_LABEL),
         label(REVISION_LABEL),
         uid,
+        health_checks,
         pod_owners,
         conditions,
     );

@@ -19,6 +19,10 @@ pub const MANAGED_BY: &str = "ferrimesh-operator";
 pub const REVISION_LABEL: &str = "ferrimesh.io/revision";
 /// Annotation with the UID of the pod an entry stands for.
 pub const POD_UID_ANNOTATION: &str = "ferrimesh.io/pod-uid";
+/// istiod reads an entry's `Healthy` condition only when the entry carries
+/// this annotation set to `"true"`; without it the entry counts as healthy
+/// whatever its pod's state.
+pub const HEALTH_CHECKS_ANNOTATION: &str = "proxy.istio.io/health-checks-enabled";
 
 /// Whether an entry with these labels is the operator's (carries
 /// [`MANAGED_BY_LABEL`]=[`MANAGED_BY`]).
@@ -67,7 +71,12 @@ pub fn desired_entry(
             .iter()
             .map(|(name, port)| (name.clone(), WorkloadPort(*port)))
             .collect(),
-        labels: pod.labels.iter().cloned().collect(),
+        // No labels: istiod already sees the pod, and a Kubernetes Service
+        // or ServiceEntry selector that matched the pod's labels would
+        // select the entry too and list the pod twice (istiod adds entries
+        // to EndpointSlice endpoints without de-duplication). An entry with
+        // no labels is selected by nothing (docs/operator.md).
+        labels: BTreeMap::new(),
         network: (!mesh.network.is_empty()).then(|| mesh.network.clone()),
         locality: locality(node_labels),
         weight: None,
@@ -81,10 +90,10 @@ pub fn desired_entry(
             (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
             (REVISION_LABEL.to_owned(), mesh.revision.clone()),
         ])),
-        annotations: Some(BTreeMap::from([(
-            POD_UID_ANNOTATION.to_owned(),
-            uid.clone(),
-        )])),
+        annotations: Some(BTreeMap::from([
+            (POD_UID_ANNOTATION.to_owned(), uid.clone()),
+            (HEALTH_CHECKS_ANNOTATION.to_owned(), "true".to_owned()),
+        ])),
         owner_references: Some(vec![OwnerReference {
             api_version: "v1".to_owned(),
             kind: "Pod".to_owned(),
@@ -163,9 +172,17 @@ mod tests {
             entry.spec.ports,
             BTreeMap::from([("http".to_owned(), WorkloadPort(8080))])
         );
+        assert!(
+            entry.spec.labels.is_empty(),
+            "no selector may pick the entry as well as its pod"
+        );
         assert_eq!(
-            entry.spec.labels.get("app").map(String::as_str),
-            Some("web")
+            entry
+                .annotations()
+                .get(HEALTH_CHECKS_ANNOTATION)
+                .map(String::as_str),
+            Some("true"),
+            "istiod reads Healthy only with it"
         );
         assert_eq!(entry.spec.service_account.as_deref(), Some("web"));
         assert_eq!(entry.spec.network.as_deref(), Some("net1"));
