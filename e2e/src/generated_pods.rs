@@ -37,6 +37,9 @@ fn chance(rng: &mut Rng, percent: u8) -> bool {
 }
 
 fn pod(rng: &mut Rng, name: &str) -> Value {
+    if chance(rng, 6) {
+        return gateway_pod(rng, name);
+    }
     let containers: Vec<Value> = (0..rng.usize(1..=3))
         .map(|i| container(rng, &format!("app{i}"), i))
         .collect();
@@ -102,6 +105,43 @@ fn pod(rng: &mut Rng, name: &str) -> Value {
     }
     let mut metadata = json!({"labels": labels(rng), "annotations": annotations});
     owner(rng, name, &mut metadata);
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec})
+}
+
+/// A pod as Istio's gateway chart makes it: opted in, the `gateway`
+/// template, its own `istio-proxy` with `image: auto`.
+fn gateway_pod(rng: &mut Rng, name: &str) -> Value {
+    let mut proxy = json!({"name": "istio-proxy", "image": "auto"});
+    if chance(rng, 60) {
+        proxy["ports"] = json!([{"containerPort": 15021, "name": "status-port", "protocol": "TCP"},
+                                {"containerPort": 8080, "name": "http2", "protocol": "TCP"}]);
+    }
+    if chance(rng, 50) {
+        proxy["resources"] = json!({"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "2000m", "memory": "1024Mi"}});
+    }
+    if chance(rng, 50) {
+        proxy["securityContext"] = json!({"runAsUser": 1337, "runAsGroup": 1337, "runAsNonRoot": true,
+                                          "capabilities": {"drop": ["ALL"]}, "allowPrivilegeEscalation": false});
+    }
+    let mut annotations = json!({"inject.istio.io/templates": "gateway"});
+    if chance(rng, 50) {
+        annotations["prometheus.io/port"] = json!("15020");
+        annotations["prometheus.io/scrape"] = json!("true");
+        annotations["prometheus.io/path"] = json!("/stats/prometheus");
+    }
+    if chance(rng, 20) {
+        annotations["sidecar.istio.io/logLevel"] = json!("debug");
+    }
+    let mut metadata = json!({
+        "labels": {"app": "ingress", "istio": "ingressgateway", "sidecar.istio.io/inject": "true"},
+        "annotations": annotations,
+    });
+    owner(rng, name, &mut metadata);
+    let mut spec = json!({"serviceAccountName": "ingress", "containers": [proxy]});
+    if chance(rng, 50) {
+        spec["securityContext"] =
+            json!({"sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}]});
+    }
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec})
 }
 

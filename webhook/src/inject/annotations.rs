@@ -123,21 +123,23 @@ pub fn parse_port(value: &str) -> Result<u16, Invalid> {
 }
 
 /// The injection templates ferrimesh implements.
-pub const SUPPORTED_TEMPLATES: [&str; 1] = ["sidecar"];
+pub const SUPPORTED_TEMPLATES: [&str; 2] = ["sidecar", "gateway"];
 
-/// `inject.istio.io/templates`: every name (trimmed) must be a template
-/// ferrimesh implements; any other is refused by name rather than injected
-/// as something it is not.
-pub fn validate_templates(value: &str) -> Result<(), Invalid> {
-    for name in value.split(',').map(str::trim) {
-        if !SUPPORTED_TEMPLATES.contains(&name) {
-            return Err(format!(
-                "template {name:?} is not supported by ferrimesh (supported: {})",
-                SUPPORTED_TEMPLATES.join(", ")
-            ));
-        }
+/// `inject.istio.io/templates`: the one template to apply, which must be
+/// one ferrimesh implements; any other (or a combination) is refused by
+/// name rather than injected as something it is not. `true` for `gateway`.
+pub fn parse_templates(value: &str) -> Result<bool, Invalid> {
+    let names: Vec<&str> = value.split(',').map(str::trim).collect();
+    if let Some(name) = names.iter().find(|n| !SUPPORTED_TEMPLATES.contains(n)) {
+        return Err(format!(
+            "template {name:?} is not supported by ferrimesh (supported: {})",
+            SUPPORTED_TEMPLATES.join(", ")
+        ));
     }
-    Ok(())
+    match names.as_slice() {
+        [name] => Ok(*name == "gateway"),
+        _ => Err("ferrimesh applies one template at a time".to_owned()),
+    }
 }
 
 /// A comma-separated list of ports 0..=65535, as Istio's injector checks
@@ -262,11 +264,12 @@ mod tests {
 
     #[test]
     fn refuses_templates_it_does_not_implement_by_name() {
-        assert!(validate_templates("sidecar").is_ok());
-        assert!(validate_templates(" sidecar ").is_ok());
-        let error = validate_templates("sidecar,gateway").expect_err("gateway");
-        assert!(error.contains("\"gateway\""), "{error}");
-        assert!(validate_templates("").is_err(), "an empty name");
+        assert_eq!(parse_templates("sidecar"), Ok(false));
+        assert_eq!(parse_templates(" gateway "), Ok(true));
+        let error = parse_templates("sidecar,grpc-agent").expect_err("grpc-agent");
+        assert!(error.contains("\"grpc-agent\""), "{error}");
+        assert!(parse_templates("sidecar,gateway").is_err(), "one at a time");
+        assert!(parse_templates("").is_err(), "an empty name");
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub struct PodFacts<'a> {
     pub app_containers: &'a [&'a Container],
 }
 
-fn env(name: &str, value: impl Into<String>) -> EnvVar {
+pub(super) fn env(name: &str, value: impl Into<String>) -> EnvVar {
     EnvVar {
         name: name.to_owned(),
         value: Some(value.into()),
@@ -45,7 +45,7 @@ fn env(name: &str, value: impl Into<String>) -> EnvVar {
     }
 }
 
-fn field_env(name: &str, path: &str) -> EnvVar {
+pub(super) fn field_env(name: &str, path: &str) -> EnvVar {
     EnvVar {
         name: name.to_owned(),
         value: None,
@@ -59,7 +59,7 @@ fn field_env(name: &str, path: &str) -> EnvVar {
     }
 }
 
-fn resource_env(name: &str, resource: &str) -> EnvVar {
+pub(super) fn resource_env(name: &str, resource: &str) -> EnvVar {
     EnvVar {
         name: name.to_owned(),
         value: None,
@@ -264,7 +264,7 @@ pub fn proxy_container(settings: &Settings, facts: &PodFacts<'_>) -> Container {
     }
 }
 
-fn health_check() -> HTTPGetAction {
+pub(super) fn health_check() -> HTTPGetAction {
     HTTPGetAction {
         path: Some("/healthz/ready".into()),
         port: IntOrString::Int(HEALTH_PORT),
@@ -304,7 +304,7 @@ fn proxy_security_context(settings: &Settings) -> SecurityContext {
     }
 }
 
-fn mount(name: &str, path: &str) -> VolumeMount {
+pub(super) fn mount(name: &str, path: &str) -> VolumeMount {
     VolumeMount {
         name: name.to_owned(),
         mount_path: path.to_owned(),

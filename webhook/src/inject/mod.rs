@@ -7,6 +7,7 @@
 pub mod annotations;
 pub mod containers;
 pub mod decision;
+pub mod gateway;
 pub mod json;
 pub mod overrides;
 pub mod probes;
@@ -23,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use ferrimesh_crds::ProxyProfile;
 use ferrimesh_crds::mesh::MeshSpec;
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, Lifecycle, LocalObjectReference, Pod, PodSpec,
+    Container, EnvVar, Lifecycle, LocalObjectReference, Pod, PodSpec, Volume,
 };
 
 use self::annotations as ann;
@@ -141,7 +142,11 @@ pub fn inject(request: &Request<'_>) -> Result<Injection> {
         request.environment,
         &mut warnings,
     )?;
-    let pod = inject_pod(request, &settings, &mut warnings)?;
+    let pod = if settings.gateway {
+        gateway::inject(request, &settings)?
+    } else {
+        inject_pod(request, &settings, &mut warnings)?
+    };
     Ok(Injection {
         decision,
         pod: Some(pod),
@@ -284,9 +289,16 @@ fn inject_pod(
     // In Istio's order: the fresh sidecar (the template) laid over the one
     // an earlier injection left, then the user's overrides, then the
     // cluster and network env, the prometheus merge and probe rewriting.
+    // The template is merged into the container of its name the pod has:
+    // the one an earlier injection left, or on first injection the user's
+    // own; the user's override is then laid over the result.
     let merge_existing = |fresh: Container| -> Result<Container> {
-        match existing.iter().find(|c| c.name == fresh.name) {
-            Some(old) => overlay(old, &fresh),
+        let base = match &previous {
+            Some(_) => existing.iter().find(|c| c.name == fresh.name),
+            None => user_overrides.get(&fresh.name),
+        };
+        match base {
+            Some(base) => overlay(base, &fresh),
             None => Ok(fresh),
         }
     };
@@ -318,31 +330,14 @@ fn inject_pod(
     containers::set_trailing_env(&mut proxy, &settings.trailing_env);
     let old_proxy = existing.iter().find(|c| c.name == PROXY);
 
-    // Post-processing: prometheus merge, then probe rewriting.
-    if settings.merge_metrics
-        && let Some(handed_over) = prometheus::merge(annotations, settings.metrics_port)?
-    {
-        set_env(&mut proxy, "ISTIO_PROMETHEUS_ANNOTATIONS", handed_over);
-    }
-    if settings.rewrite_probes && settings.status_port != 0 {
-        let mut probers = probes::Probers::new();
-        for container in spec
-            .containers
-            .iter_mut()
-            .chain(spec.init_containers.iter_mut().flatten())
-        {
-            let ports = probes::Ports {
-                status: settings.status_port,
-                rewritten: settings.metrics_port,
-            };
-            probes::rewrite_container(container, ports, &mut probers);
-        }
-        if let Some(value) =
-            probes::probers_env(probers, env_value(old_proxy, "ISTIO_KUBE_APP_PROBERS"))
-        {
-            set_env(&mut proxy, "ISTIO_KUBE_APP_PROBERS", value);
-        }
-    }
+    let old_probers = env_value(old_proxy, "ISTIO_KUBE_APP_PROBERS").map(str::to_owned);
+    post_process(
+        annotations,
+        spec,
+        &mut proxy,
+        settings,
+        old_probers.as_deref(),
+    )?;
 
     // Layout.
     let (injected_init, injected_containers) = if settings.native {
@@ -376,34 +371,7 @@ fn inject_pod(
     // Volumes: the injected ones first, then the pod's own; none removed.
     let injected_volumes = volumes::injected_volumes(&settings.user_volumes);
     let volume_names: Vec<String> = injected_volumes.iter().map(|v| v.name.clone()).collect();
-    let mut own_volumes = spec.volumes.take().unwrap_or_default();
-    // Sized up front: a `Volume` is kilobytes (every volume source inline),
-    // and growing the list would copy all of them.
-    let mut all_volumes = Vec::with_capacity(injected_volumes.len() + own_volumes.len());
-    for fresh in injected_volumes {
-        // One an earlier injection left is merged with, as Istio's strategic
-        // merge does (the API server's defaults, such as `defaultMode`, stay).
-        match own_volumes.iter().position(|v| v.name == fresh.name) {
-            Some(at) => {
-                let mut merged = serde_json::to_value(own_volumes.remove(at))?;
-                let fresh = serde_json::to_value(fresh)?;
-                merge_json(&mut merged, &fresh);
-                if fresh.as_object().is_some_and(|f| f.len() == 1)
-                    && let Some(merged) = merged.as_object_mut()
-                {
-                    // A volume with no source is `emptyDir:` with no value in
-                    // Istio's template: a null, which the strategic merge
-                    // turns into removing the emptyDir the API server had
-                    // defaulted (and then defaults again).
-                    merged.remove("emptyDir");
-                }
-                all_volumes.push(serde_json::from_value(merged)?);
-            }
-            None => all_volumes.push(fresh),
-        }
-    }
-    all_volumes.append(&mut own_volumes);
-    spec.volumes = Some(all_volumes);
+    merge_volumes(spec, injected_volumes)?;
 
     // Pull secrets: the Mesh's first, duplicates merged by name.
     if !settings.image_pull_secrets.is_empty() {
@@ -492,6 +460,77 @@ fn inject_pod(
             .map(|(k, v)| (k.clone(), v.clone())),
     );
     Ok(pod)
+}
+
+/// Lays the injected volumes over the pod's: the injected ones first, in
+/// order, each merged with one of the same name an earlier injection left
+/// (as Istio's strategic merge does); the pod's own after them; none removed.
+fn merge_volumes(spec: &mut PodSpec, injected_volumes: Vec<Volume>) -> Result<()> {
+    let mut own_volumes = spec.volumes.take().unwrap_or_default();
+    // Sized up front: a `Volume` is kilobytes (every volume source inline),
+    // and growing the list would copy all of them.
+    let mut all_volumes = Vec::with_capacity(injected_volumes.len() + own_volumes.len());
+    for fresh in injected_volumes {
+        // One an earlier injection left is merged with, as Istio's strategic
+        // merge does (the API server's defaults, such as `defaultMode`, stay).
+        match own_volumes.iter().position(|v| v.name == fresh.name) {
+            Some(at) => {
+                let mut merged = serde_json::to_value(own_volumes.remove(at))?;
+                let fresh = serde_json::to_value(fresh)?;
+                merge_json(&mut merged, &fresh);
+                if fresh.as_object().is_some_and(|f| f.len() == 1)
+                    && let Some(merged) = merged.as_object_mut()
+                {
+                    // A volume with no source is `emptyDir:` with no value in
+                    // Istio's template: a null, which the strategic merge
+                    // turns into removing the emptyDir the API server had
+                    // defaulted (and then defaults again).
+                    merged.remove("emptyDir");
+                }
+                all_volumes.push(serde_json::from_value(merged)?);
+            }
+            None => all_volumes.push(fresh),
+        }
+    }
+    all_volumes.append(&mut own_volumes);
+    spec.volumes = Some(all_volumes);
+    Ok(())
+}
+
+/// Istio's post-processing after the template: the prometheus merge, then
+/// the probes of every container but the proxy rewritten through the status
+/// port (`old_probers`: what an earlier injection handed over).
+fn post_process(
+    annotations: &mut BTreeMap<String, String>,
+    spec: &mut PodSpec,
+    proxy: &mut Container,
+    settings: &Settings,
+    old_probers: Option<&str>,
+) -> Result<()> {
+    if settings.merge_metrics
+        && let Some(handed_over) = prometheus::merge(annotations, settings.metrics_port)?
+    {
+        set_env(proxy, "ISTIO_PROMETHEUS_ANNOTATIONS", handed_over);
+    }
+    if settings.rewrite_probes && settings.status_port != 0 {
+        let mut probers = probes::Probers::new();
+        let ports = probes::Ports {
+            status: settings.status_port,
+            rewritten: settings.metrics_port,
+        };
+        for container in spec
+            .containers
+            .iter_mut()
+            .chain(spec.init_containers.iter_mut().flatten())
+            .filter(|c| c.name != PROXY)
+        {
+            probes::rewrite_container(container, ports, &mut probers);
+        }
+        if let Some(value) = probes::probers_env(probers, old_probers) {
+            set_env(proxy, "ISTIO_KUBE_APP_PROBERS", value);
+        }
+    }
+    Ok(())
 }
 
 fn first_label<'p>(pod: &'p Pod, keys: &[&str]) -> Option<&'p str> {

@@ -49,14 +49,51 @@ const CONTAINER_FIELD_ORDER: [&str; 26] = [
     "stopSignal",
 ];
 
+/// Kubernetes' strategic merge of a list with a merge key: each entry of
+/// `over` is merged into the entry of `base` with the same key (or is new),
+/// and the result is ordered as the API machinery orders it: the entries
+/// only `base` has, in its order, merged with `over`'s, in its order, by
+/// their position in `base`, where an entry new to `base` comes first.
 fn merge_keyed(base: &mut Vec<Value>, over: &[Value], key: &str) {
-    for item in over {
-        let id = item.get(key);
-        match id.and_then(|id| base.iter_mut().find(|b| b.get(key) == Some(id))) {
-            Some(existing) => merge_value(existing, item),
-            None => base.push(item.clone()),
+    let position = |item: &Value| {
+        let id = item.get(key)?;
+        base.iter().position(|b| b.get(key) == Some(id))
+    };
+    let patch: Vec<(Option<usize>, Value)> = over
+        .iter()
+        .map(|item| match position(item) {
+            Some(at) => {
+                let mut merged = base[at].clone();
+                merge_value(&mut merged, item);
+                (Some(at), merged)
+            }
+            None => (None, item.clone()),
+        })
+        .collect();
+    let taken: Vec<usize> = patch.iter().filter_map(|(at, _)| *at).collect();
+    let mut server_only = base
+        .iter()
+        .enumerate()
+        .filter(|(at, _)| !taken.contains(at))
+        .peekable();
+    let mut patch = patch.into_iter().peekable();
+    let mut merged = Vec::with_capacity(base.len() + over.len());
+    loop {
+        let take_server = match (server_only.peek(), patch.peek()) {
+            (Some((left, _)), Some((right, _))) => right.is_some_and(|right| *left < right),
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        if take_server {
+            if let Some((_, item)) = server_only.next() {
+                merged.push(item.clone());
+            }
+        } else if let Some((_, item)) = patch.next() {
+            merged.push(item);
         }
     }
+    *base = merged;
 }
 
 /// Objects merge field by field, recursively; anything else is replaced.
@@ -193,6 +230,95 @@ pub fn canonicalize_resources(container: &mut Container) {
     }
 }
 
+/// Go's field order of the structs inside a container that the overrides
+/// annotation writes, by the container field holding them (lists: of each
+/// item); other nested objects keep serde's (alphabetical) order, which is
+/// Go's for them.
+const NESTED_FIELD_ORDER: [(&str, &[&str]); 6] = [
+    (
+        "ports",
+        &["name", "hostPort", "containerPort", "protocol", "hostIP"],
+    ),
+    (
+        "securityContext",
+        &[
+            "capabilities",
+            "privileged",
+            "seLinuxOptions",
+            "windowsOptions",
+            "runAsUser",
+            "runAsGroup",
+            "runAsNonRoot",
+            "readOnlyRootFilesystem",
+            "allowPrivilegeEscalation",
+            "procMount",
+            "seccompProfile",
+            "appArmorProfile",
+        ],
+    ),
+    (
+        "volumeMounts",
+        &[
+            "name",
+            "readOnly",
+            "recursiveReadOnly",
+            "mountPath",
+            "subPath",
+            "mountPropagation",
+            "subPathExpr",
+        ],
+    ),
+    ("livenessProbe", PROBE_FIELD_ORDER),
+    ("readinessProbe", PROBE_FIELD_ORDER),
+    ("startupProbe", PROBE_FIELD_ORDER),
+];
+
+const PROBE_FIELD_ORDER: &[&str] = &[
+    "exec",
+    "httpGet",
+    "tcpSocket",
+    "grpc",
+    "initialDelaySeconds",
+    "timeoutSeconds",
+    "periodSeconds",
+    "successThreshold",
+    "failureThreshold",
+    "terminationGracePeriodSeconds",
+];
+
+/// `value`'s fields in `order`, the rest after them.
+fn in_order(value: &Value, order: &[&str]) -> Object {
+    let mut ordered = Object::new();
+    let Value::Object(fields) = value else {
+        return ordered;
+    };
+    for field in order {
+        if let Some(v) = fields.get(*field) {
+            ordered.insert(field, v);
+        }
+    }
+    for (field, v) in fields.iter().filter(|(f, _)| !order.contains(&f.as_str())) {
+        ordered.insert(field, v);
+    }
+    ordered
+}
+
+/// A container field as the annotation writes it: nested structs in Go's
+/// field order.
+fn field_for_annotation(field: &str, value: &Value, ordered: &mut Object) {
+    match NESTED_FIELD_ORDER.iter().find(|(f, _)| *f == field) {
+        Some((_, order)) => match value {
+            Value::Array(items) => {
+                let items: Vec<Object> = items.iter().map(|i| in_order(i, order)).collect();
+                ordered.insert(field, &items);
+            }
+            Value::Object(_) => ordered.insert(field, &in_order(value, order)),
+            other => ordered.insert(field, other),
+        },
+        None => ordered.insert(field, value),
+    }
+}
+
 fn container_for_annotation(container: &Container) -> Result<Object> {
     let mut container = container.clone();
     canonicalize_resources(&mut container);
@@ -208,11 +334,11 @@ fn container_for_annotation(container: &Container) -> Result<Object> {
     let mut ordered = Object::new();
     for field in CONTAINER_FIELD_ORDER {
         if let Some(value) = fields.remove(field) {
-            ordered.insert(field, &value);
+            field_for_annotation(field, &value, &mut ordered);
         }
     }
     for (field, value) in &fields {
-        ordered.insert(field, value);
+        field_for_annotation(field, value, &mut ordered);
     }
     Ok(ordered)
 }

@@ -106,6 +106,12 @@ pub struct Settings {
     pub uid: i64,
     /// Interception mode.
     pub interception_mode: InterceptionMode,
+    /// Whether the pod asks for Istio's `gateway` template (otherwise
+    /// `sidecar`).
+    pub gateway: bool,
+    /// The interception mode of the Mesh or proxy config, before the pod's
+    /// own annotation.
+    pub proxy_config_mode: InterceptionMode,
     /// Whether the proxy must run as root for TPROXY whatever runAsUser a
     /// user asks for: TPROXY in the Mesh or proxy config (even when the
     /// pod's annotation chose another mode), or in the pod's annotation.
@@ -415,7 +421,9 @@ impl Settings {
         }
 
         let a = Annotations(pod.metadata.annotations.as_ref());
-        a.checked(ann::TEMPLATES, ann::validate_templates)?;
+        let gateway = a
+            .checked(ann::TEMPLATES, ann::parse_templates)?
+            .unwrap_or(false);
         let config = a
             .checked(ann::PROXY_CONFIG, ProxyConfig::parse)?
             .unwrap_or_default();
@@ -601,6 +609,8 @@ impl Settings {
             )?,
             uid: proxy.uid,
             interception_mode,
+            gateway,
+            proxy_config_mode: config_mode,
             tproxy_forces_root: config_mode == InterceptionMode::Tproxy
                 || a.get(ann::INTERCEPTION_MODE) == Some(InterceptionMode::Tproxy.as_str()),
             proxy_metadata,

@@ -30,6 +30,20 @@ fn config_map(name: &str, config_map: &str, optional: Option<bool>) -> Volume {
     }
 }
 
+/// The volumes of Istio's `gateway` template: the sidecar's without the
+/// CRL, with `credential-socket` and `workload-certs` as explicit emptyDirs
+/// (only `workload-socket` has no source there).
+pub fn gateway_volumes() -> Vec<Volume> {
+    let mut volumes = injected_volumes(&[]);
+    volumes.retain(|v| v.name != "istio-ca-crl");
+    for volume in &mut volumes {
+        if volume.name == "credential-socket" || volume.name == "workload-certs" {
+            volume.empty_dir = Some(EmptyDirVolumeSource::default());
+        }
+    }
+    volumes
+}
+
 /// The nine injected volumes, then the user's volumes (sorted by name).
 pub fn injected_volumes(user_volumes: &[Volume]) -> Vec<Volume> {
     let named = |name: &str| Volume {

@@ -1,0 +1,276 @@
+//! Istio's `gateway` injection template, as its gateway Helm chart relies
+//! on: the pod brings a container named `istio-proxy` (usually with
+//! `image: auto`), and injection turns it into a `proxy router`, with no
+//! `istio-init` and no native sidecar, laid under the user's own settings.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EnvVar, LocalObjectReference, Pod, PodSecurityContext, Probe,
+    SecurityContext, Sysctl,
+};
+
+use super::annotations as ann;
+use super::containers::{
+    ENVOY_PROMETHEUS_PORT, PROXY, env, field_env, health_check, mount, pod_ports, resource_env,
+    set_trailing_env,
+};
+use super::overrides::{Overrides, canonicalize_resources, overlay};
+use super::settings::Settings;
+use super::status::SidecarStatus;
+use super::workload::Workload;
+use super::{Request, canonical_name, canonical_revision, merge_volumes, post_process};
+
+use crate::{Error, Result};
+
+/// The gateway's `istio-proxy`, as the template renders it.
+fn template_container(settings: &Settings, request: &Request<'_>, pod: &Pod) -> Container {
+    let spec = pod.spec.as_ref();
+    let containers: Vec<&Container> = spec
+        .map(|s| s.containers.iter().collect())
+        .unwrap_or_default();
+    let app_names: Vec<&str> = containers
+        .iter()
+        .map(|c| c.name.as_str())
+        .filter(|n| *n != PROXY)
+        .collect();
+    let workload = request
+        .workload
+        .cloned()
+        .unwrap_or_else(|| Workload::of(request.pod));
+    let mut vars: Vec<EnvVar> = vec![
+        env("PILOT_CERT_PROVIDER", "istiod"),
+        env("CA_ADDR", settings.ca_address.clone()),
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("INSTANCE_IP", "status.podIP"),
+        field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        field_env("HOST_IP", "status.hostIP"),
+        resource_env("ISTIO_CPU_LIMIT", "limits.cpu"),
+        env("PROXY_CONFIG", settings.proxy_config.clone()),
+        // Every container's ports, the user's istio-proxy's included.
+        env("ISTIO_META_POD_PORTS", pod_ports(&containers)),
+        resource_env("GOMEMLIMIT", "limits.memory"),
+        resource_env("GOMAXPROCS", "limits.cpu"),
+        // Go leaves an empty value out.
+        EnvVar {
+            name: "ISTIO_META_APP_CONTAINERS".to_owned(),
+            value: (!app_names.is_empty()).then(|| app_names.join(",")),
+            value_from: None,
+        },
+        env("ISTIO_META_CLUSTER_ID", settings.cluster_id.clone()),
+        field_env("ISTIO_META_NODE_NAME", "spec.nodeName"),
+        env(
+            "ISTIO_META_INTERCEPTION_MODE",
+            settings.proxy_config_mode.as_str(),
+        ),
+    ];
+    let workload_name = workload.display_name(request.pod);
+    if !workload_name.is_empty() {
+        vars.push(env("ISTIO_META_WORKLOAD_NAME", workload_name));
+        vars.push(env("ISTIO_META_OWNER", workload.owner(request.namespace)));
+    }
+    vars.push(env("ISTIO_META_MESH_ID", settings.mesh_id.clone()));
+    vars.push(env("TRUST_DOMAIN", settings.trust_domain.clone()));
+    vars.extend(
+        settings
+            .proxy_metadata
+            .iter()
+            .map(|(k, v)| env(k, v.clone())),
+    );
+    let readiness = &request.mesh.proxy;
+    Container {
+        name: PROXY.to_owned(),
+        image: Some(settings.proxy_image.clone()),
+        image_pull_policy: settings.image_pull_policy.clone(),
+        ports: Some(vec![ContainerPort {
+            container_port: ENVOY_PROMETHEUS_PORT,
+            name: Some("http-envoy-prom".to_owned()),
+            protocol: Some("TCP".to_owned()),
+            ..Default::default()
+        }]),
+        args: Some(vec![
+            "proxy".to_owned(),
+            "router".to_owned(),
+            "--domain".to_owned(),
+            "$(POD_NAMESPACE).svc.cluster.local".to_owned(),
+            format!("--proxyLogLevel={}", settings.log_level),
+            format!("--proxyComponentLogLevel={}", settings.component_log_level),
+            format!("--log_output_level={}", settings.agent_log_level),
+        ]),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(settings.uid),
+            run_as_group: Some(settings.uid),
+            ..Default::default()
+        }),
+        env: Some(vars),
+        // The template reads the chart's values here, not the pod's
+        // readiness annotations.
+        readiness_probe: Some(Probe {
+            http_get: Some(health_check()),
+            initial_delay_seconds: (readiness.readiness_initial_delay_seconds != 0)
+                .then_some(readiness.readiness_initial_delay_seconds),
+            period_seconds: Some(readiness.readiness_period_seconds),
+            timeout_seconds: Some(3),
+            failure_threshold: Some(readiness.readiness_failure_threshold),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            mount("workload-socket", "/var/run/secrets/workload-spiffe-uds"),
+            mount("credential-socket", "/var/run/secrets/credential-uds"),
+            mount(
+                "workload-certs",
+                "/var/run/secrets/workload-spiffe-credentials",
+            ),
+            mount("istiod-ca-cert", "/var/run/secrets/istio"),
+            mount("istio-data", "/var/lib/istio/data"),
+            mount("istio-envoy", "/etc/istio/proxy"),
+            mount("istio-token", "/var/run/secrets/tokens"),
+            mount("istio-podinfo", "/etc/istio/pod"),
+        ]),
+        ..Default::default()
+    }
+}
+
+/// Injects `request.pod` with the `gateway` template.
+pub fn inject(request: &Request<'_>, settings: &Settings) -> Result<Pod> {
+    let mut pod = request.pod.clone();
+    let previous = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ann::STATUS))
+        .and_then(|raw| serde_json::from_str::<SidecarStatus>(raw).ok());
+    let fresh = template_container(settings, request, &pod);
+    let spec = pod
+        .spec
+        .as_mut()
+        .ok_or_else(|| Error::InvalidPod("the pod has no spec".into()))?;
+
+    // The template merged into the pod's istio-proxy (or appended), then the
+    // user's own container laid over it again (`image: auto` keeps the
+    // injected image), recorded on first injection.
+    let at = spec.containers.iter().position(|c| c.name == PROXY);
+    let existing = at.map(|at| spec.containers.remove(at));
+    let recorded = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ann::PROXY_OVERRIDES))
+        .and_then(|v| Overrides::parse(v).ok());
+    let user = match (&previous, existing.as_ref()) {
+        (None, Some(user)) => {
+            let mut user = user.clone();
+            canonicalize_resources(&mut user);
+            Some(user)
+        }
+        (Some(_), _) => recorded.as_ref().and_then(|o| o.get(PROXY)).cloned(),
+        (None, None) => None,
+    };
+    let mut proxy = match &existing {
+        Some(old) => overlay(old, &fresh)?,
+        None => fresh,
+    };
+    if let Some(user) = &user {
+        proxy = overlay(&proxy, user)?;
+    }
+    set_trailing_env(&mut proxy, &settings.trailing_env);
+    spec.containers.push(proxy);
+
+    let security = spec
+        .security_context
+        .get_or_insert_with(PodSecurityContext::default);
+    security.sysctls = Some(vec![Sysctl {
+        name: "net.ipv4.ip_unprivileged_port_start".to_owned(),
+        value: "0".to_owned(),
+    }]);
+
+    let injected = super::volumes::gateway_volumes();
+    let volume_names: Vec<String> = injected.iter().map(|v| v.name.clone()).collect();
+    merge_volumes(spec, injected)?;
+    if !settings.image_pull_secrets.is_empty() {
+        let own = spec.image_pull_secrets.take().unwrap_or_default();
+        let mut merged: Vec<LocalObjectReference> = settings
+            .image_pull_secrets
+            .iter()
+            .map(|name| LocalObjectReference { name: name.clone() })
+            .collect();
+        merged.extend(
+            own.into_iter()
+                .filter(|s| !settings.image_pull_secrets.contains(&s.name)),
+        );
+        spec.image_pull_secrets = Some(merged);
+    }
+    let default_container = spec
+        .containers
+        .iter()
+        .map(|c| c.name.clone())
+        .find(|n| n != PROXY);
+
+    let workload = request
+        .workload
+        .cloned()
+        .unwrap_or_else(|| Workload::of(request.pod));
+    let labels = pod.metadata.labels.get_or_insert_with(BTreeMap::new);
+    let mut set_if_absent = |key: &str, value: String| {
+        if labels.get(key).is_none_or(String::is_empty) {
+            labels.insert(key.to_owned(), value);
+        }
+    };
+    set_if_absent(
+        ann::CANONICAL_NAME_LABEL,
+        canonical_name(request.pod, &workload.name),
+    );
+    set_if_absent(
+        ann::CANONICAL_REVISION_LABEL,
+        canonical_revision(request.pod),
+    );
+    if let Some(network) = &settings.network {
+        labels.insert(ann::NETWORK_LABEL.to_owned(), network.clone());
+    }
+
+    let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    annotations.insert(ann::REVISION.to_owned(), settings.revision.clone());
+    if let Some(first) = default_container {
+        annotations
+            .entry(ann::DEFAULT_LOGS_CONTAINER.to_owned())
+            .or_insert_with(|| first.clone());
+        annotations
+            .entry(ann::DEFAULT_CONTAINER.to_owned())
+            .or_insert(first);
+    }
+    if previous.is_none()
+        && let Some(user) = user
+    {
+        let overrides = Overrides {
+            containers: vec![user],
+            init_containers: Vec::new(),
+        };
+        annotations.insert(ann::PROXY_OVERRIDES.to_owned(), overrides.to_annotation()?);
+    }
+    let spec = pod
+        .spec
+        .as_mut()
+        .ok_or_else(|| Error::InvalidPod("the pod has no spec".into()))?;
+    if let Some(at) = spec.containers.iter().position(|c| c.name == PROXY) {
+        let mut proxy = spec.containers.remove(at);
+        post_process(annotations, spec, &mut proxy, settings, None)?;
+        spec.containers.push(proxy);
+    }
+    let status = SidecarStatus::new(
+        Vec::new(),
+        vec![PROXY.to_owned()],
+        volume_names,
+        settings.image_pull_secrets.clone(),
+        &settings.revision,
+    );
+    let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    annotations.insert(ann::STATUS.to_owned(), status.to_annotation());
+    annotations.extend(
+        settings
+            .injected_annotations
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
+    Ok(pod)
+}
