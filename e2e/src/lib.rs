@@ -645,6 +645,51 @@ impl ServingCertificate {
     }
 }
 
+/// The audit policy of [`ControlPlane::enable_audit_log`]: every write at
+/// the Metadata level (who made it, on what, its answer and the admission
+/// annotations), nothing else.
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  verbs: [create, update, patch, delete, deletecollection]
+- level: None
+";
+
+impl ControlPlane {
+    /// Restarts the API server with an audit log of every write, so a test
+    /// can ask the API server itself who wrote what and what admission did
+    /// ([`ControlPlane::audited_writes`]). The log is written before each
+    /// request is answered (blocking mode).
+    pub async fn enable_audit_log(&mut self) -> anyhow::Result<()> {
+        std::fs::write(self.scratch.path("audit-policy.yaml"), AUDIT_POLICY)?;
+        self.apiserver_args.extend([
+            format!(
+                "--audit-policy-file={}",
+                self.scratch.path("audit-policy.yaml").display()
+            ),
+            format!(
+                "--audit-log-path={}",
+                self.scratch.path("audit.log").display()
+            ),
+            "--audit-log-mode=blocking".to_owned(),
+        ]);
+        self.restart_apiserver().await
+    }
+
+    /// The audit events (`audit.k8s.io/v1` Event objects) of the writes
+    /// answered so far, oldest first; empty without
+    /// [`ControlPlane::enable_audit_log`].
+    pub fn audited_writes(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.scratch.path("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
