@@ -89,8 +89,9 @@ bench-webhook: ## Load test of the release webhook binary over TLS (see docs/ben
 	$(CARGO) bench -p ferrimesh-webhook --bench load
 
 .PHONY: e2e-bins
-e2e-bins: ## Build kube-apiserver and etcd from their Go modules (cached by version)
+e2e-bins: ## Build kube-apiserver, etcd and istiod (pilot-discovery) from their Go modules (cached by version)
 	K8S_VERSION=$(K8S_VERSION) e2e/hack/build-control-plane.sh
+	e2e/hack/build-istio.sh
 
 .PHONY: demo
 demo: tools ## A local control plane with the operator and webhook, a sample namespace and workload, the injected result shown (DEMO_EXIT=1 to exit at once)

@@ -15,7 +15,9 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-use crate::{ControlPlane, Process, eventually, free_port, http_get, workspace_binary};
+use crate::{
+    ControlPlane, Process, eventually, free_port, http_get, workspace_binary, write_private,
+};
 
 /// How long the tests wait for the cluster to converge.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -116,6 +118,17 @@ pub async fn start_webhook(
     cert: &Path,
     key: &Path,
 ) -> anyhow::Result<Process> {
+    start_webhook_with(plane, kubeconfig, port, (cert, key), &[]).await
+}
+
+/// [`start_webhook`] with extra flags; `tls` is the certificate and key files.
+pub async fn start_webhook_with(
+    plane: &ControlPlane,
+    kubeconfig: &Path,
+    port: u16,
+    (cert, key): (&Path, &Path),
+    extra: &[&str],
+) -> anyhow::Result<Process> {
     let admin = free_port()?;
     let mut process = Process::spawn(
         "ferrimesh-webhook",
@@ -130,7 +143,8 @@ pub async fn start_webhook(
             .arg("--tls-cert-file")
             .arg(cert)
             .arg("--tls-key-file")
-            .arg(key),
+            .arg(key)
+            .args(extra),
         &plane.scratch().path("webhook.log"),
     )?;
     let deadline = std::time::Instant::now() + WAIT;
@@ -167,7 +181,17 @@ pub async fn start_operator_and_webhook(
     plane: &ControlPlane,
     client: &Client,
 ) -> anyhow::Result<Installed> {
-    let webhook_port = free_port()?;
+    start_operator_and_webhook_with(plane, client, free_port()?, &[]).await
+}
+
+/// [`start_operator_and_webhook`] with the webhook on `webhook_port` and
+/// extra webhook flags.
+pub async fn start_operator_and_webhook_with(
+    plane: &ControlPlane,
+    client: &Client,
+    webhook_port: u16,
+    webhook_flags: &[&str],
+) -> anyhow::Result<Installed> {
     let webhook_url = format!("https://127.0.0.1:{webhook_port}/inject");
     let operator = start_operator_with(
         plane,
@@ -188,14 +212,17 @@ pub async fn start_operator_and_webhook(
         let value = data
             .get(key)
             .ok_or_else(|| anyhow::anyhow!("certificate Secret has no {key}"))?;
-        std::fs::write(plane.scratch().path(key), &value.0)?;
+        write_private(&plane.scratch().path(key), &value.0)?;
     }
-    let webhook = start_webhook(
+    let webhook = start_webhook_with(
         plane,
         &plane.kubeconfig_for("ferrimesh-webhook")?,
         webhook_port,
-        &plane.scratch().path("tls.crt"),
-        &plane.scratch().path("tls.key"),
+        (
+            &plane.scratch().path("tls.crt"),
+            &plane.scratch().path("tls.key"),
+        ),
+        webhook_flags,
     )
     .await?;
     Ok(Installed {
@@ -264,7 +291,7 @@ pub async fn sync_webhook_secret(
             {
                 for (name, bytes) in [("tls.key", &key.0), ("tls.crt", &cert.0)] {
                     let tmp = dir.join(format!("{name}.tmp"));
-                    std::fs::write(&tmp, bytes)?;
+                    write_private(&tmp, bytes)?;
                     std::fs::rename(&tmp, dir.join(name))?;
                 }
                 seen.push(cert.0.clone());

@@ -6,12 +6,17 @@
 //! `e2e/hack/build-control-plane.sh` and cached by version outside the
 //! repository; the first test to need them builds them.
 
+pub mod differential;
 pub mod fixtures;
+pub mod generated_pods;
+pub mod istio_config;
+pub mod istiod;
 pub mod metrics;
 
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::TcpListener;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -19,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use kube::Client;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
@@ -246,7 +251,9 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
 pub struct Scratch(PathBuf);
 
 impl Scratch {
-    /// A new, empty directory.
+    /// A new, empty directory that only its owner can enter (0700): it
+    /// holds key material. Made here, never found: an existing directory of
+    /// the name (someone else's, perhaps) is an error.
     pub fn new(name: &str) -> anyhow::Result<Self> {
         let unique = format!(
             "ferrimesh-e2e-{name}-{}-{}",
@@ -254,7 +261,10 @@ impl Scratch {
             free_port()?
         );
         let dir = std::env::temp_dir().join(unique);
-        std::fs::create_dir_all(&dir)?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
         Ok(Self(dir))
     }
 
@@ -272,26 +282,80 @@ impl Drop for Scratch {
     }
 }
 
-/// The admin bearer token of the test control plane.
-pub const ADMIN_TOKEN: &str = "ferrimesh-e2e-admin";
+/// The ServiceAccounts the binaries run as, bound by `config/rbac`: each
+/// gets a token that authenticates as the ServiceAccount, so RBAC is
+/// enforced for real.
+pub const IDENTITIES: [&str; 2] = ["ferrimesh-operator", "ferrimesh-webhook"];
 
-/// The identities the binaries run as, bound by `config/rbac`: the token
-/// authenticates as the ServiceAccount, so RBAC is enforced for real.
-pub const IDENTITIES: [(&str, &str); 2] = [
-    ("ferrimesh-operator", "ferrimesh-e2e-operator-token"),
-    ("ferrimesh-webhook", "ferrimesh-e2e-webhook-token"),
-];
+/// A bearer token no one can guess: 32 random bytes, base64url.
+pub fn random_token() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    Ok(URL_SAFE_NO_PAD.encode(bytes))
+}
 
-/// The token-file lines of [`IDENTITIES`].
-pub fn service_account_tokens() -> Vec<String> {
-    IDENTITIES
-        .iter()
-        .map(|(account, token)| {
-            format!(
-                "{token},system:serviceaccount:ferrimesh-system:{account},{account}-uid,\"system:serviceaccounts,system:serviceaccounts:ferrimesh-system,system:authenticated\""
-            )
+/// Writes `contents` to a new file at `path` that only its owner can read
+/// or write (0600), replacing any file there.
+pub fn write_private(path: &Path, contents: impl AsRef<[u8]>) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("replacing {}", path.display()));
+        }
+        _ => {}
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(contents.as_ref()))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The bearer tokens of one control plane, random for each run: an admin
+/// (`system:masters`) token and one per [`IDENTITIES`] ServiceAccount.
+struct Credentials {
+    admin: String,
+    identities: Vec<(&'static str, String)>,
+}
+
+impl Credentials {
+    fn generate() -> anyhow::Result<Self> {
+        Ok(Self {
+            admin: random_token()?,
+            identities: IDENTITIES
+                .iter()
+                .map(|account| Ok((*account, random_token()?)))
+                .collect::<anyhow::Result<_>>()?,
         })
-        .collect()
+    }
+
+    fn token(&self, account: &str) -> Option<&str> {
+        self.identities
+            .iter()
+            .find(|(a, _)| *a == account)
+            .map(|(_, t)| t.as_str())
+    }
+
+    /// kube-apiserver's `--token-auth-file`: `token,user,uid,"groups"` lines.
+    fn token_file(&self) -> String {
+        let admin = format!("{},admin,admin-uid,\"system:masters\"\n", self.admin);
+        let identities = self.identities.iter().map(|(account, token)| {
+            format!(
+                "{token},system:serviceaccount:ferrimesh-system:{account},{account}-uid,\"system:serviceaccounts,system:serviceaccounts:ferrimesh-system,system:authenticated\"\n"
+            )
+        });
+        std::iter::once(admin).chain(identities).collect()
+    }
+
+    /// Writes what kube-apiserver authenticates with into `scratch`, each
+    /// file 0600: `tokens.csv` and the service-account signing key pair.
+    fn write(&self, scratch: &Scratch) -> anyhow::Result<()> {
+        let key = KeyPair::generate()?;
+        write_private(&scratch.path("sa.key"), key.serialize_pem())?;
+        write_private(&scratch.path("sa.pub"), key.public_key_pem())?;
+        write_private(&scratch.path("tokens.csv"), self.token_file())
+    }
 }
 
 /// The cert-manager release whose CRDs the suite installs.
@@ -340,12 +404,15 @@ fn spawn_etcd(bin_dir: &Path, args: &[String], scratch: &Scratch) -> anyhow::Res
     )
 }
 
-/// etcd and kube-apiserver, running.
+/// etcd and kube-apiserver, running, with a random admin token and random
+/// ServiceAccount tokens made for this run only; the key material lives in
+/// a 0700 scratch directory, each file 0600.
 pub struct ControlPlane {
     /// `https://127.0.0.1:<port>`.
     pub url: String,
     /// An admin kubeconfig.
     pub kubeconfig: PathBuf,
+    credentials: Credentials,
     apiserver: Option<Process>,
     etcd: Option<Process>,
     apiserver_args: Vec<String>,
@@ -357,9 +424,14 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     /// Starts etcd and kube-apiserver on free loopback ports and waits for
-    /// `/readyz`. Extra token lines (`token,user,uid,"group"`) give the
-    /// binaries their own identities for RBAC.
-    pub async fn start(extra_tokens: &[String]) -> anyhow::Result<Self> {
+    /// `/readyz`. Tokens for [`IDENTITIES`] give the binaries their own
+    /// identities for RBAC ([`ControlPlane::kubeconfig_for`]).
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// [`ControlPlane::start`] with extra kube-apiserver flags.
+    pub async fn start_with(apiserver_flags: &[String]) -> anyhow::Result<Self> {
         let bin_dir = control_plane_binaries()?;
         let scratch = Scratch::new("control-plane")?;
         let (etcd_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
@@ -375,17 +447,11 @@ impl ControlPlane {
         ];
         let etcd = spawn_etcd(&bin_dir, &etcd_args, &scratch)?;
 
-        let key = KeyPair::generate()?;
-        std::fs::write(scratch.path("sa.key"), key.serialize_pem())?;
-        std::fs::write(scratch.path("sa.pub"), key.public_key_pem())?;
-        let mut tokens = std::fs::File::create(scratch.path("tokens.csv"))?;
-        writeln!(tokens, "{ADMIN_TOKEN},admin,admin-uid,\"system:masters\"")?;
-        for line in extra_tokens {
-            writeln!(tokens, "{line}")?;
-        }
+        let credentials = Credentials::generate()?;
+        credentials.write(&scratch)?;
         let url = format!("https://127.0.0.1:{api_port}");
         let path = |p: &str| scratch.path(p).display().to_string();
-        let apiserver_args = vec![
+        let mut apiserver_args = vec![
             format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
             "--bind-address=127.0.0.1".to_owned(),
             "--advertise-address=127.0.0.1".to_owned(),
@@ -401,9 +467,11 @@ impl ControlPlane {
             "--allow-privileged=true".to_owned(),
             "--v=1".to_owned(),
         ];
+        apiserver_args.extend_from_slice(apiserver_flags);
         let mut plane = Self {
             url,
             kubeconfig: scratch.path("kubeconfig"),
+            credentials,
             apiserver: None,
             etcd: Some(etcd),
             apiserver_args,
@@ -412,7 +480,7 @@ impl ControlPlane {
             scratch,
         };
         plane.start_apiserver().await?;
-        plane.write_kubeconfig(ADMIN_TOKEN, &plane.kubeconfig.clone())?;
+        plane.write_kubeconfig(&plane.credentials.admin, &plane.kubeconfig)?;
         Ok(plane)
     }
 
@@ -459,9 +527,12 @@ impl ControlPlane {
                     .check_running()
                     .with_context(|| self.log_tail("apiserver.log"))?;
             }
-            let ready = http_get(&format!("{}/readyz", self.url), Some(ADMIN_TOKEN))
-                .await
-                .is_some_and(|body| body == "ok");
+            let ready = http_get(
+                &format!("{}/readyz", self.url),
+                Some(&self.credentials.admin),
+            )
+            .await
+            .is_some_and(|body| body == "ok");
             if ready {
                 return Ok(());
             }
@@ -485,8 +556,8 @@ impl ControlPlane {
         )
     }
 
-    /// Writes a kubeconfig for `token` to `path`, trusting the API server's
-    /// own self-signed certificate.
+    /// Writes a kubeconfig for `token` to `path` (0600), trusting the API
+    /// server's own self-signed certificate.
     pub fn write_kubeconfig(&self, token: &str, path: &Path) -> anyhow::Result<()> {
         let ca = std::fs::read(self.scratch.path("certs/apiserver.crt"))
             .context("apiserver certificate")?;
@@ -495,17 +566,15 @@ impl ControlPlane {
             "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\nusers:\n- name: user\n  user:\n    token: {token}\ncontexts:\n- name: e2e\n  context: {{cluster: e2e, user: user}}\ncurrent-context: e2e\n",
             self.url
         );
-        std::fs::write(path, config)?;
-        Ok(())
+        write_private(path, config)
     }
 
     /// A kubeconfig for one of [`IDENTITIES`] (by ServiceAccount name).
     pub fn kubeconfig_for(&self, account: &str) -> anyhow::Result<PathBuf> {
-        let token = IDENTITIES
-            .iter()
-            .find(|(a, _)| *a == account)
-            .map(|(_, t)| *t)
-            .context("unknown identity")?;
+        let token = self
+            .credentials
+            .token(account)
+            .with_context(|| format!("no token for {account}"))?;
         let path = self.scratch.path(&format!("kubeconfig-{account}"));
         self.write_kubeconfig(token, &path)?;
         Ok(path)
@@ -514,6 +583,13 @@ impl ControlPlane {
     /// `kubectl apply -k <dir>` (relative to the repository) as admin.
     pub fn apply_kustomization(&self, dir: &str) -> anyhow::Result<String> {
         self.kubectl_apply(&["-k"], &repo_root().join(dir))
+    }
+
+    /// `kubectl apply --dry-run=server -k <dir>` (relative to the
+    /// repository) as admin: the API server validates every object, stores
+    /// none.
+    pub fn dry_run_kustomization(&self, dir: &str) -> anyhow::Result<String> {
+        self.kubectl_apply(&["--dry-run=server", "-k"], &repo_root().join(dir))
     }
 
     /// `kubectl apply --server-side --force-conflicts -f <path>` (a file or a
@@ -636,7 +712,7 @@ impl ServingCertificate {
         let cert = leaf.signed_by(&key, &ca)?;
         let (cert_path, key_path) = (dir.join("webhook.crt"), dir.join("webhook.key"));
         std::fs::write(&cert_path, cert.pem())?;
-        std::fs::write(&key_path, key.serialize_pem())?;
+        write_private(&key_path, key.serialize_pem())?;
         Ok(Self {
             ca_pem: ca.pem(),
             cert: cert_path,
@@ -678,6 +754,21 @@ impl ControlPlane {
         self.restart_apiserver().await
     }
 
+    /// A new random token for ServiceAccount `account` of
+    /// `ferrimesh-system` (the same user, so the same RBAC) under `uid`, so
+    /// that the audit log tells its requests apart. The API server reads it
+    /// at its next (re)start, which [`ControlPlane::enable_audit_log`] does.
+    pub fn add_token_with_uid(&mut self, account: &str, uid: &str) -> anyhow::Result<String> {
+        let token = random_token()?;
+        let path = self.scratch.path("tokens.csv");
+        let mut tokens = std::fs::read_to_string(&path)?;
+        tokens.push_str(&format!(
+            "{token},system:serviceaccount:ferrimesh-system:{account},{uid},\"system:serviceaccounts,system:serviceaccounts:ferrimesh-system,system:authenticated\"\n"
+        ));
+        write_private(&path, tokens)?;
+        Ok(token)
+    }
+
     /// The audit events (`audit.k8s.io/v1` Event objects) of the writes
     /// answered so far, oldest first; empty without
     /// [`ControlPlane::enable_audit_log`].
@@ -692,7 +783,65 @@ impl ControlPlane {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).map_or(0, |m| m.permissions().mode() & 0o777)
+    }
+
+    #[test]
+    fn key_material_is_written_owner_only_in_an_owner_only_directory() -> anyhow::Result<()> {
+        let scratch = Scratch::new("permissions")?;
+        assert_eq!(mode(&scratch.path("")), 0o700, "the scratch directory");
+        Credentials::generate()?.write(&scratch)?;
+        for file in ["tokens.csv", "sa.key", "sa.pub"] {
+            assert_eq!(mode(&scratch.path(file)), 0o600, "{file}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn write_private_replaces_a_readable_file_with_an_owner_only_one() -> anyhow::Result<()> {
+        let scratch = Scratch::new("write-private")?;
+        let path = scratch.path("kubeconfig");
+        std::fs::write(&path, "old")?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+        write_private(&path, "new")?;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(std::fs::read_to_string(&path)?, "new");
+        Ok(())
+    }
+
+    #[test]
+    fn every_control_plane_gets_its_own_random_tokens() -> anyhow::Result<()> {
+        let (one, other) = (Credentials::generate()?, Credentials::generate()?);
+        assert_ne!(one.admin, other.admin);
+        assert_eq!(one.admin.len(), 43, "32 bytes, base64url");
+        for account in IDENTITIES {
+            let token = one.token(account).unwrap_or_default();
+            assert_eq!(token.len(), 43, "{account}");
+            assert_ne!(Some(token), other.token(account), "{account}");
+            assert_ne!(token, one.admin, "{account}");
+        }
+        let file = one.token_file();
+        assert!(
+            file.starts_with(&format!(
+                "{},admin,admin-uid,\"system:masters\"\n",
+                one.admin
+            )),
+            "{file}"
+        );
+        assert!(
+            file.contains(&format!(
+                "{},system:serviceaccount:ferrimesh-system:ferrimesh-operator,",
+                one.token("ferrimesh-operator").unwrap_or_default()
+            )),
+            "{file}"
+        );
+        Ok(())
+    }
 
     #[test]
     fn cpu_seconds_counts_this_process_working() {

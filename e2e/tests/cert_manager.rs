@@ -32,9 +32,7 @@ use ferrimesh_crds::Mesh;
 use ferrimesh_e2e::fixtures::{
     self, WAIT, namespace, start_operator_with, start_webhook, wait_for_crds,
 };
-use ferrimesh_e2e::{
-    ControlPlane, cert_manager_crds, eventually, free_port, service_account_tokens,
-};
+use ferrimesh_e2e::{ControlPlane, cert_manager_crds, eventually, free_port, write_private};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
@@ -99,7 +97,7 @@ async fn write_secret(client: &Client, issued: &Issued) -> anyhow::Result<()> {
 fn write_files(issued: &Issued, files: &Path) -> anyhow::Result<()> {
     for (name, text) in [("tls.key", &issued.key), ("tls.crt", &issued.cert)] {
         let tmp = files.join(format!("{name}.tmp"));
-        std::fs::write(&tmp, text)?;
+        write_private(&tmp, text)?;
         std::fs::rename(&tmp, files.join(name))?;
     }
     Ok(())
@@ -210,7 +208,7 @@ async fn create_injected_pod(client: &Client, name: &str) -> anyhow::Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cert_manager_issues_and_the_operator_publishes_its_ca() -> anyhow::Result<()> {
-    let plane = ControlPlane::start(&service_account_tokens()).await?;
+    let plane = ControlPlane::start().await?;
     let client = plane.client().await?;
     plane.apply_files(&cert_manager_crds()?)?;
     // The component's objects need cert-manager's CRDs established first.

@@ -15,7 +15,7 @@ use ferrimesh_e2e::fixtures::{
     WAIT, injected_pod, mesh_selecting_mesh_on, namespace, namespace_label, start_operator,
     start_operator_and_webhook, wait_for_crds,
 };
-use ferrimesh_e2e::{ControlPlane, eventually, free_port, service_account_tokens};
+use ferrimesh_e2e::{ControlPlane, eventually, free_port};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
@@ -25,7 +25,7 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 async fn installed_plane() -> anyhow::Result<(ControlPlane, Client)> {
-    let plane = ControlPlane::start(&service_account_tokens()).await?;
+    let plane = ControlPlane::start().await?;
     let client = plane.client().await?;
     plane.apply_kustomization("config/overlays/local")?;
     wait_for_crds(&client).await?;

@@ -11,7 +11,7 @@ use ferrimesh_e2e::fixtures::{
     WAIT, entry_exists, injected_pod, namespace, namespace_label, start_operator,
     start_operator_and_webhook, wait_for_crds,
 };
-use ferrimesh_e2e::{ControlPlane, eventually, free_port, service_account_tokens};
+use ferrimesh_e2e::{ControlPlane, eventually, free_port};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use k8s_openapi::api::events::v1::Event;
@@ -21,7 +21,7 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_configures_injection_and_registers_workloads() -> anyhow::Result<()> {
-    let plane = ControlPlane::start(&service_account_tokens()).await?;
+    let plane = ControlPlane::start().await?;
     let client = plane.client().await?;
     plane.apply_kustomization("config/overlays/local")?;
     wait_for_crds(&client).await?;
@@ -377,10 +377,9 @@ async fn holder(client: &Client) -> anyhow::Result<Option<String>> {
         .and_then(|l| l.spec?.holder_identity))
 }
 
-/// The standby replica's token: the operator's ServiceAccount (so the same
-/// RBAC), under a uid of its own, so the API server's audit log tells its
-/// requests from the leader's.
-const STANDBY_TOKEN: &str = "ferrimesh-e2e-standby-token";
+/// The uid of the standby replica's token: the operator's ServiceAccount
+/// (so the same RBAC) under a uid of its own, so the API server's audit log
+/// tells its requests from the leader's.
 const STANDBY_UID: &str = "replica-b-uid";
 
 /// What each uid wrote, as `verb resource` lines, from the audit log.
@@ -401,11 +400,8 @@ fn writes_by(plane: &ControlPlane, uid: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_lease_holder_reconciles_and_a_standby_takes_over() -> anyhow::Result<()> {
-    let mut tokens = service_account_tokens();
-    tokens.push(format!(
-        "{STANDBY_TOKEN},system:serviceaccount:ferrimesh-system:ferrimesh-operator,{STANDBY_UID},\"system:serviceaccounts,system:serviceaccounts:ferrimesh-system,system:authenticated\""
-    ));
-    let mut plane = ControlPlane::start(&tokens).await?;
+    let mut plane = ControlPlane::start().await?;
+    let standby_token = plane.add_token_with_uid("ferrimesh-operator", STANDBY_UID)?;
     plane.enable_audit_log().await?;
     let client = plane.client().await?;
     plane.apply_kustomization("config/overlays/local")?;
@@ -419,7 +415,7 @@ async fn only_the_lease_holder_reconciles_and_a_standby_takes_over() -> anyhow::
     })
     .await?;
     let standby_identity = plane.scratch().path("kubeconfig-replica-b");
-    plane.write_kubeconfig(STANDBY_TOKEN, &standby_identity)?;
+    plane.write_kubeconfig(&standby_token, &standby_identity)?;
     let _second = start_operator(&plane, &standby_identity, "replica-b", &url)?;
     let meshes: Api<Mesh> = Api::all(client.clone());
     let spec = MeshSpec {
@@ -481,7 +477,7 @@ async fn only_the_lease_holder_reconciles_and_a_standby_takes_over() -> anyhow::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn converges_after_operator_and_api_server_restarts() -> anyhow::Result<()> {
-    let mut plane = ControlPlane::start(&service_account_tokens()).await?;
+    let mut plane = ControlPlane::start().await?;
     let client = plane.client().await?;
     plane.apply_kustomization("config/overlays/local")?;
     wait_for_crds(&client).await?;

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use ferrimesh_e2e::fixtures::{self, WAIT, namespace, start_operator_with, wait_for_crds};
-use ferrimesh_e2e::{ControlPlane, eventually, free_port, service_account_tokens};
+use ferrimesh_e2e::{ControlPlane, eventually, free_port};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::PostParams;
 use kube::{Api, ResourceExt};
@@ -18,7 +18,7 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotating_certificates_fail_no_admission() -> anyhow::Result<()> {
-    let plane = ControlPlane::start(&service_account_tokens()).await?;
+    let plane = ControlPlane::start().await?;
     let client = plane.client().await?;
     plane.apply_kustomization("config/overlays/local")?;
     wait_for_crds(&client).await?;

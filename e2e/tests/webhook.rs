@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ferrimesh_crds::selection::{SYSTEM_NAMESPACES, webhook_configuration};
 use ferrimesh_crds::{Mesh, MeshSpec};
 use ferrimesh_e2e::fixtures::{self, namespace, wait_for_crds};
-use ferrimesh_e2e::{ControlPlane, Process, ServingCertificate, free_port, service_account_tokens};
+use ferrimesh_e2e::{ControlPlane, Process, ServingCertificate, free_port};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, WebhookClientConfig,
@@ -110,7 +110,7 @@ async fn create(client: &Client, ns: &str, pod: &Pod) -> kube::Result<Pod> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_api_server_calls_the_webhook_over_tls() -> anyhow::Result<()> {
-    let plane = ControlPlane::start(&service_account_tokens()).await?;
+    let plane = ControlPlane::start().await?;
     let client = plane.client().await?;
     plane.apply_kustomization("config/overlays/local")?;
     wait_for_crds(&client).await?;
@@ -322,7 +322,7 @@ fn failed_open(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_down_fails_or_ignores_as_the_mesh_says() -> anyhow::Result<()> {
-    let mut plane = ControlPlane::start(&service_account_tokens()).await?;
+    let mut plane = ControlPlane::start().await?;
     plane.enable_audit_log().await?;
     let client = plane.client().await?;
     plane.apply_kustomization("config/overlays/local")?;

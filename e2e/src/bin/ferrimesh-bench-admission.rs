@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::ensure;
 use ferrimesh_e2e::fixtures::{self, WAIT, namespace, start_operator_with, wait_for_crds};
 use ferrimesh_e2e::metrics::{ADMISSION_DURATION, Metrics, WEBHOOK_REJECTIONS, WEBHOOK_REQUESTS};
-use ferrimesh_e2e::{ControlPlane, eventually, free_port, service_account_tokens};
+use ferrimesh_e2e::{ControlPlane, eventually, free_port};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
 use kube::{Api, ResourceExt};
@@ -94,7 +94,7 @@ async fn run() -> anyhow::Result<()> {
     );
     println!("    machine: {}", ferrimesh_e2e::machine());
 
-    let plane = ControlPlane::start(&service_account_tokens()).await?;
+    let plane = ControlPlane::start().await?;
     let client = plane.client().await?;
     plane.apply_kustomization("config/overlays/local")?;
     wait_for_crds(&client).await?;

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use ferrimesh_crds::{Mesh, MeshSpec, WorkloadEntry};
 use ferrimesh_e2e::fixtures::{namespace, start_operator_with, wait_for_crds};
 use ferrimesh_e2e::metrics::{Metrics, REQUESTS};
-use ferrimesh_e2e::{ControlPlane, Process, client_for, free_port, service_account_tokens};
+use ferrimesh_e2e::{ControlPlane, Process, client_for, free_port};
 use ferrimesh_operator::injected_pod::InjectedPod;
 use ferrimesh_operator::workloads::{MANAGED_BY, MANAGED_BY_LABEL, desired_entry};
 use futures::StreamExt;
@@ -340,7 +340,7 @@ async fn run() -> anyhow::Result<()> {
         "==> operator benchmark: {pods} pods, {namespaces} namespaces, concurrency {concurrency}"
     );
     println!("    machine: {}", ferrimesh_e2e::machine());
-    let plane = ControlPlane::start(&service_account_tokens()).await?;
+    let plane = ControlPlane::start().await?;
     let client = plane.client().await?;
     plane.apply_kustomization("config/overlays/local")?;
     wait_for_crds(&client).await?;

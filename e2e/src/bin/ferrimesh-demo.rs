@@ -11,7 +11,7 @@ use std::process::Command;
 use ferrimesh_e2e::fixtures::{
     WAIT, namespace, namespace_label, start_operator_and_webhook, wait_for_crds,
 };
-use ferrimesh_e2e::{ControlPlane, eventually, kubectl, repo_root, service_account_tokens};
+use ferrimesh_e2e::{ControlPlane, eventually, kubectl, repo_root};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
@@ -38,7 +38,7 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run() -> anyhow::Result<()> {
     step("starting etcd and kube-apiserver on loopback (built from their Go modules on first run)");
-    let plane = ControlPlane::start(&service_account_tokens()).await?;
+    let plane = ControlPlane::start().await?;
     let client = plane.client().await?;
 
     step(

@@ -15,7 +15,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use clap::{Parser, ValueEnum};
 use ferrimesh_crds::{Mesh, WorkloadEntry};
-use ferrimesh_operator::certificate_store::Lifetimes;
+use ferrimesh_operator::certificate_store::{CA_SECRET, Lifetimes, SERVING_SECRET};
 use ferrimesh_operator::injected_pod::InjectedPod;
 use ferrimesh_operator::mesh_controller::{self, CertificateIssuer, WebhookTarget};
 use ferrimesh_operator::reduced::reduce;
@@ -95,7 +95,8 @@ struct Args {
     /// the holder reconciles. Turn off only for a single replica.
     #[arg(long, env = "FERRIMESH_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     leader_election: bool,
-    /// Name of the Lease (in the operator's namespace).
+    /// Name of the Lease (in the operator's namespace; config/rbac grants
+    /// it by this name).
     #[arg(
         long,
         env = "FERRIMESH_LEASE_NAME",
@@ -300,8 +301,8 @@ fn count(reconciles: &Family<ReconcileLabels, Counter>, controller: &str, ok: bo
 ///
 /// One watch per kind, each feeding a cache: injected pods (pruned to what
 /// a WorkloadEntry needs before they are stored), our WorkloadEntries,
-/// Namespaces, Nodes (metadata only), Meshes, and the Secrets of the
-/// operator's namespace. Namespace and WorkloadEntry changes reconcile the
+/// Namespaces, Nodes (metadata only), Meshes, and the two certificate
+/// Secrets of the operator's namespace (each by name). Namespace and WorkloadEntry changes reconcile the
 /// Meshes at most twice a second, however busy the cluster is.
 async fn controllers(
     args: &Args,
@@ -477,9 +478,16 @@ async fn controllers(
                     Api::<MutatingWebhookConfiguration>::all(client.clone()),
                     watcher::Config::default(),
                 )
+                // Each Secret by name: the operator's Role lets it read
+                // these two and no other Secret of its namespace.
+                .watches(
+                    Api::<Secret>::namespaced(client.clone(), &secrets_namespace),
+                    watcher::Config::default().fields(&format!("metadata.name={SERVING_SECRET}")),
+                    every_mesh.clone(),
+                )
                 .watches(
                     Api::<Secret>::namespaced(client, &secrets_namespace),
-                    watcher::Config::default(),
+                    watcher::Config::default().fields(&format!("metadata.name={CA_SECRET}")),
                     every_mesh,
                 )
                 .reconcile_all_on(cluster_changes)

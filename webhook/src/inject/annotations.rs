@@ -119,45 +119,51 @@ pub fn parse_port(value: &str) -> Result<u16, Invalid> {
         .map_err(|_| "must be a port number (0-65535)".to_owned())
 }
 
-fn entries(value: &str) -> impl Iterator<Item = &str> {
-    value.split(',').map(str::trim).filter(|e| !e.is_empty())
-}
-
-/// A comma-separated list of ports 1..=65535; `*` only when `allow_star`.
+/// A comma-separated list of ports 0..=65535, as Istio's injector checks
+/// it: the value is trimmed, then every entry is trimmed and must be a port
+/// (an empty entry is not); `*` (exactly) only when `allow_star`.
 pub fn validate_port_list(value: &str, allow_star: bool) -> Result<(), Invalid> {
-    if value.trim() == "*" {
+    if value == "*" {
         return if allow_star {
             Ok(())
         } else {
             Err("`*` is not allowed here".to_owned())
         };
     }
-    for entry in entries(value) {
-        match entry.parse::<u16>() {
-            Ok(port) if port > 0 => {}
-            _ => return Err(format!("{entry:?} is not a port number (1-65535)")),
+    let value = value.trim();
+    if value.is_empty() {
+        return Ok(());
+    }
+    for entry in value.split(',') {
+        if entry.trim().parse::<u16>().is_err() {
+            return Err(format!("{entry:?} is not a port number (0-65535)"));
         }
     }
     Ok(())
 }
 
-/// A comma-separated list of CIDRs; `*` only when `allow_star`.
+/// A comma-separated list of CIDRs, as Istio's injector checks it: no
+/// space around the entries, none empty; `*` (exactly) only when
+/// `allow_star`.
 pub fn validate_cidr_list(value: &str, allow_star: bool) -> Result<(), Invalid> {
-    if value.trim() == "*" {
+    if value == "*" {
         return if allow_star {
             Ok(())
         } else {
             Err("`*` is not allowed here".to_owned())
         };
     }
-    for entry in entries(value) {
+    if value.is_empty() {
+        return Ok(());
+    }
+    for entry in value.split(',') {
         let valid = entry.split_once('/').is_some_and(|(ip, bits)| {
             let max = match ip.parse::<IpAddr>() {
                 Ok(IpAddr::V4(_)) => 32,
                 Ok(IpAddr::V6(_)) => 128,
                 Err(_) => return false,
             };
-            bits.parse::<u8>().is_ok_and(|b| b <= max)
+            bits.bytes().all(|b| b.is_ascii_digit()) && bits.parse::<u8>().is_ok_and(|b| b <= max)
         });
         if !valid {
             return Err(format!("{entry:?} is not a CIDR"));
@@ -166,23 +172,24 @@ pub fn validate_cidr_list(value: &str, allow_star: bool) -> Result<(), Invalid> 
     Ok(())
 }
 
-/// A comma-separated list of network interface names.
+/// A comma-separated list of network interface names, as Istio checks it:
+/// entries trimmed, none empty, each at most 15 characters, a letter first,
+/// then letters, digits, `_`, `.` or `-`.
 pub fn validate_interface_list(value: &str) -> Result<(), Invalid> {
-    for entry in entries(value) {
+    if value.is_empty() {
+        return Ok(());
+    }
+    for entry in value.split(',').map(str::trim) {
         let valid = entry.len() <= 15
+            && entry.starts_with(|c: char| c.is_ascii_alphabetic())
             && entry
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@'));
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
         if !valid {
             return Err(format!("{entry:?} is not a network interface name"));
         }
     }
     Ok(())
-}
-
-/// The trimmed, non-empty entries of a comma-separated list.
-pub fn list_entries(value: &str) -> Vec<&str> {
-    entries(value).collect()
 }
 
 #[cfg(test)]
@@ -198,18 +205,33 @@ mod tests {
 
     #[test]
     fn validates_port_lists() {
-        assert!(validate_port_list("80, 443,,8080", false).is_ok());
+        assert!(validate_port_list(" 80, 443 ,8080 ", false).is_ok());
         assert!(validate_port_list("", false).is_ok());
+        assert!(validate_port_list("  ", false).is_ok());
         assert!(validate_port_list("*", true).is_ok());
+        assert!(validate_port_list(" *", true).is_err(), "only an exact `*`");
         assert!(validate_port_list("*", false).is_err());
-        assert!(validate_port_list("0", false).is_err());
+        assert!(
+            validate_port_list("0", false).is_ok(),
+            "Istio accepts port 0"
+        );
+        assert!(
+            validate_port_list("80,,8080", false).is_err(),
+            "an empty entry"
+        );
         assert!(validate_port_list("65536", false).is_err());
         assert!(validate_port_list("http", false).is_err());
     }
 
     #[test]
     fn validates_cidr_lists() {
-        assert!(validate_cidr_list("10.0.0.0/8, fd00::/64", false).is_ok());
+        assert!(validate_cidr_list("10.0.0.0/8,fd00::/64", false).is_ok());
+        assert!(validate_cidr_list("", false).is_ok());
+        assert!(
+            validate_cidr_list("10.0.0.0/8, fd00::/64", false).is_err(),
+            "Istio does not trim CIDR entries"
+        );
+        assert!(validate_cidr_list("10.0.0.0/8,", false).is_err());
         assert!(validate_cidr_list("*", true).is_ok());
         assert!(validate_cidr_list("*", false).is_err());
         assert!(validate_cidr_list("10.0.0.0", false).is_err());
@@ -219,7 +241,10 @@ mod tests {
 
     #[test]
     fn validates_interface_lists() {
-        assert!(validate_interface_list("eth0,net1").is_ok());
+        assert!(validate_interface_list("eth0, net1").is_ok());
+        assert!(validate_interface_list("eth0,,net1").is_err());
+        assert!(validate_interface_list("0eth").is_err(), "a letter first");
+        assert!(validate_interface_list("eth@1").is_err());
         assert!(validate_interface_list("").is_ok());
         assert!(validate_interface_list("bad name").is_err());
         assert!(validate_interface_list("averyveryverylongname").is_err());

@@ -147,15 +147,31 @@ pub fn init_container(settings: &Settings, user_uid: Option<i64>) -> Option<Cont
     })
 }
 
-/// `-d`: Envoy's own ports, the user's exclusions, then the status port.
+/// `-d`: Envoy's own ports, then the user's exclusions with the status port
+/// added, exactly as Istio's `excludeInboundPort` template function does it.
 pub fn excluded_inbound_ports(user: &str, status_port: i32) -> String {
-    let mut ports: Vec<String> = vec!["15090".into(), "15021".into()];
-    let user: Vec<&str> = super::annotations::list_entries(user);
-    ports.extend(user.iter().map(|p| (*p).to_owned()));
-    let status = status_port.to_string();
-    if status_port != 0 && !user.contains(&status.as_str()) {
-        ports.push(status);
+    let tail = with_status_port(user, status_port);
+    if tail.is_empty() {
+        "15090,15021".to_owned()
+    } else {
+        format!("15090,15021,{tail}")
     }
+}
+
+/// The user's excluded inbound ports plus the status port: unchanged when
+/// the port is 0 or already listed as is; otherwise the entries trimmed,
+/// empty ones dropped, and the port appended.
+pub fn with_status_port(user: &str, status_port: i32) -> String {
+    let port = status_port.to_string();
+    if status_port == 0 || user.split(',').any(|entry| entry == port) {
+        return user.to_owned();
+    }
+    let mut ports: Vec<&str> = user
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    ports.push(&port);
     ports.join(",")
 }
 
@@ -337,6 +353,7 @@ fn proxy_env(settings: &Settings, facts: &PodFacts<'_>) -> Vec<EnvVar> {
                 .join(","),
         ),
         resource_env("GOMEMLIMIT", "limits.memory"),
+        resource_env("GOMAXPROCS", "limits.cpu"),
     ];
     if !settings.trailing_env.contains_key("ISTIO_META_CLUSTER_ID") {
         vars.push(env("ISTIO_META_CLUSTER_ID", settings.cluster_id.clone()));
@@ -362,8 +379,19 @@ fn proxy_env(settings: &Settings, facts: &PodFacts<'_>) -> Vec<EnvVar> {
             .iter()
             .map(|(k, v)| env(k, v.clone())),
     );
-    vars.extend(settings.trailing_env.iter().map(|(k, v)| env(k, v.clone())));
     vars
+}
+
+/// The cluster, network and webhook-URL env (`trailing_env`), set as Istio
+/// does after the user's overrides: any entry of the same name removed,
+/// then all of them appended in name order.
+pub fn set_trailing_env(proxy: &mut Container, trailing_env: &BTreeMap<String, String>) {
+    if trailing_env.is_empty() {
+        return;
+    }
+    let vars = proxy.env.get_or_insert_with(Vec::new);
+    vars.retain(|e| !trailing_env.contains_key(&e.name));
+    vars.extend(trailing_env.iter().map(|(k, v)| env(k, v.clone())));
 }
 
 /// The app containers' named ports (name -> port), for lookups.
@@ -388,6 +416,12 @@ mod tests {
         );
         assert_eq!(excluded_inbound_ports("15020", 15020), "15090,15021,15020");
         assert_eq!(excluded_inbound_ports("", 0), "15090,15021");
+        assert_eq!(excluded_inbound_ports("", 15020), "15090,15021,15020");
+        // Listed as is: the user's value is kept untouched, spaces and all.
+        assert_eq!(
+            excluded_inbound_ports("4, 5,15020", 15020),
+            "15090,15021,4, 5,15020"
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@ use k8s_openapi::api::core::v1::{
 use self::annotations as ann;
 use self::containers::{INIT, PROXY, PodFacts};
 use self::decision::{Decision, decide};
-use self::overrides::{Depth, Overrides, canonicalize_resources, overlay};
+use self::overrides::{Overrides, canonicalize_resources, merge_json, overlay};
 use self::settings::{Settings, select_profiles};
 use self::status::SidecarStatus;
 use self::workload::Workload;
@@ -232,13 +232,24 @@ fn inject_pod(
             (existing, recorded.unwrap_or_default())
         }
         None => {
+            // As Istio does: a classic proxy is only overridden by an
+            // `istio-proxy` among the containers (one among the init
+            // containers stays the user's own init container); a native
+            // one by either, and each override is recorded under the list
+            // its injected container ends up in.
+            let init_names: BTreeSet<String> = if settings.native {
+                sidecar_names.clone()
+            } else {
+                BTreeSet::from([INIT.to_owned()])
+            };
             let mut overrides = Overrides {
                 containers: take_named(&mut spec.containers, &sidecar_names),
                 init_containers: take_named(
                     spec.init_containers.get_or_insert_with(Vec::new),
-                    &sidecar_names,
+                    &init_names,
                 ),
-            };
+            }
+            .placed(settings.native);
             let all = overrides
                 .containers
                 .iter_mut()
@@ -253,11 +264,16 @@ fn inject_pod(
         .cloned()
         .unwrap_or_else(|| Workload::of(request.pod));
     let app_containers: Vec<&Container> = spec.containers.iter().collect();
-    let user_uid = user_overrides
-        .get(PROXY)
-        .and_then(|c| c.security_context.as_ref())
-        .and_then(|s| s.run_as_user)
-        .filter(|uid| *uid != 0);
+    // The proxy the user wrote (first injection) or the one an earlier
+    // injection left: a runAsUser there goes to istio-init's `-u`, and under
+    // TPROXY it puts the proxy back to root (Istio's adjustInitContainerUser).
+    let requested_uid = match &previous {
+        None => user_overrides.get(PROXY),
+        Some(_) => existing.iter().find(|c| c.name == PROXY),
+    }
+    .and_then(|c| c.security_context.as_ref())
+    .and_then(|s| s.run_as_user);
+    let user_uid = requested_uid.filter(|uid| *uid != 0);
     let facts = PodFacts {
         pod: request.pod,
         namespace: request.namespace,
@@ -265,26 +281,41 @@ fn inject_pod(
         app_containers: &app_containers,
     };
 
-    // Build, then lay the user's overrides over the fresh containers.
+    // In Istio's order: the fresh sidecar (the template) laid over the one
+    // an earlier injection left, then the user's overrides, then the
+    // cluster and network env, the prometheus merge and probe rewriting.
+    let merge_existing = |fresh: Container| -> Result<Container> {
+        match existing.iter().find(|c| c.name == fresh.name) {
+            Some(old) => overlay(old, &fresh),
+            None => Ok(fresh),
+        }
+    };
     let mut proxy = containers::proxy_container(settings, &facts);
     let default_container = app_containers.first().map(|c| c.name.clone());
     drop(app_containers);
-    if let Some(user) = user_overrides.get(PROXY) {
-        proxy = overlay(&proxy, user, Depth::Deep)?;
-        if settings.interception_mode == ferrimesh_crds::settings::InterceptionMode::Tproxy
-            && let Some(sc) = proxy.security_context.as_mut()
-        {
-            sc.run_as_user = Some(0);
-        }
-    }
-    let mut init = containers::init_container(settings, user_uid);
-    if let (Some(fresh), Some(user)) = (init.as_ref(), user_overrides.get(INIT)) {
-        init = Some(overlay(fresh, user, Depth::Deep)?);
-    }
     if settings.hold_application && !settings.native {
         let lifecycle = proxy.lifecycle.get_or_insert_with(Lifecycle::default);
         lifecycle.post_start = Some(containers::exec_handler(&["pilot-agent", "wait"]));
     }
+    let mut proxy = merge_existing(proxy)?;
+    if let Some(user) = user_overrides.get(PROXY) {
+        proxy = overlay(&proxy, user)?;
+    }
+    let mut init = containers::init_container(settings, user_uid)
+        .map(merge_existing)
+        .transpose()?;
+    // Only with an istio-init to capture traffic (not with NONE).
+    if settings.tproxy_forces_root
+        && init.is_some()
+        && requested_uid.is_some()
+        && let Some(sc) = proxy.security_context.as_mut()
+    {
+        sc.run_as_user = Some(0);
+    }
+    if let (Some(fresh), Some(user)) = (init.as_ref(), user_overrides.get(INIT)) {
+        init = Some(overlay(fresh, user)?);
+    }
+    containers::set_trailing_env(&mut proxy, &settings.trailing_env);
     let old_proxy = existing.iter().find(|c| c.name == PROXY);
 
     // Post-processing: prometheus merge, then probe rewriting.
@@ -300,7 +331,11 @@ fn inject_pod(
             .iter_mut()
             .chain(spec.init_containers.iter_mut().flatten())
         {
-            probes::rewrite_container(container, settings.status_port, &mut probers);
+            let ports = probes::Ports {
+                status: settings.status_port,
+                rewritten: settings.metrics_port,
+            };
+            probes::rewrite_container(container, ports, &mut probers);
         }
         if let Some(value) =
             probes::probers_env(probers, env_value(old_proxy, "ISTIO_KUBE_APP_PROBERS"))
@@ -308,16 +343,6 @@ fn inject_pod(
             set_env(&mut proxy, "ISTIO_KUBE_APP_PROBERS", value);
         }
     }
-
-    // A fresh sidecar is laid over the one an earlier injection left.
-    let merge_existing = |fresh: Container| -> Result<Container> {
-        match existing.iter().find(|c| c.name == fresh.name) {
-            Some(old) => overlay(old, &fresh, Depth::TopLevel),
-            None => Ok(fresh),
-        }
-    };
-    let proxy = merge_existing(proxy)?;
-    let init = init.map(merge_existing).transpose()?;
 
     // Layout.
     let (injected_init, injected_containers) = if settings.native {
@@ -351,16 +376,33 @@ fn inject_pod(
     // Volumes: the injected ones first, then the pod's own; none removed.
     let injected_volumes = volumes::injected_volumes(&settings.user_volumes);
     let volume_names: Vec<String> = injected_volumes.iter().map(|v| v.name.clone()).collect();
-    let own_volumes = spec.volumes.take().unwrap_or_default();
+    let mut own_volumes = spec.volumes.take().unwrap_or_default();
     // Sized up front: a `Volume` is kilobytes (every volume source inline),
     // and growing the list would copy all of them.
     let mut all_volumes = Vec::with_capacity(injected_volumes.len() + own_volumes.len());
-    all_volumes.extend(injected_volumes);
-    all_volumes.extend(
-        own_volumes
-            .into_iter()
-            .filter(|v| !volume_names.contains(&v.name)),
-    );
+    for fresh in injected_volumes {
+        // One an earlier injection left is merged with, as Istio's strategic
+        // merge does (the API server's defaults, such as `defaultMode`, stay).
+        match own_volumes.iter().position(|v| v.name == fresh.name) {
+            Some(at) => {
+                let mut merged = serde_json::to_value(own_volumes.remove(at))?;
+                let fresh = serde_json::to_value(fresh)?;
+                merge_json(&mut merged, &fresh);
+                if fresh.as_object().is_some_and(|f| f.len() == 1)
+                    && let Some(merged) = merged.as_object_mut()
+                {
+                    // A volume with no source is `emptyDir:` with no value in
+                    // Istio's template: a null, which the strategic merge
+                    // turns into removing the emptyDir the API server had
+                    // defaulted (and then defaults again).
+                    merged.remove("emptyDir");
+                }
+                all_volumes.push(serde_json::from_value(merged)?);
+            }
+            None => all_volumes.push(fresh),
+        }
+    }
+    all_volumes.append(&mut own_volumes);
     spec.volumes = Some(all_volumes);
 
     // Pull secrets: the Mesh's first, duplicates merged by name.

@@ -6,6 +6,7 @@ use k8s_openapi::api::core::v1::Container;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::containers::{INIT, PROXY};
 use super::json::Object;
 use super::quantity::canonicalize;
 use crate::Result;
@@ -48,28 +49,25 @@ const CONTAINER_FIELD_ORDER: [&str; 26] = [
     "stopSignal",
 ];
 
-/// How `overlay` treats nested objects.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Depth {
-    /// Objects merge recursively (a user override naming one resource
-    /// limit keeps the others).
-    Deep,
-    /// Each top-level field the overlay sets replaces the base's (a fresh
-    /// injection over an old sidecar).
-    TopLevel,
-}
-
 fn merge_keyed(base: &mut Vec<Value>, over: &[Value], key: &str) {
     for item in over {
         let id = item.get(key);
         match id.and_then(|id| base.iter_mut().find(|b| b.get(key) == Some(id))) {
-            Some(existing) => *existing = item.clone(),
+            Some(existing) => merge_value(existing, item),
             None => base.push(item.clone()),
         }
     }
 }
 
-fn merge_object(base: &mut Map<String, Value>, over: &Map<String, Value>, depth: Depth, top: bool) {
+/// Objects merge field by field, recursively; anything else is replaced.
+fn merge_value(base: &mut Value, over: &Value) {
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => merge_object(b, o, false),
+        (slot, value) => *slot = value.clone(),
+    }
+}
+
+fn merge_object(base: &mut Map<String, Value>, over: &Map<String, Value>, top: bool) {
     for (field, value) in over {
         let keyed = top
             .then(|| {
@@ -81,20 +79,27 @@ fn merge_object(base: &mut Map<String, Value>, over: &Map<String, Value>, depth:
             .flatten();
         match (base.get_mut(field), value, keyed) {
             (Some(Value::Array(b)), Value::Array(o), Some(key)) => merge_keyed(b, o, key),
-            (Some(Value::Object(b)), Value::Object(o), _) if depth == Depth::Deep => {
-                merge_object(b, o, depth, false)
-            }
-            _ => {
+            (Some(slot), value, _) => merge_value(slot, value),
+            (None, value, _) => {
                 base.insert(field.clone(), value.clone());
             }
         }
     }
 }
 
-/// Lays `over` onto `base`: keyed lists (env, volumeMounts, ports) merge by
-/// key with new entries after the base's; other lists and scalars replace.
-/// An `image` of `auto` keeps the base's image.
-pub fn overlay(base: &Container, over: &Container, depth: Depth) -> Result<Container> {
+/// Merges one JSON object into another as Kubernetes' strategic merge
+/// patch does for fields with no merge key: objects recursively, anything
+/// else replaced.
+pub fn merge_json(base: &mut Value, over: &Value) {
+    merge_value(base, over);
+}
+
+/// Lays `over` onto `base` as Istio does, with Kubernetes' strategic merge
+/// patch: keyed lists (env, volumeMounts, ports) merge entry by entry on
+/// their key, new entries after the base's; objects merge recursively;
+/// other lists and scalars replace. An `image` of `auto` keeps the base's
+/// image.
+pub fn overlay(base: &Container, over: &Container) -> Result<Container> {
     let mut base = serde_json::to_value(base)?;
     let mut over = serde_json::to_value(over)?;
     if let Some(o) = over.as_object_mut()
@@ -103,7 +108,7 @@ pub fn overlay(base: &Container, over: &Container, depth: Depth) -> Result<Conta
         o.remove("image");
     }
     if let (Some(b), Some(o)) = (base.as_object_mut(), over.as_object()) {
-        merge_object(b, o, depth, true);
+        merge_object(b, o, true);
     }
     Ok(serde_json::from_value(base)?)
 }
@@ -132,6 +137,24 @@ impl Overrides {
             .iter()
             .chain(&self.init_containers)
             .find(|c| c.name == name)
+    }
+
+    /// The same overrides, each under the list its injected container ends
+    /// up in: `istio-init` and, when `native`, `istio-proxy` under
+    /// `initContainers` (in that order), a classic `istio-proxy` under
+    /// `containers`.
+    pub fn placed(self, native: bool) -> Self {
+        let in_init = |c: &Container| c.name == INIT || (native && c.name == PROXY);
+        let (mut init_containers, containers): (Vec<_>, Vec<_>) = self
+            .containers
+            .into_iter()
+            .chain(self.init_containers)
+            .partition(in_init);
+        init_containers.sort_by_key(|c| c.name != INIT);
+        Self {
+            containers,
+            init_containers,
+        }
     }
 
     /// The annotation value: compact JSON, containers in Kubernetes' field
@@ -238,7 +261,7 @@ mod tests {
             resources: limits(&[("cpu", "500m")]),
             ..Default::default()
         };
-        let merged = overlay(&injected, &user, Depth::Deep).expect("merge");
+        let merged = overlay(&injected, &user).expect("merge");
         assert_eq!(merged.image.as_deref(), Some("proxy:1"));
         assert_eq!(merged.args, Some(vec!["c".to_owned()]));
         assert_eq!(
@@ -252,25 +275,59 @@ mod tests {
     }
 
     #[test]
-    fn top_level_overlay_replaces_whole_fields_and_keeps_unproduced_env() {
+    fn reinjection_merges_entries_recursively_as_a_strategic_merge_patch_does() {
+        let field = |path: &str, api: Option<&str>| EnvVar {
+            name: "POD_NAME".into(),
+            value: None,
+            value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
+                field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                    api_version: api.map(str::to_owned),
+                    field_path: path.into(),
+                }),
+                ..Default::default()
+            }),
+        };
         let old = Container {
             name: "istio-proxy".into(),
-            env: Some(vec![env("A", "old"), env("ISTIO_KUBE_APP_PROBERS", "{}")]),
+            env: Some(vec![
+                env("A", "old"),
+                field("metadata.name", Some("v1")),
+                env("ISTIO_KUBE_APP_PROBERS", "{}"),
+            ]),
             resources: limits(&[("cpu", "2"), ("memory", "1Gi")]),
             ..Default::default()
         };
         let fresh = Container {
             name: "istio-proxy".into(),
-            env: Some(vec![env("A", "new")]),
+            env: Some(vec![env("A", "new"), field("metadata.name", None)]),
             resources: limits(&[("cpu", "1")]),
             ..Default::default()
         };
-        let merged = overlay(&old, &fresh, Depth::TopLevel).expect("merge");
+        let merged = overlay(&old, &fresh).expect("merge");
         assert_eq!(
             merged.env,
-            Some(vec![env("A", "new"), env("ISTIO_KUBE_APP_PROBERS", "{}")])
+            Some(vec![
+                env("A", "new"),
+                field("metadata.name", Some("v1")),
+                env("ISTIO_KUBE_APP_PROBERS", "{}")
+            ]),
+            "the API server's defaults and env the new injection does not produce stay"
         );
-        assert_eq!(merged.resources, limits(&[("cpu", "1")]));
+        assert_eq!(merged.resources, limits(&[("cpu", "1"), ("memory", "1Gi")]));
+    }
+
+    #[test]
+    fn merge_json_merges_objects_and_replaces_the_rest() {
+        let mut base =
+            serde_json::json!({"configMap": {"name": "a", "defaultMode": 420}, "list": [1, 2]});
+        merge_json(
+            &mut base,
+            &serde_json::json!({"configMap": {"name": "b"}, "list": [3]}),
+        );
+        assert_eq!(
+            base,
+            serde_json::json!({"configMap": {"name": "b", "defaultMode": 420}, "list": [3]})
+        );
     }
 
     #[test]
@@ -305,5 +362,28 @@ mod tests {
             bare.to_annotation().expect("render"),
             r#"{"initContainers":[{"name":"istio-init","resources":{}}]}"#
         );
+    }
+
+    #[test]
+    fn overrides_are_placed_where_the_injected_container_ends_up() {
+        let named = |name: &str| Container {
+            name: name.to_owned(),
+            ..Default::default()
+        };
+        let written = Overrides {
+            containers: vec![named(PROXY)],
+            init_containers: vec![named(INIT)],
+        };
+        let native = written.clone().placed(true);
+        assert!(native.containers.is_empty());
+        let names: Vec<&str> = native
+            .init_containers
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(names, [INIT, PROXY]);
+        let classic = written.placed(false);
+        assert_eq!(classic.containers, [named(PROXY)]);
+        assert_eq!(classic.init_containers, [named(INIT)]);
     }
 }

@@ -15,28 +15,40 @@ use super::containers::named_ports;
 /// Original probes (rendered JSON) by their rewritten path.
 pub type Probers = BTreeMap<String, Box<RawValue>>;
 
-fn resolve(port: &IntOrString, named: &BTreeMap<&str, i32>) -> Option<i32> {
+/// The ports probe rewriting works with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ports {
+    /// Where the rewritten probes go: the effective status port.
+    pub status: i32,
+    /// The Mesh's status port: a probe whose port is this number is taken
+    /// as already rewritten and left out of `ISTIO_KUBE_APP_PROBERS` (as
+    /// Istio does, which compares with the mesh-wide port, not the pod's).
+    pub rewritten: i32,
+}
+
+/// The probe's port as the agent needs it: a named port resolved in the
+/// same container (`None` when it does not resolve), a number as is
+/// (`None` when it is the rewritten-to port).
+fn agent_port(port: &IntOrString, named: &BTreeMap<&str, i32>, rewritten: i32) -> Option<i32> {
     match port {
-        IntOrString::Int(p) => Some(*p),
-        IntOrString::String(name) => named
-            .get(name.as_str())
-            .copied()
-            .or_else(|| name.parse().ok()),
+        IntOrString::Int(p) => (*p != rewritten).then_some(*p),
+        IntOrString::String(name) => named.get(name.as_str()).copied(),
     }
 }
 
 /// The original check as the agent reads it, or `None` when it must be left
-/// out (already on the status port, or a named port that does not resolve).
+/// out (already rewritten, or a named port that does not resolve). gRPC
+/// probes are always handed over.
 fn original(
     http: Option<&HTTPGetAction>,
     tcp_port: Option<&IntOrString>,
     grpc: Option<(i32, Option<&String>)>,
     named: &BTreeMap<&str, i32>,
-    status_port: i32,
+    rewritten: i32,
 ) -> Option<(&'static str, Object)> {
     let mut check = Object::new();
     if let Some(http) = http {
-        let port = resolve(&http.port, named).filter(|p| *p != status_port)?;
+        let port = agent_port(&http.port, named, rewritten)?;
         if let Some(path) = http.path.as_ref().filter(|p| !p.is_empty()) {
             check.insert("path", path);
         }
@@ -53,14 +65,11 @@ fn original(
         return Some(("httpGet", check));
     }
     if let Some(port) = tcp_port {
-        let port = resolve(port, named).filter(|p| *p != status_port)?;
+        let port = agent_port(port, named, rewritten)?;
         check.insert("port", &port);
         return Some(("tcpSocket", check));
     }
     let (port, service) = grpc?;
-    if port == status_port {
-        return None;
-    }
     check.insert("port", &port);
     check.insert("service", &service);
     Some(("grpc", check))
@@ -91,7 +100,7 @@ fn rewrite_probe(
     probe: &mut Probe,
     path: String,
     named: &BTreeMap<&str, i32>,
-    status_port: i32,
+    ports: Ports,
     out: &mut Probers,
 ) {
     if probe.http_get.is_none() && probe.tcp_socket.is_none() && probe.grpc.is_none() {
@@ -103,11 +112,11 @@ fn rewrite_probe(
         probe.tcp_socket.as_ref().map(|t| &t.port),
         grpc,
         named,
-        status_port,
+        ports.rewritten,
     ) {
         record(out, &path, kind, check, probe.timeout_seconds);
     }
-    probe.http_get = Some(redirected(path, status_port, probe.http_get.as_ref()));
+    probe.http_get = Some(redirected(path, ports.status, probe.http_get.as_ref()));
     probe.tcp_socket = None;
     probe.grpc = None;
 }
@@ -116,7 +125,7 @@ fn rewrite_hook(
     hook: &mut LifecycleHandler,
     path: String,
     named: &BTreeMap<&str, i32>,
-    status_port: i32,
+    ports: Ports,
     out: &mut Probers,
 ) {
     if hook.http_get.is_none() && hook.tcp_socket.is_none() {
@@ -127,23 +136,23 @@ fn rewrite_hook(
         hook.tcp_socket.as_ref().map(|t| &t.port),
         None,
         named,
-        status_port,
+        ports.rewritten,
     ) {
         record(out, &path, kind, check, None);
     }
-    hook.http_get = Some(redirected(path, status_port, hook.http_get.as_ref()));
+    hook.http_get = Some(redirected(path, ports.status, hook.http_get.as_ref()));
     hook.tcp_socket = None;
 }
 
 /// Rewrites the probes and lifecycle hooks of `container`, adding the
 /// originals to `out`.
-pub fn rewrite_container(container: &mut Container, status_port: i32, out: &mut Probers) {
+pub fn rewrite_container(container: &mut Container, ports: Ports, out: &mut Probers) {
     let name = container.name.clone();
-    let ports: BTreeMap<String, i32> = named_ports(container)
+    let port_names: BTreeMap<String, i32> = named_ports(container)
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
-    let named: BTreeMap<&str, i32> = ports.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    let named: BTreeMap<&str, i32> = port_names.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     for (probe, kind) in [
         (&mut container.readiness_probe, "readyz"),
         (&mut container.liveness_probe, "livez"),
@@ -154,7 +163,7 @@ pub fn rewrite_container(container: &mut Container, status_port: i32, out: &mut 
                 probe,
                 format!("/app-health/{name}/{kind}"),
                 &named,
-                status_port,
+                ports,
                 out,
             );
         }
@@ -169,7 +178,7 @@ pub fn rewrite_container(container: &mut Container, status_port: i32, out: &mut 
                     hook,
                     format!("/app-lifecycle/{name}/{kind}"),
                     &named,
-                    status_port,
+                    ports,
                     out,
                 );
             }
@@ -254,7 +263,14 @@ mod tests {
     fn rewrites_http_tcp_grpc_probes_and_hooks_through_the_status_port() {
         let mut c = container();
         let mut out = Probers::new();
-        rewrite_container(&mut c, 15020, &mut out);
+        rewrite_container(
+            &mut c,
+            Ports {
+                status: 15020,
+                rewritten: 15020,
+            },
+            &mut out,
+        );
         let readiness = c
             .readiness_probe
             .as_ref()
@@ -308,7 +324,14 @@ mod tests {
             ..Default::default()
         };
         let mut out = Probers::new();
-        rewrite_container(&mut c, 15020, &mut out);
+        rewrite_container(
+            &mut c,
+            Ports {
+                status: 15020,
+                rewritten: 15020,
+            },
+            &mut out,
+        );
         assert_eq!(c.readiness_probe, Some(exec));
         assert!(out.is_empty());
     }
@@ -320,7 +343,14 @@ mod tests {
             p.port = IntOrString::String("missing".into());
         }
         let mut out = Probers::new();
-        rewrite_container(&mut c, 9000, &mut out);
+        rewrite_container(
+            &mut c,
+            Ports {
+                status: 9000,
+                rewritten: 9000,
+            },
+            &mut out,
+        );
         assert!(!out.contains_key("/app-health/app/readyz"));
         assert!(
             !out.contains_key("/app-health/app/livez"),
@@ -332,6 +362,48 @@ mod tests {
                 .and_then(|p| p.http_get.as_ref())
                 .map(|h| h.port.clone()),
             Some(IntOrString::Int(9000))
+        );
+    }
+
+    #[test]
+    fn only_a_number_equal_to_the_mesh_status_port_counts_as_rewritten() {
+        let mut c = container();
+        c.ports = Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: 15020,
+            ..Default::default()
+        }]);
+        if let Some(t) = c
+            .liveness_probe
+            .as_mut()
+            .and_then(|p| p.tcp_socket.as_mut())
+        {
+            t.port = IntOrString::Int(16000);
+        }
+        if let Some(g) = c.startup_probe.as_mut().and_then(|p| p.grpc.as_mut()) {
+            g.port = 15020;
+        }
+        let mut out = Probers::new();
+        // The pod's own status port is 16000; the Mesh's is 15020.
+        rewrite_container(
+            &mut c,
+            Ports {
+                status: 16000,
+                rewritten: 15020,
+            },
+            &mut out,
+        );
+        assert!(
+            out.contains_key("/app-health/app/readyz"),
+            "a named port resolving to 15020 is handed over"
+        );
+        assert!(
+            out.contains_key("/app-health/app/livez"),
+            "16000 is not the Mesh's status port"
+        );
+        assert!(
+            out.contains_key("/app-health/app/startupz"),
+            "gRPC probes are always handed over"
         );
     }
 

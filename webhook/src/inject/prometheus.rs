@@ -74,21 +74,32 @@ pub fn merge(
     let scrape = first(annotations, &SCRAPE);
     let port = first(annotations, &PORT);
     let path = first(annotations, &PATH);
-    if let Some((name, value)) = port {
-        check_port(name, value, metrics_port)?;
-    }
     let targets = annotations
         .get(SCRAPE_TARGETS)
         .map(|t| scrape_targets(t, metrics_port))
         .transpose()?;
+    // With scrape targets, the legacy port and path handed to the agent are
+    // the first target's (for agents that do not know targets), and
+    // `prometheus.io/port` is not checked: as Istio does.
+    let first_target = targets.as_ref().and_then(|t| t.first());
+    if first_target.is_none()
+        && let Some((name, value)) = port
+    {
+        check_port(name, value, metrics_port)?;
+    }
     let handed_over = if scrape.is_some() || port.is_some() || path.is_some() || targets.is_some() {
         let text =
             |entry: Option<(&str, &String)>| entry.map(|(_, v)| v.clone()).unwrap_or_default();
+        let (port, path) = match first_target {
+            Some(target) => (target.port.clone(), target.path.clone()),
+            None => (text(port), text(path)),
+        };
         let mut object = Object::new();
         object.insert("scrape", &text(scrape));
-        object.insert("path", &text(path));
-        object.insert("port", &text(port));
+        object.insert("path", &path);
+        object.insert("port", &port);
         if let Some(targets) = targets {
+            let targets: Vec<Object> = targets.iter().map(Target::to_object).collect();
             object.insert("targets", &targets);
         }
         Some(object.to_string())
@@ -109,8 +120,23 @@ pub fn merge(
     Ok(handed_over)
 }
 
+/// One `prometheus.istio.io/scrape-targets` entry.
+struct Target {
+    port: String,
+    path: String,
+}
+
+impl Target {
+    fn to_object(&self) -> Object {
+        let mut object = Object::new();
+        object.insert("port", &self.port);
+        object.insert("path", &self.path);
+        object
+    }
+}
+
 /// `prometheus.istio.io/scrape-targets`: comma-separated `port[:path]`.
-fn scrape_targets(value: &str, metrics_port: i32) -> Result<Vec<Object>> {
+fn scrape_targets(value: &str, metrics_port: i32) -> Result<Vec<Target>> {
     value
         .split(',')
         .map(str::trim)
@@ -118,10 +144,11 @@ fn scrape_targets(value: &str, metrics_port: i32) -> Result<Vec<Object>> {
         .map(|target| {
             let (port, path) = target.split_once(':').unwrap_or((target, "/metrics"));
             check_port(SCRAPE_TARGETS, port, metrics_port)?;
-            let mut object = Object::new();
-            object.insert("port", &port.trim());
-            object.insert("path", &if path.is_empty() { "/metrics" } else { path });
-            Ok(object)
+            let path = if path.is_empty() { "/metrics" } else { path };
+            Ok(Target {
+                port: port.trim().to_owned(),
+                path: path.to_owned(),
+            })
         })
         .collect()
 }
@@ -197,13 +224,17 @@ mod tests {
     }
 
     #[test]
-    fn hands_over_scrape_targets() {
-        let mut a = annotations(&[(SCRAPE_TARGETS, "8080:/metrics, 9100")]);
+    fn hands_over_scrape_targets_with_the_first_as_legacy_port_and_path() {
+        let mut a = annotations(&[
+            (SCRAPE_TARGETS, "8080:/stats, 9100"),
+            // Not checked when targets are given.
+            ("prometheus.io/port", "15090"),
+        ]);
         let env = merge(&mut a, 15020).expect("valid");
         assert_eq!(
             env.as_deref(),
             Some(
-                r#"{"scrape":"","path":"","port":"","targets":[{"port":"8080","path":"/metrics"},{"port":"9100","path":"/metrics"}]}"#
+                r#"{"scrape":"","path":"/stats","port":"8080","targets":[{"port":"8080","path":"/stats"},{"port":"9100","path":"/metrics"}]}"#
             )
         );
         assert!(!a.contains_key(SCRAPE_TARGETS));

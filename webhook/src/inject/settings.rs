@@ -106,6 +106,10 @@ pub struct Settings {
     pub uid: i64,
     /// Interception mode.
     pub interception_mode: InterceptionMode,
+    /// Whether the proxy must run as root for TPROXY whatever runAsUser a
+    /// user asks for: TPROXY in the Mesh or proxy config (even when the
+    /// pod's annotation chose another mode), or in the pod's annotation.
+    pub tproxy_forces_root: bool,
     /// Effective proxy metadata.
     pub proxy_metadata: BTreeMap<String, String>,
     /// The rendered `PROXY_CONFIG`.
@@ -451,7 +455,13 @@ impl Settings {
             interception_mode: Some(config_mode.as_str()),
             proxy_metadata: proxy_metadata.clone(),
             status_port: Some(metrics_port),
-            mesh_id: config.mesh_id.clone(),
+            // A Mesh ID other than the trust domain is mesh-wide proxy
+            // config in Istio (its chart's `global.meshID` becomes
+            // `defaultConfig.meshId`); one equal to it is Istio's default.
+            mesh_id: config
+                .mesh_id
+                .clone()
+                .or_else(|| (mesh.mesh_id != mesh.trust_domain).then(|| mesh.mesh_id.clone())),
             hold_application_until_proxy_starts: config.hold_application_until_proxy_starts,
         }
         .render();
@@ -590,6 +600,8 @@ impl Settings {
             )?,
             uid: proxy.uid,
             interception_mode,
+            tproxy_forces_root: config_mode == InterceptionMode::Tproxy
+                || a.get(ann::INTERCEPTION_MODE) == Some(InterceptionMode::Tproxy.as_str()),
             proxy_metadata,
             proxy_config,
             capture,

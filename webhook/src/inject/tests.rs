@@ -196,7 +196,7 @@ fn auto_native_sidecars_follow_the_cluster() {
 fn iptables_args_follow_istio_order_with_optional_pairs() {
     let out = injected(
         &app_pod(json!({
-            "traffic.sidecar.istio.io/excludeInboundPorts": "4, 5,,6",
+            "traffic.sidecar.istio.io/excludeInboundPorts": "4, 5, 6",
             "traffic.sidecar.istio.io/excludeOutboundPorts": "",
             "traffic.sidecar.istio.io/includeOutboundPorts": "7",
             "traffic.sidecar.istio.io/kubevirtInterfaces": "old0",
@@ -349,6 +349,7 @@ fn env_follows_istio_order() {
             "ISTIO_META_POD_PORTS",
             "ISTIO_META_APP_CONTAINERS",
             "GOMEMLIMIT",
+            "GOMAXPROCS",
             "ISTIO_META_CLUSTER_ID",
             "ISTIO_META_NODE_NAME",
             "ISTIO_META_INTERCEPTION_MODE",
@@ -717,9 +718,37 @@ fn user_proxy_override_is_laid_over_and_recorded() {
     assert_eq!(
         annotation(&out, annotations::PROXY_OVERRIDES),
         Some(
-            r#"{"containers":[{"name":"istio-proxy","env":[{"name":"EXTRA","value":"1"}],"resources":{},"securityContext":{"runAsUser":1500}}]}"#
+            r#"{"initContainers":[{"name":"istio-proxy","env":[{"name":"EXTRA","value":"1"}],"resources":{},"securityContext":{"runAsUser":1500}}]}"#
         )
     );
+}
+
+#[test]
+fn tproxy_in_the_mesh_puts_a_user_proxy_uid_back_to_root_when_traffic_is_captured() {
+    let mut mesh = MeshSpec::default();
+    mesh.traffic.interception_mode = ferrimesh_crds::settings::InterceptionMode::Tproxy;
+    let with_mode = |mode: &str| {
+        pod(json!({
+            "metadata": {"name": "x", "annotations": {"sidecar.istio.io/interceptionMode": mode}},
+            "spec": {"containers": [
+                {"name": "app"},
+                {"name": "istio-proxy", "image": "auto", "securityContext": {"runAsUser": 1500}}
+            ]}
+        }))
+    };
+    let uid = |out: &Pod| {
+        container(out, "istio-proxy")
+            .security_context
+            .as_ref()
+            .and_then(|s| s.run_as_user)
+    };
+    // The pod chose REDIRECT, but the Mesh's TPROXY still forces root, as in Istio.
+    let out = injected(&with_mode("REDIRECT"), &mesh);
+    assert_eq!(uid(&out), Some(0));
+    assert_eq!(args(&out)[6], "1500", "-u still takes the user's UID");
+    // No capture, no istio-init: the user's UID stays.
+    let out = injected(&with_mode("NONE"), &mesh);
+    assert_eq!(uid(&out), Some(1500));
 }
 
 #[test]
