@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use ferrimesh_crds::WorkloadEntry;
 use ferrimesh_crds::{istio_crds, mesh_crds};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -334,4 +335,61 @@ pub async fn start_webhook_on_secret(
     )
     .await?;
     Ok((webhook, syncer))
+}
+
+/// The leaf certificate (DER) that 127.0.0.1:`port` serves in a new TLS
+/// handshake, as a client sees it (any certificate accepted).
+pub async fn served_certificate(port: u16) -> anyhow::Result<Vec<u8>> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .danger_accept_invalid_certs(true)
+        .tls_info(true)
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let response = client
+        .get(format!("https://127.0.0.1:{port}/healthz"))
+        .send()
+        .await?;
+    response
+        .extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .and_then(|tls| tls.peer_certificate())
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| anyhow::anyhow!("no certificate from 127.0.0.1:{port}"))
+}
+
+/// Whether a new TLS connection to 127.0.0.1:`port` that trusts exactly
+/// the CAs of `bundle` (PEM), as the API server does with a `caBundle`,
+/// is accepted.
+pub async fn trusted_by_bundle(port: u16, bundle: &str) -> anyhow::Result<bool> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(2));
+    for ca in reqwest::Certificate::from_pem_bundle(bundle.as_bytes())? {
+        builder = builder.add_root_certificate(ca);
+    }
+    let client = builder.build()?;
+    Ok(client
+        .get(format!("https://127.0.0.1:{port}/healthz"))
+        .send()
+        .await
+        .is_ok())
+}
+
+/// The `caBundle` of the first webhook of `ferrimesh-sidecar-injector`, the
+/// MutatingWebhookConfiguration the operator writes for the Mesh `default`.
+pub async fn ca_bundle(client: &Client) -> anyhow::Result<Option<String>> {
+    let config = Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .get_opt("ferrimesh-sidecar-injector")
+        .await?;
+    Ok(config
+        .and_then(|c| c.webhooks)
+        .and_then(|w| w.into_iter().next())
+        .and_then(|w| w.client_config.ca_bundle)
+        .map(|b| String::from_utf8_lossy(&b.0).into_owned()))
 }

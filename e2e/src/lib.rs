@@ -721,6 +721,66 @@ impl ServingCertificate {
     }
 }
 
+/// The audit policy of [`ControlPlane::enable_audit_log`]: every write at
+/// the Metadata level (who made it, on what, its answer and the admission
+/// annotations), nothing else.
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  verbs: [create, update, patch, delete, deletecollection]
+- level: None
+";
+
+impl ControlPlane {
+    /// Restarts the API server with an audit log of every write, so a test
+    /// can ask the API server itself who wrote what and what admission did
+    /// ([`ControlPlane::audited_writes`]). The log is written before each
+    /// request is answered (blocking mode).
+    pub async fn enable_audit_log(&mut self) -> anyhow::Result<()> {
+        std::fs::write(self.scratch.path("audit-policy.yaml"), AUDIT_POLICY)?;
+        self.apiserver_args.extend([
+            format!(
+                "--audit-policy-file={}",
+                self.scratch.path("audit-policy.yaml").display()
+            ),
+            format!(
+                "--audit-log-path={}",
+                self.scratch.path("audit.log").display()
+            ),
+            "--audit-log-mode=blocking".to_owned(),
+        ]);
+        self.restart_apiserver().await
+    }
+
+    /// A new random token for ServiceAccount `account` of
+    /// `ferrimesh-system` (the same user, so the same RBAC) under `uid`, so
+    /// that the audit log tells its requests apart. The API server reads it
+    /// at its next (re)start, which [`ControlPlane::enable_audit_log`] does.
+    pub fn add_token_with_uid(&mut self, account: &str, uid: &str) -> anyhow::Result<String> {
+        let token = random_token()?;
+        let path = self.scratch.path("tokens.csv");
+        let mut tokens = std::fs::read_to_string(&path)?;
+        tokens.push_str(&format!(
+            "{token},system:serviceaccount:ferrimesh-system:{account},{uid},\"system:serviceaccounts,system:serviceaccounts:ferrimesh-system,system:authenticated\"\n"
+        ));
+        write_private(&path, tokens)?;
+        Ok(token)
+    }
+
+    /// The audit events (`audit.k8s.io/v1` Event objects) of the writes
+    /// answered so far, oldest first; empty without
+    /// [`ControlPlane::enable_audit_log`].
+    pub fn audited_writes(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.scratch.path("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;

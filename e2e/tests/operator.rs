@@ -377,9 +377,32 @@ async fn holder(client: &Client) -> anyhow::Result<Option<String>> {
         .and_then(|l| l.spec?.holder_identity))
 }
 
+/// The uid of the standby replica's token: the operator's ServiceAccount
+/// (so the same RBAC) under a uid of its own, so the API server's audit log
+/// tells its requests from the leader's.
+const STANDBY_UID: &str = "replica-b-uid";
+
+/// What each uid wrote, as `verb resource` lines, from the audit log.
+fn writes_by(plane: &ControlPlane, uid: &str) -> Vec<String> {
+    plane
+        .audited_writes()
+        .into_iter()
+        .filter(|e| e["user"]["uid"] == uid)
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["verb"].as_str().unwrap_or_default(),
+                e["objectRef"]["resource"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_lease_holder_reconciles_and_a_standby_takes_over() -> anyhow::Result<()> {
-    let plane = ControlPlane::start().await?;
+    let mut plane = ControlPlane::start().await?;
+    let standby_token = plane.add_token_with_uid("ferrimesh-operator", STANDBY_UID)?;
+    plane.enable_audit_log().await?;
     let client = plane.client().await?;
     plane.apply_kustomization("config/overlays/local")?;
     wait_for_crds(&client).await?;
@@ -391,7 +414,9 @@ async fn only_the_lease_holder_reconciles_and_a_standby_takes_over() -> anyhow::
         async move { Ok(holder(&client).await?.filter(|h| h == "replica-a")) }
     })
     .await?;
-    let _second = start_operator(&plane, &operator_identity, "replica-b", &url)?;
+    let standby_identity = plane.scratch().path("kubeconfig-replica-b");
+    plane.write_kubeconfig(&standby_token, &standby_identity)?;
+    let _second = start_operator(&plane, &standby_identity, "replica-b", &url)?;
     let meshes: Api<Mesh> = Api::all(client.clone());
     let spec = MeshSpec {
         namespace_selector: Some(serde_json::from_value(
@@ -417,9 +442,17 @@ async fn only_the_lease_holder_reconciles_and_a_standby_takes_over() -> anyhow::
         standby_log.contains("waiting for the lease"),
         "{standby_log}"
     );
+    // From the API server's side: the leader's writes are there, and the
+    // standby wrote nothing but its attempts at the Lease.
+    let leader_writes = writes_by(&plane, "ferrimesh-operator-uid");
     assert!(
-        !standby_log.contains("holding the lease") && !standby_log.contains("labels applied"),
-        "{standby_log}"
+        leader_writes.iter().any(|w| w.ends_with(" namespaces")),
+        "the audit log shows the leader labelling: {leader_writes:?}"
+    );
+    let standby_writes = writes_by(&plane, STANDBY_UID);
+    assert!(
+        standby_writes.iter().all(|w| w.ends_with(" leases")),
+        "a standby writes nothing but the Lease: {standby_writes:?}"
     );
 
     // The leader dies without releasing: the standby takes over within the lease duration.

@@ -1,8 +1,12 @@
 //! Certificate rotation while pods are being created: the operator renews
 //! the serving certificate every few seconds and the CA once, the test keeps
 //! the webhook's certificate files in step with the Secret (as the kubelet
-//! does for a Secret volume), and not one admission fails.
+//! does for a Secret volume), and not one admission fails. That the
+//! rotations happened is seen from outside: the distinct certificates a TLS
+//! client is served by the webhook during the run, and the distinct CAs
+//! leading the `caBundle` the API server is given.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use ferrimesh_e2e::fixtures::{self, WAIT, namespace, start_operator_with, wait_for_crds};
@@ -72,6 +76,23 @@ async fn rotating_certificates_fail_no_admission() -> anyhow::Result<()> {
     })
     .await?;
 
+    // What a client is served and what the API server trusts, sampled
+    // through the run.
+    let observer = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let (mut served, mut leading_cas) = (BTreeSet::new(), BTreeSet::new());
+            while Instant::now() < run_until {
+                served.insert(fixtures::served_certificate(port).await?);
+                if let Some(bundle) = fixtures::ca_bundle(&client).await? {
+                    let leading = bundle.split("-----END CERTIFICATE-----").next();
+                    leading_cas.insert(leading.unwrap_or_default().trim().to_owned());
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            anyhow::Ok((served, leading_cas))
+        })
+    };
     let (mut created, mut failures) = (0, Vec::new());
     while Instant::now() < run_until {
         match pods
@@ -85,12 +106,18 @@ async fn rotating_certificates_fail_no_admission() -> anyhow::Result<()> {
         created += 1;
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    let certificates = syncer.await??.len();
+    syncer.await??;
+    let (served, leading_cas) = observer.await??;
     let last_ca = secrets
         .get("ferrimesh-webhook-ca")
         .await?
         .data
         .and_then(|d| d.get("ca.crt").cloned());
+    println!(
+        "{created} pods, {} certificates served, {} CAs leading the caBundle",
+        served.len(),
+        leading_cas.len()
+    );
     assert!(
         failures.is_empty(),
         "{} of {created} admissions failed: {failures:?}",
@@ -98,8 +125,14 @@ async fn rotating_certificates_fail_no_admission() -> anyhow::Result<()> {
     );
     assert!(created > 100, "pods kept coming ({created})");
     assert!(
-        certificates >= 4,
-        "the serving certificate rotated several times ({certificates} seen)"
+        served.len() >= 4,
+        "the webhook served several certificates ({} seen by a TLS client)",
+        served.len()
+    );
+    assert!(
+        leading_cas.len() >= 2,
+        "the caBundle led with a new CA during the run ({} CAs seen)",
+        leading_cas.len()
     );
     assert_ne!(last_ca, Some(first_ca), "the CA rotated during the run");
     Ok(())

@@ -2,7 +2,10 @@
 //! through the API server come back injected (or untouched) as the selector
 //! matrix and the Mesh say, the webhook reads its Mesh from the cluster and
 //! follows changes without a restart, and a bad annotation fails the create
-//! with the injector's message.
+//! with the injector's message. With the webhook down, `failurePolicy: Fail`
+//! refuses a pod and `Ignore` lets it through uninjected (the API server's
+//! audit log shows it called the webhook and failed open); once the webhook
+//! is back, the same pod created again is injected.
 
 use std::time::{Duration, Instant};
 
@@ -286,9 +289,41 @@ async fn real_api_server_calls_the_webhook_over_tls() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The webhooks the API server failed open on (called, failed, and let the
+/// request through as `failurePolicy: Ignore` says) in the `nth` (from 0)
+/// successful create of pod `ns/name`: its audit annotations
+/// `failed-open.mutation.webhook.admission.k8s.io/round_<r>_index_<i>`.
+fn failed_open(
+    plane: &ControlPlane,
+    ns: &str,
+    name: &str,
+    nth: usize,
+) -> anyhow::Result<Vec<String>> {
+    let event = plane
+        .audited_writes()
+        .into_iter()
+        .filter(|e| {
+            e["verb"] == "create"
+                && e["objectRef"]["resource"] == "pods"
+                && e["objectRef"]["namespace"] == ns
+                && e["objectRef"]["name"] == name
+                && e["responseStatus"]["code"] == 201
+        })
+        .nth(nth)
+        .ok_or_else(|| anyhow::anyhow!("no audit event for create #{nth} of pod {ns}/{name}"))?;
+    Ok(event["annotations"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(key, _)| key.starts_with("failed-open.mutation.webhook.admission.k8s.io/"))
+        .filter_map(|(_, webhook)| webhook.as_str().map(str::to_owned))
+        .collect())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_down_fails_or_ignores_as_the_mesh_says() -> anyhow::Result<()> {
-    let plane = ControlPlane::start().await?;
+    let mut plane = ControlPlane::start().await?;
+    plane.enable_audit_log().await?;
     let client = plane.client().await?;
     plane.apply_kustomization("config/overlays/local")?;
     wait_for_crds(&client).await?;
@@ -344,6 +379,41 @@ async fn webhook_down_fails_or_ignores_as_the_mesh_says() -> anyhow::Result<()> 
     assert!(
         !injected(&created),
         "with Ignore the pod is created uninjected"
+    );
+    // The API server called the webhook for this very pod, failed, and let
+    // the pod through (not a webhook configuration that never matched).
+    assert_eq!(
+        failed_open(&plane, "enabled", "ignored", 0)?,
+        ["namespace.sidecar-injector.ferrimesh.io"],
+        "the API server failed open on the namespace-label webhook for pod ignored"
+    );
+
+    // The webhook back on its port: the same pod, created again, is injected.
+    let port: u16 = dead
+        .url
+        .trim_start_matches("https://127.0.0.1:")
+        .trim_end_matches("/inject")
+        .parse()?;
+    let _back = fixtures::start_webhook(
+        &plane,
+        &plane.kubeconfig_for("ferrimesh-webhook")?,
+        port,
+        &cert.cert,
+        &cert.key,
+    )
+    .await?;
+    Api::<Pod>::namespaced(client.clone(), "enabled")
+        .delete("ignored", &DeleteParams::default())
+        .await?;
+    let recreated = create(&client, "enabled", &pod("ignored", json!({}), json!({}))).await?;
+    assert!(
+        injected(&recreated),
+        "re-created with the webhook back, the pod is injected"
+    );
+    assert_eq!(
+        failed_open(&plane, "enabled", "ignored", 1)?,
+        Vec::<String>::new(),
+        "no failing open once the webhook is back"
     );
     Ok(())
 }
