@@ -2,6 +2,8 @@
 //! `istio-init` over the injected ones, and a fresh injection over the
 //! sidecar an earlier injection left (re-injection).
 
+use std::collections::HashMap;
+
 use k8s_openapi::api::core::v1::Container;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -50,34 +52,51 @@ const CONTAINER_FIELD_ORDER: [&str; 26] = [
 ];
 
 /// Kubernetes' strategic merge of a list with a merge key: each entry of
-/// `over` is merged into the entry of `base` with the same key (or is new),
-/// and the result is ordered as the API machinery orders it: the entries
-/// only `base` has, in its order, merged with `over`'s, in its order, by
-/// their position in `base`, where an entry new to `base` comes first.
+/// `over` is merged into the entry of `base` with the same key (or is new;
+/// a key repeated in `over` merges into its first entry), and the result is
+/// ordered as the API machinery orders it: the entries only `base` has, in
+/// its order, merged with `over`'s, in its order, by their position in
+/// `base`, where an entry new to `base` comes first. Linear in the entries
+/// (a user's `istio-proxy` may carry thousands of env vars).
 fn merge_keyed(base: &mut Vec<Value>, over: &[Value], key: &str) {
-    let position = |item: &Value| {
-        let id = item.get(key)?;
-        base.iter().position(|b| b.get(key) == Some(id))
-    };
-    let patch: Vec<(Option<usize>, Value)> = over
-        .iter()
-        .map(|item| match position(item) {
-            Some(at) => {
+    let id_of = |item: &Value| item.get(key).map(Value::to_string);
+    let mut in_base: HashMap<String, usize> = HashMap::with_capacity(base.len());
+    for (at, item) in base.iter().enumerate() {
+        if let Some(id) = id_of(item) {
+            in_base.entry(id).or_insert(at);
+        }
+    }
+    // (position in base, merged entry), in `over`'s order.
+    let mut patch: Vec<(Option<usize>, Value)> = Vec::with_capacity(over.len());
+    let mut in_patch: HashMap<String, usize> = HashMap::with_capacity(over.len());
+    let mut taken = vec![false; base.len()];
+    for item in over {
+        let Some(id) = id_of(item) else {
+            patch.push((None, item.clone()));
+            continue;
+        };
+        if let Some(&at) = in_patch.get(&id) {
+            merge_value(&mut patch[at].1, item);
+            continue;
+        }
+        in_patch.insert(id.clone(), patch.len());
+        match in_base.get(&id) {
+            Some(&at) => {
+                taken[at] = true;
                 let mut merged = base[at].clone();
                 merge_value(&mut merged, item);
-                (Some(at), merged)
+                patch.push((Some(at), merged));
             }
-            None => (None, item.clone()),
-        })
-        .collect();
-    let taken: Vec<usize> = patch.iter().filter_map(|(at, _)| *at).collect();
-    let mut server_only = base
-        .iter()
+            None => patch.push((None, item.clone())),
+        }
+    }
+    let old = std::mem::take(base);
+    let mut server_only = old
+        .into_iter()
         .enumerate()
-        .filter(|(at, _)| !taken.contains(at))
+        .filter(|(at, _)| !taken[*at])
         .peekable();
     let mut patch = patch.into_iter().peekable();
-    let mut merged = Vec::with_capacity(base.len() + over.len());
     loop {
         let take_server = match (server_only.peek(), patch.peek()) {
             (Some((left, _)), Some((right, _))) => right.is_some_and(|right| *left < right),
@@ -85,15 +104,13 @@ fn merge_keyed(base: &mut Vec<Value>, over: &[Value], key: &str) {
             (None, Some(_)) => false,
             (None, None) => break,
         };
-        if take_server {
-            if let Some((_, item)) = server_only.next() {
-                merged.push(item.clone());
-            }
-        } else if let Some((_, item)) = patch.next() {
-            merged.push(item);
-        }
+        let next = if take_server {
+            server_only.next().map(|(_, item)| item)
+        } else {
+            patch.next().map(|(_, item)| item)
+        };
+        base.extend(next);
     }
-    *base = merged;
 }
 
 /// Objects merge field by field, recursively; anything else is replaced.
@@ -440,6 +457,34 @@ mod tests {
             "the API server's defaults and env the new injection does not produce stay"
         );
         assert_eq!(merged.resources, limits(&[("cpu", "1"), ("memory", "1Gi")]));
+    }
+
+    #[test]
+    fn keyed_merge_orders_entries_as_a_strategic_merge_patch_does() {
+        let entry = |name: &str, value: &str| serde_json::json!({"name": name, "value": value});
+        let mut base = vec![entry("A", "1"), entry("B", "2")];
+        let over = [
+            entry("B", "3"),
+            entry("C", "4"),
+            serde_json::json!({"value": "no key"}),
+            entry("C", "5"),
+        ];
+        merge_keyed(&mut base, &over, "name");
+        assert_eq!(
+            base,
+            [
+                entry("A", "1"),
+                entry("B", "3"),
+                entry("C", "5"),
+                serde_json::json!({"value": "no key"}),
+            ],
+            "A (base only, before B) first; new entries come before later base entries"
+        );
+        // The template's new port before the user's own (Istio's gateway).
+        let port = |n: i32| serde_json::json!({"containerPort": n});
+        let mut user = vec![port(15021), port(8080)];
+        merge_keyed(&mut user, &[port(15090)], "containerPort");
+        assert_eq!(user, [port(15090), port(15021), port(8080)]);
     }
 
     #[test]
