@@ -18,15 +18,28 @@ use crate::config::ConfigSource;
 use crate::inject::{Environment, Request, inject};
 use crate::patch;
 
-/// An HTTP-level failure: the review could not even be read.
+/// An HTTP-level failure: the review could not even be read, or the
+/// server would not take it on.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Refusal {
     /// Not an injection path.
     NotFound,
+    /// An injection path asked with another method than POST.
+    MethodNotAllowed,
     /// The body is not JSON.
     UnsupportedMediaType(String),
     /// Empty, malformed, or without a request and uid.
     BadRequest(String),
+    /// The body is over the limit (in bytes).
+    TooLarge(usize),
+    /// The body did not arrive in time.
+    Timeout,
+    /// The buffered-body budget or the review queue is full.
+    Overloaded,
+    /// The review was not done in time.
+    ReviewTimeout,
+    /// The review could not run.
+    Internal(String),
 }
 
 impl Refusal {
@@ -34,8 +47,13 @@ impl Refusal {
     pub fn status(&self) -> u16 {
         match self {
             Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
             Self::UnsupportedMediaType(_) => 415,
             Self::BadRequest(_) => 400,
+            Self::TooLarge(_) => 413,
+            Self::Timeout => 408,
+            Self::Overloaded | Self::ReviewTimeout => 503,
+            Self::Internal(_) => 500,
         }
     }
 
@@ -43,11 +61,37 @@ impl Refusal {
     pub fn message(&self) -> String {
         match self {
             Self::NotFound => "not found: POST AdmissionReviews to /inject".to_owned(),
+            Self::MethodNotAllowed => "method not allowed: POST AdmissionReviews".to_owned(),
             Self::UnsupportedMediaType(got) => {
                 format!("unsupported content type {got:?}: send application/json")
             }
-            Self::BadRequest(why) => why.clone(),
+            Self::BadRequest(why) | Self::Internal(why) => why.clone(),
+            Self::TooLarge(max) => format!("request body over the limit of {max} bytes"),
+            Self::Timeout => "request body not received in time".to_owned(),
+            Self::Overloaded => "too many requests in progress: retry shortly".to_owned(),
+            Self::ReviewTimeout => "the review did not finish in time: retry shortly".to_owned(),
         }
+    }
+
+    /// The `type` label of `sidecar_injection_failure_total` it counts under.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::NotFound
+            | Self::MethodNotAllowed
+            | Self::UnsupportedMediaType(_)
+            | Self::BadRequest(_) => "invalid_request",
+            Self::TooLarge(_) => "body_too_large",
+            Self::Timeout => "body_timeout",
+            Self::Overloaded => "overloaded",
+            Self::ReviewTimeout => "review_timeout",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    /// Seconds a client should wait before trying again (the
+    /// `Retry-After` header), for refusals that are about load.
+    pub fn retry_after(&self) -> Option<u32> {
+        matches!(self, Self::Overloaded | Self::ReviewTimeout).then_some(1)
     }
 }
 
@@ -143,7 +187,7 @@ pub fn review(
             Outcome::Ignored => metrics.skip("not_a_pod_create"),
             Outcome::Rejected => metrics.fail("rejected"),
         },
-        Err(_) => metrics.fail("invalid_request"),
+        Err(refusal) => metrics.fail(refusal.metric_label()),
     }
     result
 }
