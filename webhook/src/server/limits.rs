@@ -147,46 +147,64 @@ pub async fn read_body(
 }
 
 /// The bounded pool reviews run in: at most `workers` at once on blocking
-/// threads, at most `queue` waiting for a worker or running; more wait for
-/// a place in the queue.
+/// threads, at most `queue` waiting for a worker or running (more wait for
+/// a place in the queue). Reviews of bodies over [`SMALL_BODY_BYTES`] may
+/// use all workers but one, so a stream of huge pods cannot make an
+/// ordinary pod wait for one of them to finish.
 #[derive(Debug, Clone)]
 pub struct ReviewPool {
     queue: Arc<Semaphore>,
     workers: Arc<Semaphore>,
+    large: Arc<Semaphore>,
 }
 
 impl ReviewPool {
     /// A pool of `workers` threads' worth of reviews, `queue` admitted at once.
     pub fn new(workers: usize, queue: usize) -> Self {
+        let workers = workers.max(1);
         Self {
             queue: Arc::new(Semaphore::new(queue.max(1))),
-            workers: Arc::new(Semaphore::new(workers.max(1))),
+            workers: Arc::new(Semaphore::new(workers)),
+            large: Arc::new(Semaphore::new((workers - 1).max(1))),
         }
     }
 
-    /// Runs `review` on a blocking thread once a worker is free. Fails with
-    /// [`Refusal::Overloaded`] when no worker is free by `deadline`, and
-    /// with [`Refusal::ReviewTimeout`] when the review has not finished by
-    /// then (it runs to its end regardless, and keeps its worker until
-    /// then, so slow reviews cannot pile up).
-    pub async fn run<T, F>(&self, deadline: tokio::time::Instant, review: F) -> Result<T, Refusal>
+    /// Runs `review` of a body of `body_len` bytes on a blocking thread once
+    /// a worker is free. Fails with [`Refusal::Overloaded`] when no worker
+    /// is free by `deadline`, and with [`Refusal::ReviewTimeout`] when the
+    /// review has not finished by then (it runs to its end regardless, and
+    /// keeps its worker until then, so slow reviews cannot pile up).
+    pub async fn run<T, F>(
+        &self,
+        body_len: usize,
+        deadline: tokio::time::Instant,
+        review: F,
+    ) -> Result<T, Refusal>
     where
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
         let permits = async {
             let queued = Arc::clone(&self.queue).acquire_owned().await?;
-            let worker = Arc::clone(&self.workers).acquire_owned().await?;
-            Ok::<_, tokio::sync::AcquireError>((queued, worker))
-        };
-        let (queued, worker): (OwnedSemaphorePermit, OwnedSemaphorePermit) =
-            match tokio::time::timeout_at(deadline, permits).await {
-                Ok(Ok(permits)) => permits,
-                Ok(Err(_)) | Err(_) => return Err(Refusal::Overloaded),
+            let large = if body_len > SMALL_BODY_BYTES {
+                Some(Arc::clone(&self.large).acquire_owned().await?)
+            } else {
+                None
             };
+            let worker = Arc::clone(&self.workers).acquire_owned().await?;
+            Ok::<_, tokio::sync::AcquireError>((queued, large, worker))
+        };
+        let (queued, large, worker): (
+            OwnedSemaphorePermit,
+            Option<OwnedSemaphorePermit>,
+            OwnedSemaphorePermit,
+        ) = match tokio::time::timeout_at(deadline, permits).await {
+            Ok(Ok(permits)) => permits,
+            Ok(Err(_)) | Err(_) => return Err(Refusal::Overloaded),
+        };
         drop(queued);
         let task = tokio::task::spawn_blocking(move || {
-            let _worker = worker;
+            let _permits = (worker, large);
             review()
         });
         match tokio::time::timeout_at(deadline, task).await {
@@ -321,7 +339,7 @@ mod tests {
         let busy = {
             let pool = pool.clone();
             tokio::spawn(async move {
-                pool.run(later, move || {
+                pool.run(1, later, move || {
                     let _ = started_tx.send(());
                     let _ = release_rx.recv();
                     1
@@ -334,14 +352,45 @@ mod tests {
             .expect("join")
             .expect("the first review started");
         let soon = tokio::time::Instant::now() + Duration::from_millis(50);
-        assert_eq!(pool.run(soon, || 2).await, Err(Refusal::Overloaded));
+        assert_eq!(pool.run(1, soon, || 2).await, Err(Refusal::Overloaded));
         let waiting = {
             let pool = pool.clone();
-            tokio::spawn(async move { pool.run(later, || 3).await })
+            tokio::spawn(async move { pool.run(1, later, || 3).await })
         };
         release_tx.send(()).expect("release");
         assert_eq!(busy.await.expect("join"), Ok(1));
         assert_eq!(waiting.await.expect("join"), Ok(3), "a waiting review runs");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_reviews_leave_a_worker_to_small_ones() {
+        let pool = ReviewPool::new(2, 8);
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let later = tokio::time::Instant::now() + Duration::from_secs(10);
+        let busy = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                pool.run(SMALL_BODY_BYTES + 1, later, move || {
+                    let _ = started_tx.send(());
+                    let _ = release_rx.recv();
+                })
+                .await
+            })
+        };
+        tokio::task::spawn_blocking(move || started_rx.recv())
+            .await
+            .expect("join")
+            .expect("the large review started");
+        let soon = tokio::time::Instant::now() + Duration::from_millis(100);
+        assert_eq!(
+            pool.run(SMALL_BODY_BYTES + 1, soon, || 2).await,
+            Err(Refusal::Overloaded),
+            "a second large review waits"
+        );
+        assert_eq!(pool.run(10, later, || 3).await, Ok(3), "a small one runs");
+        release_tx.send(()).expect("release");
+        assert_eq!(busy.await.expect("join"), Ok(()));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,7 +399,7 @@ mod tests {
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let soon = tokio::time::Instant::now() + Duration::from_millis(50);
         let answer = pool
-            .run(soon, move || {
+            .run(1, soon, move || {
                 let _ = release_rx.recv();
             })
             .await;

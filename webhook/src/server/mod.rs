@@ -162,7 +162,7 @@ async fn inject(State(state): State<AppState>, request: Request) -> Response {
         );
         state
             .pool
-            .run(started + state.request_timeout, move || {
+            .run(body.len(), started + state.request_timeout, move || {
                 // The body's bytes stay reserved until the review is done.
                 let _reservation = reservation;
                 admission::review(
