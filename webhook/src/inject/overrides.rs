@@ -2,6 +2,8 @@
 //! `istio-init` over the injected ones, and a fresh injection over the
 //! sidecar an earlier injection left (re-injection).
 
+use std::collections::HashMap;
+
 use k8s_openapi::api::core::v1::Container;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -59,11 +61,26 @@ pub enum Depth {
     TopLevel,
 }
 
+/// Merges `over` into `base` by `key`: an entry replaces the first base
+/// entry with the same key, others are appended. One hash lookup per entry
+/// (a user's `istio-proxy` may carry thousands of env vars).
 fn merge_keyed(base: &mut Vec<Value>, over: &[Value], key: &str) {
+    let id_of = |item: &Value| item.get(key).map(Value::to_string);
+    let mut position: HashMap<String, usize> = HashMap::with_capacity(base.len() + over.len());
+    for (at, item) in base.iter().enumerate() {
+        if let Some(id) = id_of(item) {
+            position.entry(id).or_insert(at);
+        }
+    }
     for item in over {
-        let id = item.get(key);
-        match id.and_then(|id| base.iter_mut().find(|b| b.get(key) == Some(id))) {
-            Some(existing) => *existing = item.clone(),
+        match id_of(item) {
+            Some(id) => match position.get(&id) {
+                Some(&at) => base[at] = item.clone(),
+                None => {
+                    position.insert(id, base.len());
+                    base.push(item.clone());
+                }
+            },
             None => base.push(item.clone()),
         }
     }
@@ -200,6 +217,30 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
     use super::*;
+
+    #[test]
+    fn keyed_merge_replaces_by_key_and_appends_new_entries_in_order() {
+        let mut base = vec![
+            serde_json::json!({"name": "A", "value": "1"}),
+            serde_json::json!({"name": "B", "value": "2"}),
+        ];
+        let over = [
+            serde_json::json!({"name": "B", "value": "3"}),
+            serde_json::json!({"name": "C", "value": "4"}),
+            serde_json::json!({"value": "no key"}),
+            serde_json::json!({"name": "C", "value": "5"}),
+        ];
+        merge_keyed(&mut base, &over, "name");
+        assert_eq!(
+            base,
+            [
+                serde_json::json!({"name": "A", "value": "1"}),
+                serde_json::json!({"name": "B", "value": "3"}),
+                serde_json::json!({"name": "C", "value": "5"}),
+                serde_json::json!({"value": "no key"}),
+            ]
+        );
+    }
 
     fn env(name: &str, value: &str) -> EnvVar {
         EnvVar {
