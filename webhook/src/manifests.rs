@@ -727,6 +727,62 @@ mod tests {
         assert_eq!(err.location.document, 2, "{err}");
     }
 
+    /// A reader of `documents` copies of `document`, counting what was read.
+    struct Counted {
+        document: Vec<u8>,
+        left: usize,
+        at: usize,
+        read: std::rc::Rc<std::cell::Cell<usize>>,
+    }
+
+    impl std::io::Read for Counted {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.left == 0 {
+                return Ok(0);
+            }
+            let n = buf.len().min(self.document.len() - self.at);
+            buf[..n].copy_from_slice(&self.document[self.at..self.at + n]);
+            self.at += n;
+            if self.at == self.document.len() {
+                (self.at, self.left) = (0, self.left - 1);
+            }
+            self.read.set(self.read.get() + n);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn answers_each_document_before_reading_the_rest_of_the_stream() {
+        let document = format!("---\n{DEPLOYMENT}").into_bytes();
+        let read = std::rc::Rc::new(std::cell::Cell::new(0));
+        let reader = std::io::BufReader::with_capacity(
+            64,
+            Counted {
+                document: document.clone(),
+                left: 10_000,
+                at: 0,
+                read: std::rc::Rc::clone(&read),
+            },
+        );
+        let config = MeshConfig::default();
+        let run = Run {
+            config: &config,
+            namespace_labels: None,
+        };
+        let mut stream = process_reader("big.yaml", reader, run);
+        for expected in 0..3 {
+            let part = stream.next().expect("a document").expect("processed");
+            assert_eq!(part.pods.len(), 1);
+            assert_eq!(part.pods[0].location.document, expected);
+            assert!(
+                read.get() <= (expected + 2) * document.len(),
+                "read {} bytes for {} documents",
+                read.get(),
+                expected + 1
+            );
+        }
+    }
+
     #[test]
     fn rejects_yaml_aliases_naming_file_and_document() {
         let config = MeshConfig::default();
