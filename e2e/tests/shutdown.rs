@@ -78,7 +78,9 @@ async fn replica(
 }
 
 /// A Service in miniature: every new connection goes to the next replica
-/// whose `/readyz` answered 200 at the last check (every 100 ms).
+/// whose `/readyz` answered 200 at the last check. Checks run every second,
+/// so the proxy lags a replica's readiness by up to a second, as endpoints
+/// lag a terminating pod in a cluster.
 async fn service(
     listener: TcpListener,
     backends: Vec<(SocketAddr, SocketAddr)>,
@@ -96,7 +98,7 @@ async fn service(
                         .is_some();
                     ready[i].store(ok, Ordering::Release);
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         })
     };
