@@ -189,3 +189,23 @@ async fn refusals_408_413_405_have_json_bodies_and_are_counted() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_of_20000_containers_is_refused_naming_the_limit() {
+    let server = TestServer::start("huge-pod", MESH).await;
+    let mut huge = pod(json!({}));
+    huge["spec"]["containers"] = (0..20_000)
+        .map(|i| json!({"name": format!("c{i}"), "image": "app:1"}))
+        .collect();
+    let (status, answer) = server.post("/inject", &review("huge", huge)).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["response"]["uid"], "huge");
+    assert_eq!(answer["response"]["allowed"], false);
+    let message = answer["response"]["status"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.contains("20000 containers") && message.contains("limit is 1000"),
+        "{message}"
+    );
+}
