@@ -252,18 +252,27 @@ impl Connection {
 
     /// Posts `body`; the status when an answer came back whole.
     async fn post(&mut self, body: &Bytes) -> Option<u16> {
+        self.send(body).await.ok()
+    }
+
+    /// Posts `body`; the status when an answer came back whole, else why not.
+    async fn send(&mut self, body: &Bytes) -> Result<u16, String> {
         let request = Request::post("/inject")
             .header(header::HOST, "localhost")
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(body.clone()))
-            .ok()?;
+            .map_err(|e| e.to_string())?;
         let response = tokio::time::timeout(Duration::from_secs(15), self.0.send_request(request))
             .await
-            .ok()?
-            .ok()?;
+            .map_err(|_| "no answer in 15 s".to_owned())?
+            .map_err(|e| e.to_string())?;
         let status = response.status().as_u16();
-        response.into_body().collect().await.ok()?;
-        Some(status)
+        response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(status)
     }
 }
 
@@ -271,6 +280,7 @@ impl Connection {
 struct ClientStats {
     latencies: Vec<Duration>,
     failures: u64,
+    first_failure: Option<String>,
 }
 
 /// Sends a typical review at `CLIENT_RATE` per second until `until`; a
@@ -284,6 +294,7 @@ async fn well_behaved(
     let mut stats = ClientStats {
         latencies: Vec::new(),
         failures: 0,
+        first_failure: None,
     };
     let mut connection: Option<Connection> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(1000 / CLIENT_RATE));
@@ -295,12 +306,15 @@ async fn well_behaved(
             connection = Connection::open(addr, &config).await;
         }
         let status = match connection.as_mut() {
-            Some(c) => c.post(&body).await,
-            None => None,
+            Some(c) => c.send(&body).await,
+            None => Err("cannot connect".to_owned()),
         };
         stats.latencies.push(started.elapsed());
-        if status != Some(200) {
+        if status != Ok(200) {
             stats.failures += 1;
+            stats
+                .first_failure
+                .get_or_insert_with(|| format!("{status:?}"));
             connection = None;
         }
     }
@@ -385,6 +399,8 @@ async fn trickle(
                             break;
                         }
                     }
+                    // Cut off: come back a second later with a new connection.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             })
         })
@@ -432,6 +448,8 @@ async fn stall_large(
                     let left = until.saturating_duration_since(Instant::now());
                     let status = status_of(&mut stream, left).await;
                     tally.add(status);
+                    // Cut off: come back a second later with a new connection.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             })
         })
@@ -521,7 +539,7 @@ async fn attack(
         Arc::clone(&config),
         until,
         10,
-        3 * 1024 * 1024,
+        64 * 1024,
         Duration::from_millis(5),
         Arc::clone(&tally),
     );
@@ -607,9 +625,22 @@ fn main() -> std::process::ExitCode {
                 until,
                 Arc::clone(&tally),
             ));
-            // Let the attack take hold before measuring.
+            // Let the attack take hold before measuring. The client has a
+            // thread and runtime of its own, so the attack's work in this
+            // process does not delay it.
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let stats = well_behaved(server.addr, Arc::clone(&config), until).await;
+            let (addr, client_config) = (server.addr, Arc::clone(&config));
+            let client = std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("client runtime")
+                    .block_on(well_behaved(addr, client_config, until))
+            });
+            let stats = tokio::task::spawn_blocking(move || client.join())
+                .await
+                .expect("join")
+                .expect("the client thread");
             let _ = tokio::time::timeout(Duration::from_secs(30), attacker).await;
             stats
         });
@@ -630,6 +661,9 @@ fn main() -> std::process::ExitCode {
             tally.summary(),
             if ok { "" } else { "  <- bound broken" }
         );
+        if let Some(why) = &stats.first_failure {
+            println!("    first failure of the client: {why}");
+        }
         drop(server);
     }
     if broken {
