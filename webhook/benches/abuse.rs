@@ -172,6 +172,8 @@ fn start_server(authority: &Authority, name: &str) -> Server {
         .arg(dir.join("tls.key"))
         .arg("--mesh-file")
         .arg(dir.join("mesh.yaml"))
+        // As the Deployment sets it (config/webhook/webhook.yaml).
+        .env("MIMALLOC_PURGE_DELAY", "0")
         .env(
             "RUST_LOG",
             "warn,ferrimesh_webhook::server=info,ferrimesh_webhook::server::admission=warn",
