@@ -88,6 +88,10 @@ bench: ## Criterion benchmarks of inject + patch (see docs/benchmarks.md)
 bench-webhook: ## Load test of the release webhook binary over TLS (see docs/benchmarks.md)
 	$(CARGO) bench -p ferrimesh-webhook --bench load
 
+.PHONY: bench-abuse
+bench-abuse: ## The release webhook under each hostile-client and hostile-pod attack, a well-behaved client alongside; fails when a bound breaks (ABUSE_SECONDS=20; see docs/reliability.md)
+	$(CARGO) bench -p ferrimesh-webhook --bench abuse
+
 .PHONY: e2e-bins
 e2e-bins: ## Build kube-apiserver, etcd and istiod (pilot-discovery) from their Go modules (cached by version)
 	K8S_VERSION=$(K8S_VERSION) e2e/hack/build-control-plane.sh
@@ -111,6 +115,8 @@ demo-offline: ## The offline CLI on examples/: check-inject, then inject
 
 FUZZ_SECONDS ?= 300
 FUZZ_TARGETS ?= admission_review annotations
+# Inputs up to the webhook's 3 MiB body limit.
+FUZZ_MAX_LEN ?= 3145728
 
 .PHONY: fuzz
 fuzz: ## Fuzz each target for FUZZ_SECONDS (cargo-fuzz on nightly; crashes land in webhook/fuzz/artifacts)
@@ -122,7 +128,7 @@ fuzz: ## Fuzz each target for FUZZ_SECONDS (cargo-fuzz on nightly; crashes land 
 	  if [ -d webhook/fuzz/seeds/$$target ]; then cp -n webhook/fuzz/seeds/$$target/* webhook/fuzz/corpus/$$target/; fi; \
 	  echo "==> fuzzing $$target for $(FUZZ_SECONDS)s"; \
 	  (cd webhook && cargo +nightly fuzz run -O $$target fuzz/corpus/$$target -- \
-	    -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 -rss_limit_mb=4096) || exit 1; \
+	    -max_total_time=$(FUZZ_SECONDS) -max_len=$(FUZZ_MAX_LEN) -timeout=10 -rss_limit_mb=4096) || exit 1; \
 	done
 
 .PHONY: bench-admission

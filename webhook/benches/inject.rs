@@ -1,6 +1,7 @@
 //! Inject + JSONPatch, the work of one admission: a typical Deployment pod,
-//! a pod with 2,000 env vars, a 64 KB pod spec, and a size sweep showing
-//! that cost grows linearly with the pod.
+//! a pod with 2,000 env vars, a 64 KB pod spec, a size sweep showing that
+//! cost grows linearly with the pod, and whole reviews of pods of up to
+//! 1,000 containers and the 3 MiB request limit.
 
 use std::hint::black_box;
 
@@ -96,13 +97,7 @@ fn bench(c: &mut Criterion) {
 
     // The whole review as the server runs it, without HTTP and TLS: parse
     // the AdmissionReview, inject, diff, encode the response.
-    let review = json!({
-        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-        "request": {"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                    "resource": {"group": "", "version": "v1", "resource": "pods"}, "namespace": "bookinfo",
-                    "operation": "CREATE", "userInfo": {"username": "bench"}, "object": typical()}
-    })
-    .to_string();
+    let review = review_of(typical());
     let source = FixedSource::new(MeshSpec::default());
     let metrics = Metrics::register(&mut Registry::default());
     c.bench_function("admission-review/typical", |b| {
@@ -128,6 +123,63 @@ fn bench(c: &mut Criterion) {
         });
     }
     sweep.finish();
+
+    // Whole reviews of pods of 100 to 1,000 containers (the most the
+    // webhook reviews), each about 3 KiB (a port, a probe, an env var and
+    // 40 args), up to the API server's 3 MiB request limit.
+    let mut reviews = c.benchmark_group("review-sweep");
+    reviews.sample_size(10);
+    for n in [100, 250, 500, 1000] {
+        let body = review_of(many_containers(n));
+        reviews.throughput(Throughput::Bytes(body.len() as u64));
+        reviews.bench_with_input(BenchmarkId::new("containers", n), &body, |b, body| {
+            b.iter(|| {
+                review_fn(
+                    "/inject",
+                    Some("application/json"),
+                    black_box(body.as_bytes()),
+                    &source,
+                    &metrics,
+                )
+            })
+        });
+    }
+    reviews.finish();
+}
+
+/// A pod of `n` containers of about 3 KiB each: a named port, an HTTP
+/// readiness probe (rewritten by injection), an env var and 40 args.
+fn many_containers(n: usize) -> Value {
+    let mut pod = typical();
+    let containers: Vec<Value> = (0..n)
+        .map(|i| {
+            let args: Vec<String> = (0..40)
+                .map(|a| {
+                    format!("--option-{a:02}=a-value-long-enough-to-look-like-a-real-flag-{i:05}")
+                })
+                .collect();
+            json!({
+                "name": format!("app-{i:05}"), "image": "registry.example.com/team/app:1.0.0",
+                "args": args,
+                "ports": [{"containerPort": 8080, "name": "http", "protocol": "TCP"}],
+                "env": [{"name": "INDEX", "value": i.to_string()}],
+                "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}}
+            })
+        })
+        .collect();
+    pod["spec"]["containers"] = Value::Array(containers);
+    pod
+}
+
+/// An AdmissionReview of `pod`, serialised.
+fn review_of(pod: Value) -> String {
+    json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                    "resource": {"group": "", "version": "v1", "resource": "pods"}, "namespace": "bookinfo",
+                    "operation": "CREATE", "userInfo": {"username": "bench"}, "object": pod}
+    })
+    .to_string()
 }
 
 criterion_group!(benches, bench);

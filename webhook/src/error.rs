@@ -13,6 +13,18 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
+    /// A pod annotation the injector parses is over its size limit.
+    #[error(
+        "annotation {name} is {len} bytes, over the limit of {max} bytes for annotations the injector parses"
+    )]
+    AnnotationTooLarge {
+        /// The annotation's name.
+        name: String,
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A Mesh or ProxyProfile field has a value the injector refuses.
     #[error("{origin}: field {field} has invalid value {value:?}: {reason}")]
     InvalidSetting {

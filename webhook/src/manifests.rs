@@ -2,9 +2,14 @@
 //! `ferrimesh check-inject`): multi-document YAML in, every document out in
 //! input order, pod templates run through the very same engine as the
 //! webhook.
+//!
+//! Input is read one document at a time ([`process_reader`]), so memory
+//! follows the largest document, not the whole stream; YAML anchors and
+//! aliases are refused (expanding them multiplies the input).
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io::BufRead;
 
 use ferrimesh_crds::ProxyProfile;
 use ferrimesh_crds::mesh::{Mesh, MeshSpec};
@@ -68,31 +73,133 @@ struct Parsed {
     json: Value,
 }
 
-/// The non-empty YAML documents of `input`.
-fn documents(file: &str, input: &str) -> Result<Vec<Parsed>, ManifestError> {
-    let mut out = Vec::new();
-    for (index, document) in serde_yaml::Deserializer::from_str(input).enumerate() {
-        let location = || Location {
-            file: file.to_owned(),
-            document: index,
-            object: None,
-        };
+/// The text of the documents of a YAML stream, one at a time, read line by
+/// line: a document starts at a line beginning with `---` (alone or
+/// followed by a blank) or with `%` (a directive), which YAML forbids
+/// inside a document's content.
+pub struct DocumentTexts<R> {
+    reader: R,
+    pending: Option<String>,
+    done: bool,
+}
+
+impl<R: BufRead> DocumentTexts<R> {
+    /// The documents of `reader`.
+    pub fn new(reader: R) -> Self {
+        Self {
+            reader,
+            pending: None,
+            done: false,
+        }
+    }
+}
+
+fn starts_document(line: &str) -> bool {
+    line.starts_with('%')
+        || line
+            .strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n']))
+}
+
+impl<R: BufRead> Iterator for DocumentTexts<R> {
+    type Item = std::io::Result<String>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let mut text = self.pending.take().unwrap_or_default();
+        // Whether `text` has a `---` or content: a directive line then
+        // belongs to the next document, and so does a second `---`.
+        let mut started = text.starts_with("---");
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+                Ok(0) => {
+                    self.done = true;
+                    return (!text.is_empty()).then_some(Ok(text));
+                }
+                Ok(_) => {}
+            }
+            if starts_document(&line) {
+                if started {
+                    self.pending = Some(line);
+                    return Some(Ok(text));
+                }
+                started = line.starts_with("---");
+            } else {
+                let trimmed = line.trim_start();
+                started |= !(trimmed.is_empty() || trimmed.starts_with('#'));
+            }
+            text.push_str(&line);
+        }
+    }
+}
+
+/// The non-empty YAML documents of `text` (one document's text, as
+/// [`DocumentTexts`] cuts it), numbered from `first_index`; returns the
+/// index after the last.
+fn parse_documents(
+    file: &str,
+    text: &str,
+    first_index: usize,
+    out: &mut Vec<Parsed>,
+) -> Result<usize, ManifestError> {
+    let location = |index| Location {
+        file: file.to_owned(),
+        document: index,
+        object: None,
+    };
+    // A scan error is left for the YAML parser below to report.
+    if crate::inject::annotations::has_yaml_aliases(text).unwrap_or(false) {
+        return Err(ManifestError {
+            location: location(first_index),
+            message:
+                "YAML anchors and aliases are not accepted (expanding them multiplies the input)"
+                    .to_owned(),
+        });
+    }
+    let mut index = first_index;
+    for document in serde_yaml::Deserializer::from_str(text) {
         let value = serde_yaml::Value::deserialize(document).map_err(|e| ManifestError {
-            location: location(),
+            location: location(index),
             message: format!("invalid YAML: {e}"),
         })?;
+        index += 1;
         if value.is_null() {
             continue;
         }
         let json = serde_json::to_value(&value).map_err(|e| ManifestError {
-            location: location(),
+            location: location(index - 1),
             message: format!("not a JSON-compatible document: {e}"),
         })?;
         out.push(Parsed {
-            index,
+            index: index - 1,
             yaml: value,
             json,
         });
+    }
+    Ok(index)
+}
+
+/// The non-empty YAML documents of `input`.
+fn documents(file: &str, input: &str) -> Result<Vec<Parsed>, ManifestError> {
+    let mut out = Vec::new();
+    let mut index = 0;
+    for text in DocumentTexts::new(input.as_bytes()) {
+        let text = text.map_err(|e| ManifestError {
+            location: Location {
+                file: file.to_owned(),
+                document: index,
+                object: None,
+            },
+            message: format!("reading: {e}"),
+        })?;
+        index = parse_documents(file, &text, index, &mut out)?;
     }
     Ok(out)
 }
@@ -240,12 +347,20 @@ impl Processed {
     pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
         let mut out = String::new();
         for doc in &self.documents {
-            match &doc.original {
-                Some(original) => out.push_str(&serde_yaml::to_string(original)?),
-                None => out.push_str(&serde_yaml::to_string(&doc.json)?),
-            }
-            out.push_str("---\n");
+            out.push_str(&doc.to_yaml()?);
         }
+        Ok(out)
+    }
+}
+
+impl Document {
+    /// The document as YAML, followed by `---`.
+    pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
+        let mut out = match &self.original {
+            Some(original) => serde_yaml::to_string(original)?,
+            None => serde_yaml::to_string(&self.json)?,
+        };
+        out.push_str("---\n");
         Ok(out)
     }
 }
@@ -301,20 +416,52 @@ fn not_selected_reason(
 /// Injects the pod templates of every document of `input`.
 pub fn process(file: &str, input: &str, run: Run<'_>) -> Result<Processed, ManifestError> {
     let mut processed = Processed::default();
-    for Parsed { index, yaml, json } in documents(file, input)? {
-        let location = Location {
-            file: file.to_owned(),
-            document: index,
-            object: object_name(&json),
-        };
-        let processed_json = process_object(json.clone(), &location, run, &mut processed.pods)?;
-        let original = (processed_json == json).then_some(yaml);
-        processed.documents.push(Document {
-            json: processed_json,
-            original,
-        });
+    for part in process_reader(file, input.as_bytes(), run) {
+        let part = part?;
+        processed.documents.extend(part.documents);
+        processed.pods.extend(part.pods);
     }
     Ok(processed)
+}
+
+/// Injects the pod templates of the documents read from `reader`, one
+/// document's text at a time: each item is what one of them came to, so a
+/// caller that writes it out before taking the next holds one document in
+/// memory, not the stream.
+pub fn process_reader<'r, R: BufRead + 'r>(
+    file: &'r str,
+    reader: R,
+    run: Run<'r>,
+) -> impl Iterator<Item = Result<Processed, ManifestError>> + 'r {
+    let mut index = 0;
+    DocumentTexts::new(reader).map(move |text| {
+        let text = text.map_err(|e| ManifestError {
+            location: Location {
+                file: file.to_owned(),
+                document: index,
+                object: None,
+            },
+            message: format!("reading: {e}"),
+        })?;
+        let mut parsed = Vec::new();
+        index = parse_documents(file, &text, index, &mut parsed)?;
+        drop(text);
+        let mut processed = Processed::default();
+        for Parsed { index, yaml, json } in parsed {
+            let location = Location {
+                file: file.to_owned(),
+                document: index,
+                object: object_name(&json),
+            };
+            let processed_json = process_object(json.clone(), &location, run, &mut processed.pods)?;
+            let original = (processed_json == json).then_some(yaml);
+            processed.documents.push(Document {
+                json: processed_json,
+                original,
+            });
+        }
+        Ok(processed)
+    })
 }
 
 fn process_object(
@@ -562,6 +709,120 @@ mod tests {
             Some(80)
         );
         assert!(out.to_yaml().expect("yaml").matches("---\n").count() == 2);
+    }
+
+    fn texts(input: &str) -> Vec<String> {
+        DocumentTexts::new(input.as_bytes())
+            .map(|t| t.expect("read"))
+            .collect()
+    }
+
+    #[test]
+    fn cuts_a_stream_into_documents_at_markers_only() {
+        assert_eq!(texts("a: 1\n---\nb: 2\n"), ["a: 1\n", "---\nb: 2\n"]);
+        assert_eq!(
+            texts("# head\n---\na: 1\n--- \nb: |\n  --- not a marker\n---x: 3\n"),
+            [
+                "# head\n---\na: 1\n",
+                "--- \nb: |\n  --- not a marker\n---x: 3\n"
+            ]
+        );
+        assert_eq!(
+            texts("a: 1\n...\n%YAML 1.2\n---\nb: 2\n---\n---\n"),
+            ["a: 1\n...\n", "%YAML 1.2\n---\nb: 2\n", "---\n", "---\n"]
+        );
+        assert!(texts("").is_empty());
+    }
+
+    #[test]
+    fn numbers_documents_as_the_whole_stream_does() {
+        let config = MeshConfig::default();
+        let run = Run {
+            config: &config,
+            namespace_labels: None,
+        };
+        let input = "kind: A\n---\n---\nkind: B\n---\n# only a comment\n---\nkind: C\n";
+        let out = process("f.yaml", input, run).expect("ok");
+        let kinds: Vec<_> = out
+            .documents
+            .iter()
+            .map(|d| d.json["kind"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(kinds, ["A", "B", "C"]);
+        let err = process("f.yaml", "kind: A\n---\n---\nkind: [\n", run).expect_err("bad");
+        assert_eq!(err.location.document, 2, "{err}");
+    }
+
+    /// A reader of `documents` copies of `document`, counting what was read.
+    struct Counted {
+        document: Vec<u8>,
+        left: usize,
+        at: usize,
+        read: std::rc::Rc<std::cell::Cell<usize>>,
+    }
+
+    impl std::io::Read for Counted {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.left == 0 {
+                return Ok(0);
+            }
+            let n = buf.len().min(self.document.len() - self.at);
+            buf[..n].copy_from_slice(&self.document[self.at..self.at + n]);
+            self.at += n;
+            if self.at == self.document.len() {
+                (self.at, self.left) = (0, self.left - 1);
+            }
+            self.read.set(self.read.get() + n);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn answers_each_document_before_reading_the_rest_of_the_stream() {
+        let document = format!("---\n{DEPLOYMENT}").into_bytes();
+        let read = std::rc::Rc::new(std::cell::Cell::new(0));
+        let reader = std::io::BufReader::with_capacity(
+            64,
+            Counted {
+                document: document.clone(),
+                left: 10_000,
+                at: 0,
+                read: std::rc::Rc::clone(&read),
+            },
+        );
+        let config = MeshConfig::default();
+        let run = Run {
+            config: &config,
+            namespace_labels: None,
+        };
+        let mut stream = process_reader("big.yaml", reader, run);
+        for expected in 0..3 {
+            let part = stream.next().expect("a document").expect("processed");
+            assert_eq!(part.pods.len(), 1);
+            assert_eq!(part.pods[0].location.document, expected);
+            assert!(
+                read.get() <= (expected + 2) * document.len(),
+                "read {} bytes for {} documents",
+                read.get(),
+                expected + 1
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_yaml_aliases_naming_file_and_document() {
+        let config = MeshConfig::default();
+        let run = Run {
+            config: &config,
+            namespace_labels: None,
+        };
+        let input = format!("{DEPLOYMENT}---\nkind: ConfigMap\ndata: &d {{a: b}}\nmore: *d\n");
+        let err = process("app.yaml", &input, run).expect_err("aliases");
+        let message = err.to_string();
+        assert!(
+            message.starts_with("app.yaml: document 1: YAML anchors and aliases are not accepted"),
+            "{message}"
+        );
     }
 
     #[test]

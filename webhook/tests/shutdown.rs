@@ -1,20 +1,17 @@
-//! The `ferrimesh-webhook` binary under SIGTERM: a request in flight
-//! finishes, readiness turns off at once, new connections are refused, and
-//! the process exits cleanly.
+//! The `ferrimesh-webhook` binary under SIGTERM: readiness turns off at
+//! once, new connections are still accepted and served during the shutdown
+//! delay, a request in flight finishes, then new connections are refused
+//! and the process exits cleanly.
 
 mod support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::ServerName;
 use serde_json::{Value, json};
-use support::{Authority, MESH, Scratch, pod, review};
+use support::{Authority, MESH, Scratch, pod, request_head, review, tls_stream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 
 struct Webhook {
     child: Child,
@@ -48,6 +45,7 @@ fn spawn(scratch: &Scratch) -> Webhook {
         .arg("--mesh-file")
         .arg(scratch.path("mesh.yaml"))
         .args(["--shutdown-grace-seconds", "10"])
+        .args(["--shutdown-delay-seconds", "2"])
         .stderr(Stdio::piped())
         .spawn()
         .expect("webhook starts");
@@ -71,33 +69,25 @@ fn spawn(scratch: &Scratch) -> Webhook {
     }
 }
 
-async fn tls_stream(
-    authority: &Authority,
-    addr: &str,
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in ca_certs(&authority.ca_pem()) {
-        roots.add(cert).expect("root");
+/// Reads from `stream` until the answer for `uid` is in, the peer closes,
+/// or 10 s pass.
+async fn read_answer<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, uid: &str) -> String {
+    let mut response = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let needle = format!("\"uid\":\"{uid}\"");
+    while !String::from_utf8_lossy(&response).contains(&needle) && Instant::now() < deadline {
+        let mut buf = [0u8; 16384];
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(Ok(n)) => response.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => panic!("reading the response: {e}"),
+        }
     }
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = TcpStream::connect(addr).await?;
-    let name = ServerName::try_from("127.0.0.1").expect("name");
-    TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-}
-
-fn ca_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
-    use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
-        .map(|c| c.expect("pem"))
-        .collect()
+    String::from_utf8_lossy(&response).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_finishes_the_request_in_flight_then_exits() {
+async fn sigterm_keeps_serving_during_the_delay_then_drains_and_exits() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let scratch = Scratch::new("sigterm");
     let authority = Authority::new();
@@ -124,11 +114,10 @@ async fn sigterm_finishes_the_request_in_flight_then_exits() {
     let mut stream = tls_stream(&authority, &webhook.addr)
         .await
         .expect("connect");
-    let head = format!(
-        "POST /inject HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.expect("head");
+    stream
+        .write_all(request_head("/inject", body.len()).as_bytes())
+        .await
+        .expect("head");
     stream.write_all(first).await.expect("first half");
     stream.flush().await.expect("flush");
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -153,26 +142,38 @@ async fn sigterm_finishes_the_request_in_flight_then_exits() {
         503,
         "readiness turns off at once"
     );
-    assert!(
-        tls_stream(&authority, &webhook.addr).await.is_err(),
-        "no new connections while draining"
-    );
 
+    // During the delay a new connection is still served, and told to close.
+    let late = review("during-delay", pod(json!({}))).to_string();
+    let mut newcomer = tls_stream(&authority, &webhook.addr)
+        .await
+        .expect("new connections are accepted during the delay");
+    newcomer
+        .write_all(format!("{}{late}", request_head("/inject", late.len())).as_bytes())
+        .await
+        .expect("request");
+    newcomer.flush().await.expect("flush");
+    let text = read_answer(&mut newcomer, "during-delay").await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "the client is asked to reconnect elsewhere: {text}"
+    );
+    drop(newcomer);
+
+    // Once the delay is over, new connections are refused while the
+    // request in flight is still served.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tls_stream(&authority, &webhook.addr).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "new connections still accepted 10 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stream.write_all(rest).await.expect("second half");
     stream.flush().await.expect("flush");
-    let mut response = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !String::from_utf8_lossy(&response).contains("\"uid\":\"in-flight\"")
-        && Instant::now() < deadline
-    {
-        let mut buf = [0u8; 16384];
-        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
-            Ok(Ok(0)) | Err(_) => break,
-            Ok(Ok(n)) => response.extend_from_slice(&buf[..n]),
-            Ok(Err(e)) => panic!("reading the response: {e}"),
-        }
-    }
-    let text = String::from_utf8_lossy(&response);
+    let text = read_answer(&mut stream, "in-flight").await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(
         text.contains("\"uid\":\"in-flight\"") && text.contains("\"patch\""),

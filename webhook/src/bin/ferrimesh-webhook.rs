@@ -67,16 +67,34 @@ struct Args {
     /// The revision (the Mesh's `spec.revision`) this webhook serves.
     #[arg(long, env = "FERRIMESH_REVISION", default_value = "default")]
     revision: String,
-    /// Admissions handled at once; more wait for a slot.
+    /// Reviews waiting for a worker or running; more wait for a place until
+    /// the request deadline (then 503 with Retry-After).
     #[arg(long, env = "FERRIMESH_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
     max_concurrent_requests: usize,
-    /// Seconds allowed to receive a request's headers.
+    /// Reviews running at once, each on its own blocking thread (default:
+    /// the number of CPUs, at most 4).
+    #[arg(long, env = "FERRIMESH_REVIEW_WORKERS")]
+    review_workers: Option<usize>,
+    /// MiB of request bodies buffered at once, all requests together; past
+    /// it, 503 with Retry-After (the last quarter is kept for bodies up to
+    /// 256 KiB).
+    #[arg(long, env = "FERRIMESH_MAX_BUFFERED_BODY_MIB", default_value_t = 24)]
+    max_buffered_body_mib: usize,
+    /// Seconds allowed for the TLS handshake and a request's headers.
     #[arg(long, env = "FERRIMESH_HEADER_TIMEOUT_SECONDS", default_value_t = 10)]
     header_timeout_seconds: u64,
-    /// Seconds allowed for a whole request (the API server waits at most 30).
-    #[arg(long, env = "FERRIMESH_REQUEST_TIMEOUT_SECONDS", default_value_t = 30)]
+    /// Seconds allowed for a request's body after its headers (408 past it).
+    #[arg(long, env = "FERRIMESH_BODY_TIMEOUT_SECONDS", default_value_t = 5)]
+    body_timeout_seconds: u64,
+    /// Seconds allowed for a request after its headers: body, wait and
+    /// review (503 past it); keep it under the Mesh's webhook.timeoutSeconds.
+    #[arg(long, env = "FERRIMESH_REQUEST_TIMEOUT_SECONDS", default_value_t = 9)]
     request_timeout_seconds: u64,
-    /// Seconds in-flight requests get to finish after SIGTERM.
+    /// Seconds after SIGTERM during which /readyz is 503 but requests are
+    /// still accepted and served, so endpoints drop the replica first.
+    #[arg(long, env = "FERRIMESH_SHUTDOWN_DELAY_SECONDS", default_value_t = 5)]
+    shutdown_delay_seconds: u64,
+    /// Seconds in-flight requests get to finish after the shutdown delay.
     #[arg(long, env = "FERRIMESH_SHUTDOWN_GRACE_SECONDS", default_value_t = 25)]
     shutdown_grace_seconds: u64,
     /// Log format.
@@ -127,6 +145,12 @@ async fn config_source(args: &Args) -> anyhow::Result<Arc<dyn ConfigSource>> {
     }
 }
 
+/// One review worker per CPU, at most 4: reviews are CPU-bound, and each
+/// holds a pod's worth of memory while it runs.
+fn default_review_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().min(4))
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     // One process-wide provider, for kube's client as well.
@@ -143,8 +167,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tls: Arc::new(tls),
         source: config_source(&args).await?,
         max_concurrent_requests: args.max_concurrent_requests.max(1),
+        review_workers: args.review_workers.unwrap_or_else(default_review_workers),
+        max_buffered_body_bytes: args.max_buffered_body_mib.saturating_mul(1024 * 1024),
         header_timeout: Duration::from_secs(args.header_timeout_seconds),
+        body_timeout: Duration::from_secs(args.body_timeout_seconds),
         request_timeout: Duration::from_secs(args.request_timeout_seconds),
+        shutdown_delay: Duration::from_secs(args.shutdown_delay_seconds),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
     };
     let running = server::start(settings).await?;

@@ -1,7 +1,7 @@
 //! `ferrimesh`: offline sidecar injection with the webhook's own engine.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -71,6 +71,16 @@ fn read(path: &PathBuf) -> Result<(String, String)> {
     Ok((name, text))
 }
 
+/// The manifest input, read as a stream: one document at a time is held.
+fn open(path: &PathBuf) -> Result<(String, Box<dyn BufRead>)> {
+    let name = path.display().to_string();
+    if name == "-" {
+        return Ok((name, Box::new(BufReader::new(std::io::stdin()))));
+    }
+    let file = std::fs::File::open(path).with_context(|| format!("reading {name}"))?;
+    Ok((name, Box::new(BufReader::new(file))))
+}
+
 impl Input {
     fn config(&self) -> Result<MeshConfig> {
         let mut config = MeshConfig::default();
@@ -104,21 +114,20 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inject { input } => {
             let config = input.config()?;
-            let (name, text) = read(&input.file)?;
-            let processed = manifests::process(
-                &name,
-                &text,
-                Run {
-                    config: &config,
-                    namespace_labels: None,
-                },
-            )?;
-            for pod in &processed.pods {
-                for warning in &pod.warnings {
-                    eprintln!("{}: warning: {warning}", pod.location);
+            let (name, reader) = open(&input.file)?;
+            let run = Run {
+                config: &config,
+                namespace_labels: None,
+            };
+            for part in manifests::process_reader(&name, reader, run) {
+                let part = part?;
+                for pod in &part.pods {
+                    for warning in &pod.warnings {
+                        eprintln!("{}: warning: {warning}", pod.location);
+                    }
                 }
+                stdout.write_all(part.to_yaml()?.as_bytes())?;
             }
-            stdout.write_all(processed.to_yaml()?.as_bytes())?;
         }
         Command::CheckInject {
             input,
@@ -126,25 +135,28 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let config = input.config()?;
             let labels = namespace_labels.as_deref().map(parse_labels).transpose()?;
-            let (name, text) = read(&input.file)?;
+            let (name, reader) = open(&input.file)?;
             let run = Run {
                 config: &config,
                 namespace_labels: labels.as_ref(),
             };
-            let processed = manifests::process(&name, &text, run)?;
-            if processed.pods.is_empty() {
-                writeln!(stdout, "{name}: no pods or pod templates found")?;
-            }
-            for pod in &processed.pods {
-                let verdict = match (&pod.not_selected, pod.decision.inject) {
-                    (Some(why), _) => format!("not injected: {why}"),
-                    (None, true) => format!("injected: {}", pod.decision.reason),
-                    (None, false) => format!("not injected: {}", pod.decision.reason),
-                };
-                writeln!(stdout, "{}: {verdict}", pod.location)?;
-                for warning in &pod.warnings {
-                    writeln!(stdout, "  warning: {warning}")?;
+            let mut pods = 0;
+            for part in manifests::process_reader(&name, reader, run) {
+                for pod in &part?.pods {
+                    pods += 1;
+                    let verdict = match (&pod.not_selected, pod.decision.inject) {
+                        (Some(why), _) => format!("not injected: {why}"),
+                        (None, true) => format!("injected: {}", pod.decision.reason),
+                        (None, false) => format!("not injected: {}", pod.decision.reason),
+                    };
+                    writeln!(stdout, "{}: {verdict}", pod.location)?;
+                    for warning in &pod.warnings {
+                        writeln!(stdout, "  warning: {warning}")?;
+                    }
                 }
+            }
+            if pods == 0 {
+                writeln!(stdout, "{name}: no pods or pod templates found")?;
             }
         }
         Command::Crds => {

@@ -97,6 +97,66 @@ pub const TUNNEL_LABEL: &str = "networking.istio.io/tunnel";
 /// Why a value was refused.
 pub type Invalid = String;
 
+/// The largest value accepted for an annotation the injector parses as
+/// structured data (YAML or JSON); Istio's own values are far smaller.
+pub const MAX_PARSED_ANNOTATION_BYTES: usize = 64 * 1024;
+
+/// The annotations the injector parses as YAML or JSON (or, for
+/// scrape-targets, as a list of entries): each is refused past
+/// [`MAX_PARSED_ANNOTATION_BYTES`].
+pub const PARSED_ANNOTATIONS: [&str; 6] = [
+    PROXY_CONFIG,
+    USER_VOLUME,
+    USER_VOLUME_MOUNT,
+    PROXY_OVERRIDES,
+    SCRAPE_TARGETS,
+    STATUS,
+];
+
+/// The first of [`PARSED_ANNOTATIONS`] whose value is over the size limit,
+/// with its length.
+pub fn oversized(
+    annotations: &std::collections::BTreeMap<String, String>,
+) -> Option<(&'static str, usize)> {
+    PARSED_ANNOTATIONS.into_iter().find_map(|name| {
+        annotations
+            .get(name)
+            .map(String::len)
+            .filter(|len| *len > MAX_PARSED_ANNOTATION_BYTES)
+            .map(|len| (name, len))
+    })
+}
+
+/// Whether YAML text defines anchors or uses aliases (an error when it is
+/// not YAML at all).
+pub fn has_yaml_aliases(value: &str) -> Result<bool, Invalid> {
+    use granit_parser::{Event, Parser};
+    for event in Parser::new_from_str(value) {
+        let (event, _) = event.map_err(|e| format!("not valid YAML: {e}"))?;
+        let anchored = match event {
+            Event::Alias(_) | Event::UnresolvedAlias(_) | Event::Anchor(..) => true,
+            Event::Scalar(_, _, anchor, _)
+            | Event::SequenceStart(_, anchor, _)
+            | Event::MappingStart(_, anchor, _) => anchor != 0,
+            _ => false,
+        };
+        if anchored {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Refuses YAML that defines anchors or uses aliases: expanding aliases
+/// multiplies the input (a few KiB can stand for gigabytes), and no
+/// annotation the injector reads needs them.
+pub fn refuse_yaml_aliases(value: &str) -> Result<(), Invalid> {
+    if has_yaml_aliases(value)? {
+        return Err("YAML anchors and aliases are not accepted".to_owned());
+    }
+    Ok(())
+}
+
 /// Go's `strconv.ParseBool`.
 pub fn parse_bool(value: &str) -> Option<bool> {
     match value {

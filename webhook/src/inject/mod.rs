@@ -134,6 +134,19 @@ pub fn inject(request: &Request<'_>) -> Result<Injection> {
             warnings,
         });
     }
+    if let Some((name, len)) = request
+        .pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(ann::oversized)
+    {
+        return Err(Error::AnnotationTooLarge {
+            name: name.to_owned(),
+            len,
+            max: ann::MAX_PARSED_ANNOTATION_BYTES,
+        });
+    }
     let profiles = select_profiles(request.pod, request.profiles, &mut warnings);
     let settings = Settings::resolve(
         request.pod,

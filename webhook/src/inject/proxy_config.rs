@@ -41,6 +41,7 @@ impl ProxyConfig {
         if value.trim().is_empty() {
             return Ok(Self::default());
         }
+        super::annotations::refuse_yaml_aliases(value)?;
         let config: Self =
             serde_yaml::from_str(value).map_err(|e| format!("not a valid proxy config: {e}"))?;
         if let Some(mode) = &config.interception_mode
@@ -272,5 +273,18 @@ mod tests {
         assert!(ProxyConfig::parse("interceptionMode: BOGUS").is_err());
         assert!(ProxyConfig::parse("drainDuration: soon").is_err());
         assert!(ProxyConfig::parse("[1, 2]").is_err());
+    }
+
+    #[test]
+    fn rejects_yaml_aliases_in_proxy_config() {
+        for value in [
+            "proxyMetadata: &m {A: b}\nmeshId: x\n",
+            "a: &x [1, 2]\nb: [*x, *x]\n",
+            "meshId: &id one\n",
+        ] {
+            let err = ProxyConfig::parse(value).expect_err(value);
+            assert!(err.contains("anchors and aliases"), "{err}");
+        }
+        assert!(ProxyConfig::parse("meshId: \"&not-an-anchor *nor-alias\"\n").is_ok());
     }
 }

@@ -1024,3 +1024,49 @@ fn log_level_annotations_set_proxy_and_init_arguments() {
         Some("--log_output_level=all:warn")
     );
 }
+
+/// Annotations with one entry.
+fn one(name: &str, value: &str) -> serde_json::Value {
+    let mut annotations = serde_json::Map::new();
+    annotations.insert(name.to_owned(), value.into());
+    annotations.into()
+}
+
+#[test]
+fn rejects_yaml_aliases_in_proxy_config_naming_the_annotation() {
+    let bomb = "a: &a [x, x, x, x, x, x, x, x]\nb: [*a, *a, *a, *a, *a, *a, *a, *a]\n";
+    let message = rejection(&app_pod(one(ann::PROXY_CONFIG, bomb)));
+    assert!(message.contains(ann::PROXY_CONFIG), "{message}");
+    assert!(message.contains("anchors and aliases"), "{message}");
+}
+
+#[test]
+fn rejects_parsed_annotations_over_the_size_limit_naming_them() {
+    let big = format!(
+        "{{\"v\": {{\"emptyDir\": {{}}, \"x\": \"{}\"}}}}",
+        "y".repeat(ann::MAX_PARSED_ANNOTATION_BYTES)
+    );
+    for name in [
+        ann::PROXY_CONFIG,
+        ann::USER_VOLUME,
+        ann::USER_VOLUME_MOUNT,
+        ann::SCRAPE_TARGETS,
+    ] {
+        let message = rejection(&app_pod(one(name, &big)));
+        assert!(message.contains(name), "{message}");
+        assert!(
+            message.contains("over the limit of 65536 bytes"),
+            "{message}"
+        );
+        assert!(message.len() < 1000, "the value is not echoed: {message}");
+    }
+    let fits = format!("meshId: {}\n", "m".repeat(1000));
+    assert!(
+        run_with(
+            &app_pod(one(ann::PROXY_CONFIG, &fits)),
+            &MeshSpec::default(),
+            &[]
+        )
+        .is_ok()
+    );
+}

@@ -18,15 +18,28 @@ use crate::config::ConfigSource;
 use crate::inject::{Environment, Request, inject};
 use crate::patch;
 
-/// An HTTP-level failure: the review could not even be read.
+/// An HTTP-level failure: the review could not even be read, or the
+/// server would not take it on.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Refusal {
     /// Not an injection path.
     NotFound,
+    /// An injection path asked with another method than POST.
+    MethodNotAllowed,
     /// The body is not JSON.
     UnsupportedMediaType(String),
     /// Empty, malformed, or without a request and uid.
     BadRequest(String),
+    /// The body is over the limit (in bytes).
+    TooLarge(usize),
+    /// The body did not arrive in time.
+    Timeout,
+    /// The buffered-body budget or the review queue is full.
+    Overloaded,
+    /// The review was not done in time.
+    ReviewTimeout,
+    /// The review could not run.
+    Internal(String),
 }
 
 impl Refusal {
@@ -34,8 +47,13 @@ impl Refusal {
     pub fn status(&self) -> u16 {
         match self {
             Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
             Self::UnsupportedMediaType(_) => 415,
             Self::BadRequest(_) => 400,
+            Self::TooLarge(_) => 413,
+            Self::Timeout => 408,
+            Self::Overloaded | Self::ReviewTimeout => 503,
+            Self::Internal(_) => 500,
         }
     }
 
@@ -43,11 +61,37 @@ impl Refusal {
     pub fn message(&self) -> String {
         match self {
             Self::NotFound => "not found: POST AdmissionReviews to /inject".to_owned(),
+            Self::MethodNotAllowed => "method not allowed: POST AdmissionReviews".to_owned(),
             Self::UnsupportedMediaType(got) => {
                 format!("unsupported content type {got:?}: send application/json")
             }
-            Self::BadRequest(why) => why.clone(),
+            Self::BadRequest(why) | Self::Internal(why) => why.clone(),
+            Self::TooLarge(max) => format!("request body over the limit of {max} bytes"),
+            Self::Timeout => "request body not received in time".to_owned(),
+            Self::Overloaded => "too many requests in progress: retry shortly".to_owned(),
+            Self::ReviewTimeout => "the review did not finish in time: retry shortly".to_owned(),
         }
+    }
+
+    /// The `type` label of `sidecar_injection_failure_total` it counts under.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::NotFound
+            | Self::MethodNotAllowed
+            | Self::UnsupportedMediaType(_)
+            | Self::BadRequest(_) => "invalid_request",
+            Self::TooLarge(_) => "body_too_large",
+            Self::Timeout => "body_timeout",
+            Self::Overloaded => "overloaded",
+            Self::ReviewTimeout => "review_timeout",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    /// Seconds a client should wait before trying again (the
+    /// `Retry-After` header), for refusals that are about load.
+    pub fn retry_after(&self) -> Option<u32> {
+        matches!(self, Self::Overloaded | Self::ReviewTimeout).then_some(1)
     }
 }
 
@@ -143,7 +187,7 @@ pub fn review(
             Outcome::Ignored => metrics.skip("not_a_pod_create"),
             Outcome::Rejected => metrics.fail("rejected"),
         },
-        Err(_) => metrics.fail("invalid_request"),
+        Err(refusal) => metrics.fail(refusal.metric_label()),
     }
     result
 }
@@ -185,6 +229,18 @@ fn answer(
     let raw = envelope
         .request
         .ok_or_else(|| Refusal::BadRequest("AdmissionReview has no request".to_owned()))?;
+    if let Ok(shape) = serde_json::from_str::<shape::Request>(raw.get())
+        && let Some(too_large) = shape.too_large()
+    {
+        check_uid(&shape.uid)?;
+        return Ok(respond(
+            api_version,
+            &shape.uid,
+            Verdict::Deny(format!("ferrimesh sidecar injector: {too_large}")),
+            Vec::new(),
+            Outcome::Rejected,
+        ));
+    }
     let request: AdmissionRequest<Pod> = match serde_json::from_str(raw.get()) {
         Ok(request) => request,
         Err(pod_error) => {
@@ -326,6 +382,206 @@ fn patch_between(pod: &Pod, injected: &Pod) -> serde_json::Result<Option<Box<Raw
     base64_simd::STANDARD.encode_append(&json, &mut quoted);
     quoted.push('"');
     RawValue::from_string(quoted).map(Some)
+}
+
+/// How many list items a pod may have: the typed pod holds each
+/// container in about 2 KiB and each volume in about 3 KiB whatever their
+/// JSON size, so a 3 MiB pod of tiny entries would take hundreds of MiB to
+/// review. A pod past a limit is refused before it is read.
+pub mod shape {
+    use serde::Deserialize;
+    use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    /// Containers, init containers and ephemeral containers together.
+    pub const MAX_CONTAINERS: usize = 1000;
+    /// Volumes.
+    pub const MAX_VOLUMES: usize = 1000;
+    /// Env vars, volume mounts and ports of all containers together.
+    pub const MAX_CONTAINER_ENTRIES: usize = 20_000;
+
+    /// The number of elements of a JSON array (0 for anything else).
+    #[derive(Debug, Default)]
+    pub struct Count(pub usize);
+
+    struct CountVisitor;
+
+    impl<'de> Visitor<'de> for CountVisitor {
+        type Value = Count;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
+            let mut n = 0;
+            while seq.next_element::<IgnoredAny>()?.is_some() {
+                n += 1;
+            }
+            Ok(Count(n))
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(Count(0))
+        }
+
+        fn visit_bool<E>(self, _: bool) -> Result<Count, E> {
+            Ok(Count(0))
+        }
+
+        fn visit_i64<E>(self, _: i64) -> Result<Count, E> {
+            Ok(Count(0))
+        }
+
+        fn visit_u64<E>(self, _: u64) -> Result<Count, E> {
+            Ok(Count(0))
+        }
+
+        fn visit_f64<E>(self, _: f64) -> Result<Count, E> {
+            Ok(Count(0))
+        }
+
+        fn visit_str<E>(self, _: &str) -> Result<Count, E> {
+            Ok(Count(0))
+        }
+
+        fn visit_unit<E>(self) -> Result<Count, E> {
+            Ok(Count(0))
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Count {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserializer.deserialize_any(CountVisitor)
+        }
+    }
+
+    /// An AdmissionReview request, as far as its size goes.
+    #[derive(Debug, Default, Deserialize)]
+    pub struct Request {
+        /// The request's uid.
+        #[serde(default)]
+        pub uid: String,
+        #[serde(default)]
+        object: Option<Object>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    struct Object {
+        #[serde(default)]
+        spec: Option<Spec>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Spec {
+        #[serde(default)]
+        containers: Option<Vec<Container>>,
+        #[serde(default)]
+        init_containers: Option<Vec<Container>>,
+        #[serde(default)]
+        ephemeral_containers: Option<Vec<Container>>,
+        #[serde(default)]
+        volumes: Count,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Container {
+        #[serde(default)]
+        env: Count,
+        #[serde(default)]
+        volume_mounts: Count,
+        #[serde(default)]
+        ports: Count,
+    }
+
+    impl Request {
+        /// Why the pod is too large to review, if it is.
+        pub fn too_large(&self) -> Option<String> {
+            let spec = self.object.as_ref()?.spec.as_ref()?;
+            let all = || {
+                [
+                    &spec.containers,
+                    &spec.init_containers,
+                    &spec.ephemeral_containers,
+                ]
+                .into_iter()
+                .flatten()
+                .flatten()
+            };
+            let containers = all().count();
+            if containers > MAX_CONTAINERS {
+                return Some(format!(
+                    "pod too large to review: {containers} containers (init and ephemeral included), the limit is {MAX_CONTAINERS}"
+                ));
+            }
+            if spec.volumes.0 > MAX_VOLUMES {
+                return Some(format!(
+                    "pod too large to review: {} volumes, the limit is {MAX_VOLUMES}",
+                    spec.volumes.0
+                ));
+            }
+            let entries: usize = all().map(|c| c.env.0 + c.volume_mounts.0 + c.ports.0).sum();
+            (entries > MAX_CONTAINER_ENTRIES).then(|| {
+                format!(
+                    "pod too large to review: {entries} env vars, volume mounts and ports in its containers, the limit is {MAX_CONTAINER_ENTRIES}"
+                )
+            })
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn too_large(request: serde_json::Value) -> Option<String> {
+            serde_json::from_value::<Request>(request)
+                .ok()
+                .and_then(|r| r.too_large())
+        }
+
+        #[test]
+        fn refuses_pods_past_the_list_limits_and_names_the_limit() {
+            let containers = |n: usize| -> Vec<serde_json::Value> {
+                (0..n)
+                    .map(|i| serde_json::json!({"name": format!("c{i}")}))
+                    .collect()
+            };
+            let pod =
+                |spec: serde_json::Value| serde_json::json!({"uid": "u", "object": {"spec": spec}});
+            assert_eq!(
+                too_large(pod(serde_json::json!({"containers": containers(10)}))),
+                None
+            );
+            let message = too_large(pod(serde_json::json!({
+                "containers": containers(600), "initContainers": containers(401)
+            })))
+            .expect("too many containers");
+            assert!(message.contains("1001 containers"), "{message}");
+            let volumes: Vec<_> = (0..1001)
+                .map(|i| serde_json::json!({"name": format!("v{i}")}))
+                .collect();
+            let message =
+                too_large(pod(serde_json::json!({"volumes": volumes}))).expect("too many volumes");
+            assert!(message.contains("1001 volumes"), "{message}");
+            let env: Vec<_> = (0..20_001)
+                .map(|i| serde_json::json!({"name": format!("E{i}")}))
+                .collect();
+            let message = too_large(pod(
+                serde_json::json!({"containers": [{"name": "a", "env": env}]}),
+            ))
+            .expect("too many env vars");
+            assert!(message.contains("20001 env vars"), "{message}");
+            assert_eq!(
+                too_large(pod(
+                    serde_json::json!({"containers": [{"name": "a", "env": "not a list"}], "volumes": null})
+                )),
+                None,
+                "what is not a list is left for the typed parse to refuse"
+            );
+        }
+    }
 }
 
 fn check_uid(uid: &str) -> Result<(), Refusal> {

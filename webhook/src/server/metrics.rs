@@ -17,7 +17,9 @@ pub struct SkipLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {
     /// `rejected` (a bad value in the pod), `invalid_request` (unreadable
-    /// review) or `internal`.
+    /// review), `body_too_large` (413), `body_timeout` (408), `overloaded`
+    /// (503: the body budget or the review queue is full),
+    /// `review_timeout` (503: no answer in time) or `internal`.
     pub r#type: String,
 }
 

@@ -108,6 +108,16 @@ impl TestServer {
     /// With `require_client_certs`, clients must present a certificate from
     /// the test authority.
     pub async fn start_with(name: &str, mesh: &str, require_client_certs: bool) -> Self {
+        Self::start_configured(name, mesh, require_client_certs, |_| {}).await
+    }
+
+    /// With the server's settings changed by `configure` first.
+    pub async fn start_configured(
+        name: &str,
+        mesh: &str,
+        require_client_certs: bool,
+        configure: impl FnOnce(&mut Settings),
+    ) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let scratch = Scratch::new(name);
         let authority = Authority::new();
@@ -129,18 +139,22 @@ impl TestServer {
         let tls = tls::server_config(provider, certificate, client_ca.as_deref()).expect("tls");
         let source = FileSource::load(scratch.path("mesh.yaml"), Vec::new(), true).expect("mesh");
         source.watch(Duration::from_millis(100));
-        let running = server::start(Settings {
+        let mut settings = Settings {
             listen: "127.0.0.1:0".parse().expect("addr"),
             admin_listen: "127.0.0.1:0".parse().expect("addr"),
             tls: Arc::new(tls),
             source,
             max_concurrent_requests: 64,
+            review_workers: 2,
+            max_buffered_body_bytes: 24 << 20,
             header_timeout: Duration::from_secs(5),
+            body_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
+            shutdown_delay: Duration::ZERO,
             shutdown_grace: Duration::from_secs(5),
-        })
-        .await
-        .expect("server starts");
+        };
+        configure(&mut settings);
+        let running = server::start(settings).await.expect("server starts");
         let client = client(&authority, true);
         Self {
             running: Some(running),
@@ -227,4 +241,32 @@ pub fn pod(annotations: Value) -> Value {
         },
         "spec": {"containers": [{"name": "web", "image": "web:1", "ports": [{"containerPort": 8080, "name": "http"}]}]}
     })
+}
+
+/// A TLS connection to `addr` trusting the authority, for requests written
+/// by hand (slow, partial, or stalled).
+pub async fn tls_stream(
+    authority: &Authority,
+    addr: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(authority.ca_pem().as_bytes()) {
+        roots.add(cert.expect("pem")).expect("root");
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
+/// The head of a POST to `path` announcing a JSON body of `length` bytes.
+pub fn request_head(path: &str, length: usize) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {length}\r\n\r\n"
+    )
 }
