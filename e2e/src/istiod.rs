@@ -10,7 +10,7 @@
 //! own webhook-configuration patching switched off.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -21,7 +21,7 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 
 use crate::istio_config::{self, IstioConfig};
-use crate::{ControlPlane, Process, free_port, http_get, repo_root};
+use crate::{ControlPlane, Process, cached_build, free_port, http_get};
 
 /// The namespace istiod runs in.
 pub const ISTIO_NAMESPACE: &str = "istio-system";
@@ -36,25 +36,9 @@ impl IstioBuild {
     /// The cached build, built when missing (`FERRIMESH_ISTIO_DIR` names a
     /// ready one instead).
     pub fn get() -> anyhow::Result<Self> {
-        if let Some(dir) = std::env::var_os("FERRIMESH_ISTIO_DIR") {
-            return Ok(Self { dir: dir.into() });
-        }
-        let script = repo_root().join("e2e/hack/build-istio.sh");
-        let output = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .context("running build-istio.sh")?;
-        if !output.status.success() {
-            bail!("{} failed", script.display());
-        }
-        let dir = String::from_utf8(output.stdout)?
-            .lines()
-            .last()
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
-        Ok(Self { dir: dir.into() })
+        Ok(Self {
+            dir: cached_build("FERRIMESH_ISTIO_DIR", "build-istio.sh")?,
+        })
     }
 
     /// The `pilot-discovery` binary.

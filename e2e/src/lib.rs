@@ -203,15 +203,21 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 
 /// The directory holding `kube-apiserver` and `etcd`, built when missing.
 pub fn control_plane_binaries() -> anyhow::Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("FERRIMESH_K8S_BIN_DIR") {
+    cached_build("FERRIMESH_K8S_BIN_DIR", "build-control-plane.sh")
+}
+
+/// The directory a build script of `e2e/hack` prints last (it builds into
+/// the cache when needed), or the directory `override_var` names.
+pub fn cached_build(override_var: &str, script: &str) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os(override_var) {
         return Ok(PathBuf::from(dir));
     }
-    let script = repo_root().join("e2e/hack/build-control-plane.sh");
+    let script = repo_root().join("e2e/hack").join(script);
     let output = Command::new("bash")
         .arg(&script)
         .stderr(Stdio::inherit())
         .output()
-        .context("running build-control-plane.sh")?;
+        .with_context(|| format!("running {}", script.display()))?;
     if !output.status.success() {
         bail!("{} failed", script.display());
     }

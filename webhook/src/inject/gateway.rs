@@ -6,8 +6,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, LocalObjectReference, Pod, PodSecurityContext, Probe,
-    SecurityContext, Sysctl,
+    Container, ContainerPort, EnvVar, Pod, PodSecurityContext, Probe, SecurityContext, Sysctl,
 };
 
 use super::annotations as ann;
@@ -19,7 +18,7 @@ use super::overrides::{Overrides, canonicalize_resources, overlay};
 use super::settings::Settings;
 use super::status::SidecarStatus;
 use super::workload::Workload;
-use super::{Request, canonical_name, canonical_revision, merge_volumes, post_process};
+use super::{Request, merge_pull_secrets, merge_volumes, post_process, set_common_metadata};
 
 use crate::{Error, Result};
 
@@ -188,19 +187,7 @@ pub fn inject(request: &Request<'_>, settings: &Settings) -> Result<Pod> {
     let injected = super::volumes::gateway_volumes();
     let volume_names: Vec<String> = injected.iter().map(|v| v.name.clone()).collect();
     merge_volumes(spec, injected)?;
-    if !settings.image_pull_secrets.is_empty() {
-        let own = spec.image_pull_secrets.take().unwrap_or_default();
-        let mut merged: Vec<LocalObjectReference> = settings
-            .image_pull_secrets
-            .iter()
-            .map(|name| LocalObjectReference { name: name.clone() })
-            .collect();
-        merged.extend(
-            own.into_iter()
-                .filter(|s| !settings.image_pull_secrets.contains(&s.name)),
-        );
-        spec.image_pull_secrets = Some(merged);
-    }
+    merge_pull_secrets(spec, settings);
     let default_container = spec
         .containers
         .iter()
@@ -211,34 +198,14 @@ pub fn inject(request: &Request<'_>, settings: &Settings) -> Result<Pod> {
         .workload
         .cloned()
         .unwrap_or_else(|| Workload::of(request.pod));
-    let labels = pod.metadata.labels.get_or_insert_with(BTreeMap::new);
-    let mut set_if_absent = |key: &str, value: String| {
-        if labels.get(key).is_none_or(String::is_empty) {
-            labels.insert(key.to_owned(), value);
-        }
-    };
-    set_if_absent(
-        ann::CANONICAL_NAME_LABEL,
-        canonical_name(request.pod, &workload.name),
+    set_common_metadata(
+        &mut pod,
+        request.pod,
+        &workload,
+        settings,
+        default_container,
     );
-    set_if_absent(
-        ann::CANONICAL_REVISION_LABEL,
-        canonical_revision(request.pod),
-    );
-    if let Some(network) = &settings.network {
-        labels.insert(ann::NETWORK_LABEL.to_owned(), network.clone());
-    }
-
     let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
-    annotations.insert(ann::REVISION.to_owned(), settings.revision.clone());
-    if let Some(first) = default_container {
-        annotations
-            .entry(ann::DEFAULT_LOGS_CONTAINER.to_owned())
-            .or_insert_with(|| first.clone());
-        annotations
-            .entry(ann::DEFAULT_CONTAINER.to_owned())
-            .or_insert(first);
-    }
     if previous.is_none()
         && let Some(user) = user
     {

@@ -386,43 +386,19 @@ fn inject_pod(
     let volume_names: Vec<String> = injected_volumes.iter().map(|v| v.name.clone()).collect();
     merge_volumes(spec, injected_volumes)?;
 
-    // Pull secrets: the Mesh's first, duplicates merged by name.
-    if !settings.image_pull_secrets.is_empty() {
-        let mesh_secrets = settings
-            .image_pull_secrets
-            .iter()
-            .map(|name| LocalObjectReference { name: name.clone() });
-        let own = spec.image_pull_secrets.take().unwrap_or_default();
-        let mut seen = BTreeSet::new();
-        let merged: Vec<_> = mesh_secrets
-            .chain(own)
-            .filter(|s| seen.insert(s.name.clone()))
-            .collect();
-        spec.image_pull_secrets = Some(merged);
-    }
+    merge_pull_secrets(spec, settings);
 
-    // Labels.
+    set_common_metadata(
+        &mut pod,
+        request.pod,
+        &workload,
+        settings,
+        default_container,
+    );
     let labels = pod.metadata.labels.get_or_insert_with(BTreeMap::new);
     labels
         .entry(ann::TLS_MODE_LABEL.to_owned())
         .or_insert_with(|| "istio".to_owned());
-    // An existing non-empty value is kept; an empty one counts as absent.
-    let mut set_if_absent = |key: &str, value: String| {
-        if labels.get(key).is_none_or(String::is_empty) {
-            labels.insert(key.to_owned(), value);
-        }
-    };
-    set_if_absent(
-        ann::CANONICAL_NAME_LABEL,
-        canonical_name(request.pod, &workload.name),
-    );
-    set_if_absent(
-        ann::CANONICAL_REVISION_LABEL,
-        canonical_revision(request.pod),
-    );
-    if let Some(network) = &settings.network {
-        labels.insert(ann::NETWORK_LABEL.to_owned(), network.clone());
-    }
     if settings
         .proxy_metadata
         .get("ISTIO_META_ENABLE_HBONE")
@@ -430,18 +406,7 @@ fn inject_pod(
     {
         labels.insert(ann::TUNNEL_LABEL.to_owned(), "http".to_owned());
     }
-
-    // Annotations.
     let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
-    annotations.insert(ann::REVISION.to_owned(), settings.revision.clone());
-    if let Some(first) = default_container {
-        annotations
-            .entry(ann::DEFAULT_CONTAINER.to_owned())
-            .or_insert_with(|| first.clone());
-        annotations
-            .entry(ann::DEFAULT_LOGS_CONTAINER.to_owned())
-            .or_insert(first);
-    }
     if previous.is_none() && !user_overrides.is_empty() {
         annotations.insert(
             ann::PROXY_OVERRIDES.to_owned(),
@@ -473,6 +438,61 @@ fn inject_pod(
             .map(|(k, v)| (k.clone(), v.clone())),
     );
     Ok(pod)
+}
+
+/// The Mesh's pull secrets before the pod's own, duplicates merged by name.
+fn merge_pull_secrets(spec: &mut PodSpec, settings: &Settings) {
+    if settings.image_pull_secrets.is_empty() {
+        return;
+    }
+    let mesh_secrets = settings
+        .image_pull_secrets
+        .iter()
+        .map(|name| LocalObjectReference { name: name.clone() });
+    let own = spec.image_pull_secrets.take().unwrap_or_default();
+    let mut seen = BTreeSet::new();
+    let merged: Vec<_> = mesh_secrets
+        .chain(own)
+        .filter(|s| seen.insert(s.name.clone()))
+        .collect();
+    spec.image_pull_secrets = Some(merged);
+}
+
+/// What every template writes on the pod's metadata: the canonical name and
+/// revision labels (an existing non-empty value kept), the network label,
+/// `istio.io/rev`, and the default-container annotations (an existing value
+/// kept) naming `default_container`.
+fn set_common_metadata(
+    pod: &mut Pod,
+    original: &Pod,
+    workload: &Workload,
+    settings: &Settings,
+    default_container: Option<String>,
+) {
+    let labels = pod.metadata.labels.get_or_insert_with(BTreeMap::new);
+    let mut set_if_absent = |key: &str, value: String| {
+        if labels.get(key).is_none_or(String::is_empty) {
+            labels.insert(key.to_owned(), value);
+        }
+    };
+    set_if_absent(
+        ann::CANONICAL_NAME_LABEL,
+        canonical_name(original, &workload.name),
+    );
+    set_if_absent(ann::CANONICAL_REVISION_LABEL, canonical_revision(original));
+    if let Some(network) = &settings.network {
+        labels.insert(ann::NETWORK_LABEL.to_owned(), network.clone());
+    }
+    let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    annotations.insert(ann::REVISION.to_owned(), settings.revision.clone());
+    if let Some(first) = default_container {
+        annotations
+            .entry(ann::DEFAULT_CONTAINER.to_owned())
+            .or_insert_with(|| first.clone());
+        annotations
+            .entry(ann::DEFAULT_LOGS_CONTAINER.to_owned())
+            .or_insert(first);
+    }
 }
 
 /// Lays the injected volumes over the pod's: the injected ones first, in
