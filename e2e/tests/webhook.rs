@@ -185,6 +185,36 @@ async fn real_api_server_calls_the_webhook_over_tls() -> anyhow::Result<()> {
         "another revision's pod label"
     );
 
+    // A pod of Istio's gateway Helm chart: it opts in, asks for the gateway
+    // template and brings its own istio-proxy with `image: auto`; the API
+    // server admits it injected, the image resolved, as a proxy router.
+    let gateway: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "gw", "labels": {"app": "ingress", "sidecar.istio.io/inject": "true"},
+                     "annotations": {"inject.istio.io/templates": "gateway"}},
+        "spec": {"serviceAccountName": "default",
+                 "containers": [{"name": "istio-proxy", "image": "auto"}]}
+    }))?;
+    let gateway = create(&client, "plain", &gateway).await?;
+    let spec = gateway.spec.as_ref().expect("spec");
+    let proxy = spec
+        .containers
+        .iter()
+        .find(|c| c.name == "istio-proxy")
+        .expect("the gateway's proxy");
+    assert_ne!(proxy.image.as_deref(), Some("auto"), "image resolved");
+    assert_eq!(
+        proxy
+            .args
+            .as_ref()
+            .and_then(|a| a.get(1))
+            .map(String::as_str),
+        Some("router")
+    );
+    assert!(
+        spec.init_containers.as_ref().is_none_or(Vec::is_empty),
+        "no istio-init, no native sidecar"
+    );
+
     // A Deployment's pod: generateName and a controlling ReplicaSet.
     let mut generated = pod(
         "",
