@@ -331,8 +331,10 @@ fn proxy_volume_mounts(settings: &Settings) -> Vec<VolumeMount> {
     mounts
 }
 
-fn proxy_env(settings: &Settings, facts: &PodFacts<'_>) -> Vec<EnvVar> {
-    let mut vars = vec![
+/// The env every proxy template starts with: certificate provider, CA,
+/// the pod's identity and addresses, its CPU limit and `PROXY_CONFIG`.
+pub(super) fn leading_env(settings: &Settings) -> Vec<EnvVar> {
+    vec![
         env("PILOT_CERT_PROVIDER", "istiod"),
         env("CA_ADDR", settings.ca_address.clone()),
         field_env("POD_NAME", "metadata.name"),
@@ -342,6 +344,12 @@ fn proxy_env(settings: &Settings, facts: &PodFacts<'_>) -> Vec<EnvVar> {
         field_env("HOST_IP", "status.hostIP"),
         resource_env("ISTIO_CPU_LIMIT", "limits.cpu"),
         env("PROXY_CONFIG", settings.proxy_config.clone()),
+    ]
+}
+
+fn proxy_env(settings: &Settings, facts: &PodFacts<'_>) -> Vec<EnvVar> {
+    let mut vars = leading_env(settings);
+    vars.extend([
         env("ISTIO_META_POD_PORTS", pod_ports(facts.app_containers)),
         env(
             "ISTIO_META_APP_CONTAINERS",
@@ -354,7 +362,7 @@ fn proxy_env(settings: &Settings, facts: &PodFacts<'_>) -> Vec<EnvVar> {
         ),
         resource_env("GOMEMLIMIT", "limits.memory"),
         resource_env("GOMAXPROCS", "limits.cpu"),
-    ];
+    ]);
     if !settings.trailing_env.contains_key("ISTIO_META_CLUSTER_ID") {
         vars.push(env("ISTIO_META_CLUSTER_ID", settings.cluster_id.clone()));
     }

@@ -11,8 +11,8 @@ use k8s_openapi::api::core::v1::{
 
 use super::annotations as ann;
 use super::containers::{
-    ENVOY_PROMETHEUS_PORT, PROXY, env, field_env, health_check, mount, pod_ports, resource_env,
-    set_trailing_env,
+    ENVOY_PROMETHEUS_PORT, PROXY, env, field_env, health_check, leading_env, mount, pod_ports,
+    resource_env, set_trailing_env,
 };
 use super::overrides::{Overrides, canonicalize_resources, overlay};
 use super::settings::Settings;
@@ -37,16 +37,8 @@ fn template_container(settings: &Settings, request: &Request<'_>, pod: &Pod) -> 
         .workload
         .cloned()
         .unwrap_or_else(|| Workload::of(request.pod));
-    let mut vars: Vec<EnvVar> = vec![
-        env("PILOT_CERT_PROVIDER", "istiod"),
-        env("CA_ADDR", settings.ca_address.clone()),
-        field_env("POD_NAME", "metadata.name"),
-        field_env("POD_NAMESPACE", "metadata.namespace"),
-        field_env("INSTANCE_IP", "status.podIP"),
-        field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
-        field_env("HOST_IP", "status.hostIP"),
-        resource_env("ISTIO_CPU_LIMIT", "limits.cpu"),
-        env("PROXY_CONFIG", settings.proxy_config.clone()),
+    let mut vars: Vec<EnvVar> = leading_env(settings);
+    vars.extend([
         // Every container's ports, the user's istio-proxy's included.
         env("ISTIO_META_POD_PORTS", pod_ports(&containers)),
         resource_env("GOMEMLIMIT", "limits.memory"),
@@ -63,7 +55,7 @@ fn template_container(settings: &Settings, request: &Request<'_>, pod: &Pod) -> 
             "ISTIO_META_INTERCEPTION_MODE",
             settings.proxy_config_mode.as_str(),
         ),
-    ];
+    ]);
     let workload_name = workload.display_name(request.pod);
     if !workload_name.is_empty() {
         vars.push(env("ISTIO_META_WORKLOAD_NAME", workload_name));
