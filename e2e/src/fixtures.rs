@@ -248,6 +248,28 @@ pub async fn injected_pod(client: &Client, ns: &str, name: &str, ip: &str) -> an
     Ok(())
 }
 
+/// Creates `pod` until it comes back injected (the API server may call the
+/// webhook before its configuration or certificate has settled); a pod
+/// created uninjected meanwhile is deleted again.
+pub async fn create_until_injected(pods: &Api<Pod>, pod: &Pod) -> anyhow::Result<Pod> {
+    eventually("an injected pod", WAIT, || async {
+        let created = pods.create(&PostParams::default(), pod).await?;
+        if created
+            .annotations()
+            .contains_key("sidecar.istio.io/status")
+        {
+            return Ok(Some(created));
+        }
+        pods.delete(
+            &created.name_any(),
+            &kube::api::DeleteParams::default().grace_period(0),
+        )
+        .await?;
+        Ok(None)
+    })
+    .await
+}
+
 /// Whether the WorkloadEntry `ns/name` exists.
 pub async fn entry_exists(client: &Client, ns: &str, name: &str) -> anyhow::Result<bool> {
     Ok(Api::<WorkloadEntry>::namespaced(client.clone(), ns)

@@ -8,13 +8,12 @@
 use std::time::Duration;
 
 use ferrimesh_e2e::fixtures::{
-    WAIT, mesh_selecting_mesh_on, namespace, namespace_label, start_operator_and_webhook_with,
-    wait_for_crds,
+    WAIT, create_until_injected, mesh_selecting_mesh_on, namespace, namespace_label,
+    start_operator_and_webhook_with, wait_for_crds,
 };
 use ferrimesh_e2e::{ControlPlane, Scratch, eventually, free_port, write_private};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, PostParams};
-use kube::{Api, ResourceExt};
+use kube::Api;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair,
@@ -122,25 +121,7 @@ async fn webhook_requiring_client_certificates_answers_only_the_api_server() -> 
         "metadata": {"generateName": "hello-"},
         "spec": {"serviceAccountName": "default", "containers": [{"name": "hello", "image": "registry.example/hello:1"}]}
     }))?;
-    let injected = eventually("an injected pod", WAIT, || {
-        let (pods, pod) = (pods.clone(), pod.clone());
-        async move {
-            let created = pods.create(&PostParams::default(), &pod).await?;
-            if created
-                .annotations()
-                .contains_key("sidecar.istio.io/status")
-            {
-                return Ok(Some(created));
-            }
-            pods.delete(
-                &created.name_any(),
-                &DeleteParams::default().grace_period(0),
-            )
-            .await?;
-            Ok(None)
-        }
-    })
-    .await?;
+    let injected = create_until_injected(&pods, &pod).await?;
     assert!(
         injected
             .spec

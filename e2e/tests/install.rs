@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use ferrimesh_crds::{Mesh, WorkloadEntry};
 use ferrimesh_e2e::fixtures::{
-    WAIT, namespace, namespace_label, start_operator_and_webhook, wait_for_crds,
+    WAIT, create_until_injected, namespace, namespace_label, start_operator_and_webhook,
+    wait_for_crds,
 };
 use ferrimesh_e2e::{ControlPlane, eventually, kubectl, repo_root, workspace_binary};
 use ferrimesh_operator::certificate_store::SERVING_SECRET;
@@ -27,7 +28,7 @@ use k8s_openapi::api::admissionregistration::v1::{
     ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
 };
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 
@@ -88,25 +89,7 @@ async fn kustomize_install_with_enforced_rbac_injects_and_registers() -> anyhow:
         "spec": {"serviceAccountName": "default",
                  "containers": [{"name": "hello", "image": "registry.example/hello:1", "ports": [{"name": "http", "containerPort": 8080}]}]}
     }))?;
-    let created = eventually("an injected pod", WAIT, || {
-        let (pods, pod) = (pods.clone(), pod.clone());
-        async move {
-            let created = pods.create(&PostParams::default(), &pod).await?;
-            if created
-                .annotations()
-                .contains_key("sidecar.istio.io/status")
-            {
-                return Ok(Some(created));
-            }
-            pods.delete(
-                &created.name_any(),
-                &DeleteParams::default().grace_period(0),
-            )
-            .await?;
-            Ok(None)
-        }
-    })
-    .await?;
+    let created = create_until_injected(&pods, &pod).await?;
     let name = created.name_any();
     let status = json!({"status": {"podIP": "10.9.0.7", "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}});
     pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
