@@ -6,11 +6,13 @@
 //! does no I/O. The CRD YAML under `config/` is generated from these types by
 //! the `crdgen` binary and never edited by hand.
 
+pub mod decision;
 mod layered;
 pub mod mesh;
 pub mod proxy_profile;
 pub mod selection;
 pub mod settings;
+pub mod stamp;
 pub mod workload_entry;
 
 pub use mesh::{Mesh, MeshSpec, MeshStatus};

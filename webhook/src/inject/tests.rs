@@ -1070,3 +1070,39 @@ fn rejects_parsed_annotations_over_the_size_limit_naming_them() {
         .is_ok()
     );
 }
+
+#[test]
+fn stamps_the_hash_a_reader_of_the_running_pod_recomputes() {
+    let mut profile = ProxyProfile::new(
+        "web",
+        serde_json::from_value::<ProxyProfileSpec>(
+            json!({"selector": {"matchLabels": {"app": "web"}}, "proxy": {"logLevel": "debug"}}),
+        )
+        .expect("spec"),
+    );
+    profile.metadata.namespace = Some("shop".into());
+    let mesh = MeshSpec::default();
+    let stamp_of = |pod: &Pod| {
+        pod.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ferrimesh_crds::stamp::INJECTION_HASH))
+            .cloned()
+            .expect("stamped")
+    };
+    let p = app_pod(json!({"sidecar.istio.io/agentLogLevel": "default:debug"}));
+    let profiled = run_with(&p, &mesh, std::slice::from_ref(&profile))
+        .expect("injects")
+        .pod
+        .expect("injected");
+    let plain = injected(&p, &mesh);
+    assert_ne!(stamp_of(&profiled), stamp_of(&plain));
+    let annotations = profiled.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(
+        stamp_of(&profiled),
+        ferrimesh_crds::stamp::injection_hash(&mesh, &[&profile], &annotations)
+    );
+    let mut newer = mesh.clone();
+    newer.proxy.image = "example.com/proxyv2:1.29.0".into();
+    assert_ne!(stamp_of(&injected(&p, &newer)), stamp_of(&plain));
+}
