@@ -7,6 +7,7 @@
 //! the `crdgen` binary and never edited by hand.
 
 pub mod decision;
+pub mod drift;
 mod layered;
 pub mod mesh;
 pub mod proxy_profile;
