@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ferrimesh_crds::ProxyProfile;
 use ferrimesh_crds::mesh::MeshSpec;
-use ferrimesh_crds::stamp;
+use ferrimesh_crds::{ambient, stamp};
 use k8s_openapi::api::core::v1::{
     Container, EnvVar, Lifecycle, LocalObjectReference, Pod, PodSpec, Volume,
 };
@@ -147,6 +147,12 @@ pub fn inject(request: &Request<'_>) -> Result<Injection> {
             len,
             max: ann::MAX_PARSED_ANNOTATION_BYTES,
         });
+    }
+    let meta = &request.pod.metadata;
+    if let Some(source) =
+        ambient::ambient_request(meta.labels.as_ref(), meta.annotations.as_ref(), None)
+    {
+        warnings.push(ambient::injected_ambient_warning(source));
     }
     let profiles = select_profiles(request.pod, request.profiles, &mut warnings);
     let settings = Settings::resolve(

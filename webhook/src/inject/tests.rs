@@ -1106,3 +1106,24 @@ fn stamps_the_hash_a_reader_of_the_running_pod_recomputes() {
     newer.proxy.image = "example.com/proxyv2:1.29.0".into();
     assert_ne!(stamp_of(&injected(&p, &newer)), stamp_of(&plain));
 }
+
+#[test]
+fn warns_when_injecting_a_pod_that_asks_for_ambient() {
+    let mut p = app_pod(json!({}));
+    p.metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert("istio.io/dataplane-mode".into(), "ambient".into());
+    let result = run_with(&p, &MeshSpec::default(), &[]).expect("injects");
+    assert!(result.pod.is_some());
+    assert!(
+        result
+            .warnings
+            .iter()
+            .any(|w| w.starts_with("the pod label istio.io/dataplane-mode=ambient")),
+        "{:?}",
+        result.warnings
+    );
+    let plain = run_with(&app_pod(json!({})), &MeshSpec::default(), &[]).expect("injects");
+    assert!(plain.warnings.is_empty(), "{:?}", plain.warnings);
+}
