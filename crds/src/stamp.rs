@@ -9,8 +9,8 @@
 //! reorder it):
 //! - the revision;
 //! - the Mesh's settings that shape the injected pod (everything but the
-//!   namespace selector, the webhook and registration settings and the
-//!   injection decision's policy and selectors), with `proxy` and `traffic`
+//!   namespace selector, the webhook, registration and rollout settings,
+//!   the revision tags and the injection decision's policy and selectors), with `proxy` and `traffic`
 //!   resolved through the ProxyProfiles that select the pod (Mesh <
 //!   namespace-wide < workload, field by field), written only where they
 //!   differ from the Mesh defaults (so a ferrimesh release that adds a
@@ -30,7 +30,9 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::ProxyProfile;
-use crate::mesh::{InjectionSettings, MeshSpec, WebhookSettings, WorkloadRegistration};
+use crate::mesh::{
+    InjectionSettings, MeshSpec, RolloutSettings, WebhookSettings, WorkloadRegistration,
+};
 
 /// The annotation carrying the stamp.
 pub const INJECTION_HASH: &str = "ferrimesh.io/injection-hash";
@@ -107,6 +109,8 @@ pub fn injection_hash(
     shaping.namespace_selector = None;
     shaping.webhook = WebhookSettings::default();
     shaping.workload_registration = WorkloadRegistration::default();
+    shaping.rollout = RolloutSettings::default();
+    shaping.revision_tags = Vec::new();
     let defaults = InjectionSettings::default();
     shaping.injection.policy = defaults.policy;
     shaping.injection.always_inject_selector = defaults.always_inject_selector;
@@ -277,6 +281,8 @@ mod tests {
         other.webhook.timeout_seconds = 3;
         other.workload_registration.enabled = false;
         other.namespace_selector = Some(Default::default());
+        other.rollout.paused = true;
+        other.revision_tags = vec!["stable".into()];
         assert_eq!(
             injection_hash(&base, &[], &BTreeMap::new()),
             injection_hash(&other, &[], &BTreeMap::new())
