@@ -19,6 +19,7 @@ use super::annotations as ann;
 use super::decision::selector_matches;
 use super::proxy_config::{ProxyConfig, ProxyConfigEnv, parse_duration};
 use super::quantity::canonicalize;
+use super::templates::Templates;
 use crate::{Error, Result};
 
 /// The arguments of `istio-iptables` that come from settings.
@@ -106,9 +107,9 @@ pub struct Settings {
     pub uid: i64,
     /// Interception mode.
     pub interception_mode: InterceptionMode,
-    /// Whether the pod asks for Istio's `gateway` template (otherwise
-    /// `sidecar`).
-    pub gateway: bool,
+    /// The injection templates the pod gets (`inject.istio.io/templates`,
+    /// else the Mesh's default).
+    pub templates: Templates,
     /// The interception mode of the Mesh or proxy config, before the pod's
     /// own annotation.
     pub proxy_config_mode: InterceptionMode,
@@ -421,9 +422,9 @@ impl Settings {
         }
 
         let a = Annotations(pod.metadata.annotations.as_ref());
-        let gateway = a
-            .checked(ann::TEMPLATES, ann::parse_templates)?
-            .unwrap_or(false);
+        let templates = a
+            .checked(ann::TEMPLATES, Templates::parse)?
+            .unwrap_or_default();
         let config = a
             .checked(ann::PROXY_CONFIG, ProxyConfig::parse)?
             .unwrap_or_default();
@@ -609,7 +610,7 @@ impl Settings {
             )?,
             uid: proxy.uid,
             interception_mode,
-            gateway,
+            templates,
             proxy_config_mode: config_mode,
             tproxy_forces_root: config_mode == InterceptionMode::Tproxy
                 || a.get(ann::INTERCEPTION_MODE) == Some(InterceptionMode::Tproxy.as_str()),
