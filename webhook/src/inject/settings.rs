@@ -362,6 +362,22 @@ fn annotation_resources(a: &Annotations<'_>) -> Result<Option<ResourceRequiremen
 
 /// Parses a JSON map annotation (`userVolume`, `userVolumeMount`) whose keys
 /// become the `name` of each entry; an unusable value is a warning.
+/// The Mesh's `injection.defaultTemplates` (empty: `[sidecar]`, as in
+/// Istio).
+fn default_templates(origin: &str, names: &[String]) -> Result<Templates> {
+    if names.is_empty() {
+        return Ok(Templates::default());
+    }
+    Templates::from_names(names.iter().map(|n| n.trim())).map_err(|reason| {
+        Error::InvalidSetting {
+            origin: origin.to_owned(),
+            field: "injection.defaultTemplates".to_owned(),
+            value: names.join(","),
+            reason,
+        }
+    })
+}
+
 fn named_entries<T: serde::de::DeserializeOwned>(
     a: &Annotations<'_>,
     name: &str,
@@ -422,9 +438,10 @@ impl Settings {
         }
 
         let a = Annotations(pod.metadata.annotations.as_ref());
-        let templates = a
-            .checked(ann::TEMPLATES, Templates::parse)?
-            .unwrap_or_default();
+        let templates = match a.checked(ann::TEMPLATES, Templates::parse)? {
+            Some(templates) => templates,
+            None => default_templates(&mesh_origin, &mesh.injection.default_templates)?,
+        };
         let config = a
             .checked(ann::PROXY_CONFIG, ProxyConfig::parse)?
             .unwrap_or_default();
