@@ -277,7 +277,7 @@ pub fn canonicalize_resources(container: &mut Container) {
 /// annotation writes, by the container field holding them (lists: of each
 /// item); other nested objects keep serde's (alphabetical) order, which is
 /// Go's for them.
-const NESTED_FIELD_ORDER: [(&str, &[&str]); 6] = [
+const NESTED_FIELD_ORDER: [(&str, &[&str]); 7] = [
     (
         "ports",
         &["name", "hostPort", "containerPort", "protocol", "hostIP"],
@@ -314,7 +314,20 @@ const NESTED_FIELD_ORDER: [(&str, &[&str]); 6] = [
     ("livenessProbe", PROBE_FIELD_ORDER),
     ("readinessProbe", PROBE_FIELD_ORDER),
     ("startupProbe", PROBE_FIELD_ORDER),
+    ("lifecycle", &["postStart", "preStop", "stopSignal"]),
 ];
+
+/// Go's field order of the structs nested in those of
+/// [`NESTED_FIELD_ORDER`] (a probe's or a hook's handler), by the field
+/// holding them.
+fn child_order(field: &str) -> Option<&'static [&'static str]> {
+    match field {
+        "httpGet" => Some(&["path", "port", "host", "scheme", "httpHeaders"]),
+        "tcpSocket" => Some(&["port", "host"]),
+        "postStart" | "preStop" => Some(&["exec", "httpGet", "tcpSocket", "sleep"]),
+        _ => None,
+    }
+}
 
 const PROBE_FIELD_ORDER: &[&str] = &[
     "exec",
@@ -335,13 +348,17 @@ fn in_order(value: &Value, order: &[&str]) -> Object {
     let Value::Object(fields) = value else {
         return ordered;
     };
+    let mut insert = |field: &str, v: &Value| match child_order(field) {
+        Some(order) if v.is_object() => ordered.insert(field, &in_order(v, order)),
+        _ => ordered.insert(field, v),
+    };
     for field in order {
         if let Some(v) = fields.get(*field) {
-            ordered.insert(field, v);
+            insert(field, v);
         }
     }
     for (field, v) in fields.iter().filter(|(f, _)| !order.contains(&f.as_str())) {
-        ordered.insert(field, v);
+        insert(field, v);
     }
     ordered
 }

@@ -368,13 +368,11 @@ fn default_templates(origin: &str, names: &[String]) -> Result<Templates> {
     if names.is_empty() {
         return Ok(Templates::default());
     }
-    Templates::from_names(names.iter().map(|n| n.trim())).map_err(|reason| {
-        Error::InvalidSetting {
-            origin: origin.to_owned(),
-            field: "injection.defaultTemplates".to_owned(),
-            value: names.join(","),
-            reason,
-        }
+    Templates::from_names(names.iter().map(|n| n.trim())).map_err(|reason| Error::InvalidSetting {
+        origin: origin.to_owned(),
+        field: "injection.defaultTemplates".to_owned(),
+        value: names.join(","),
+        reason,
     })
 }
 

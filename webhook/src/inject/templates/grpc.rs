@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EmptyDirVolumeSource, EnvVar, ExecAction, HTTPGetAction, Lifecycle,
-    LifecycleHandler, Pod, Probe, Volume,
+    LifecycleHandler, Pod, Probe, ResourceRequirements, Volume,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -77,6 +77,8 @@ pub fn simple(request: &Request<'_>, settings: &Settings) -> Result<Pod> {
             // A literal block in Istio's template: the value ends in a newline.
             env("ISTIO_NAMESPACE", "istio-system\n"),
         ]),
+        // Go writes the empty struct: the API server sees `resources: {}`.
+        resources: Some(ResourceRequirements::default()),
         command: Some(vec![
             "sh".to_owned(),
             "-c".to_owned(),
@@ -216,6 +218,7 @@ fn agent_container(settings: &Settings, vars: Vec<EnvVar>) -> Container {
             ..Default::default()
         }),
         env: Some(vars),
+        resources: Some(ResourceRequirements::default()),
         ..Default::default()
     };
     if settings.status_port != 0 {

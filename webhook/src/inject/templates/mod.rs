@@ -23,7 +23,7 @@ use super::containers::PROXY;
 use super::overrides::{Overrides, canonicalize_resources, merge_containers, merge_named, overlay};
 use super::settings::Settings;
 use super::status::SidecarStatus;
-use super::{Request, post_process};
+use super::{Request, merge_volumes, post_process};
 use crate::{Error, Result};
 
 /// The template that builds what a pod gets: a proxy, or for `grpc-simple`
@@ -303,7 +303,7 @@ pub fn inject_fragment(
     let mut containers = Some(std::mem::take(&mut spec.containers));
     merge_list(&mut containers, &fragment.containers, merge_containers)?;
     spec.containers = containers.unwrap_or_default();
-    merge_list(&mut spec.volumes, &fragment.volumes, merge_named)?;
+    merge_volumes(spec, fragment.volumes.clone())?;
     let secrets: Vec<LocalObjectReference> = fragment
         .image_pull_secrets
         .iter()
