@@ -216,6 +216,12 @@ pub struct InjectionSettings {
     pub image_pull_secrets: Vec<String>,
     /// Extra annotations put on every injected pod.
     pub injected_annotations: BTreeMap<String, String>,
+    /// The injection templates a pod gets when it names none
+    /// (`inject.istio.io/templates`), applied in order, as Istio's
+    /// `defaultTemplates`: one of `sidecar`, `gateway`, `grpc-agent`,
+    /// `grpc-simple`, optionally followed by `spire` (after `sidecar` or
+    /// `gateway`). Empty means `[sidecar]`.
+    pub default_templates: Vec<String>,
 }
 
 impl Default for InjectionSettings {
@@ -231,6 +237,7 @@ impl Default for InjectionSettings {
             image_pull_policy: PullPolicy::Unset,
             image_pull_secrets: Vec::new(),
             injected_annotations: BTreeMap::new(),
+            default_templates: vec!["sidecar".to_owned()],
         }
     }
 }

@@ -1,8 +1,10 @@
 //! Pods made up from a seed, for differential injection: containers with and
 //! without ports and probes (http, tcp, grpc, exec, named ports), lifecycle
 //! hooks, init containers (sidecars among them), security contexts, owners,
-//! a user `istio-proxy` container, and every pod annotation of the README's
-//! tables with a valid value. The same seed gives the same pods.
+//! a user `istio-proxy` container, every pod annotation of the README's
+//! tables with a valid value, and the injection templates ferrimesh applies
+//! (`sidecar,spire`, `gateway[,spire]`, `grpc-agent`, `grpc-simple`). The
+//! same seed gives the same pods.
 
 use fastrand::Rng;
 use serde_json::{Map, Value, json};
@@ -85,11 +87,31 @@ fn pod(rng: &mut Rng, name: &str) -> Value {
             init_containers.push(proxy);
         }
     }
-    let annotations = annotations(rng);
-    if annotations.get("sidecar.istio.io/nativeSidecar") != Some(&json!("true")) {
+    let mut annotations = annotations(rng);
+    // Most pods name no template (the Mesh's default applies).
+    let templates = match rng.u8(..100) {
+        0..=5 => Some("sidecar,spire"),
+        6..=9 => Some("grpc-agent"),
+        10..=13 => Some("grpc-simple"),
+        14..=16 => Some("sidecar"),
+        _ => None,
+    };
+    if let Some(templates) = templates {
+        annotations["inject.istio.io/templates"] = json!(templates);
+    }
+    let grpc = templates.is_some_and(|t| t.starts_with("grpc"));
+    if grpc && chance(rng, 40) {
+        // The app's own bootstrap path, which the template also sets.
+        if let Some(first) = spec["containers"].get_mut(0) {
+            first["env"] =
+                json!([{"name": "GRPC_XDS_BOOTSTRAP", "value": "/custom/bootstrap.json"}]);
+        }
+    }
+    if grpc || annotations.get("sidecar.istio.io/nativeSidecar") != Some(&json!("true")) {
         // A classic proxy is overridden from the containers only (one among
         // the init containers would be a second `istio-proxy`): only a pod
-        // that asks for the native layout has its override there.
+        // that asks for the native layout has its override there (the gRPC
+        // templates' proxy is always among the containers).
         if let Some(at) = init_containers
             .iter()
             .position(|c| c["name"] == "istio-proxy")
@@ -123,7 +145,12 @@ fn gateway_pod(rng: &mut Rng, name: &str) -> Value {
         proxy["securityContext"] = json!({"runAsUser": 1337, "runAsGroup": 1337, "runAsNonRoot": true,
                                           "capabilities": {"drop": ["ALL"]}, "allowPrivilegeEscalation": false});
     }
-    let mut annotations = json!({"inject.istio.io/templates": "gateway"});
+    let templates = if chance(rng, 25) {
+        "gateway,spire"
+    } else {
+        "gateway"
+    };
+    let mut annotations = json!({"inject.istio.io/templates": templates});
     if chance(rng, 50) {
         annotations["prometheus.io/port"] = json!("15020");
         annotations["prometheus.io/scrape"] = json!("true");
@@ -505,6 +532,20 @@ mod tests {
             }
         }
         assert!(native > 20, "native annotation in {native} of 300");
+        for template in [
+            "sidecar,spire",
+            "gateway,spire",
+            "grpc-agent",
+            "grpc-simple",
+        ] {
+            let named = pods
+                .iter()
+                .filter(|p| {
+                    p.pod["metadata"]["annotations"]["inject.istio.io/templates"] == template
+                })
+                .count();
+            assert!(named >= 3, "{template} in {named} of 300");
+        }
         assert!(user_proxy > 20, "user istio-proxy in {user_proxy} of 300");
         assert!(owned > 150, "owned pods {owned} of 300");
     }

@@ -80,6 +80,7 @@ pub fn render(mesh: &MeshSpec, chart_dir: &Path) -> anyhow::Result<IstioConfig> 
             .with_context(|| format!("reading {}", path.display()))?;
         templates.insert(name.to_owned(), Value::String(text));
     }
+    templates.insert("spire".to_owned(), Value::String(spire_template(mesh)?));
     let injector = injector_config(&values, templates);
     Ok(IstioConfig {
         revision: mesh.revision.clone(),
@@ -88,6 +89,19 @@ pub fn render(mesh: &MeshSpec, chart_dir: &Path) -> anyhow::Result<IstioConfig> 
         mesh: serde_json::to_string_pretty(&mesh_config(mesh, &values))?,
         env: istiod_env(mesh),
     })
+}
+
+/// The `spire` template of Istio's SPIRE integration, which users add to
+/// the chart's `sidecarInjectorWebhook.templates` (the chart has none),
+/// for the Mesh's default template list.
+pub fn spire_template(mesh: &MeshSpec) -> anyhow::Result<String> {
+    let path = crate::repo_root().join("e2e/differential/spire-template.yaml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text.replace(
+        "DEFAULT_TEMPLATES",
+        &mesh.injection.default_templates.join(","),
+    ))
 }
 
 /// The chart's values as Helm sees them with no user values:
@@ -208,6 +222,7 @@ pub fn values_overlay(mesh: &MeshSpec) -> anyhow::Result<Value> {
             "alwaysInjectSelector": mesh.injection.always_inject_selector,
             "injectedAnnotations": mesh.injection.injected_annotations,
             "rewriteAppHTTPProbe": mesh.injection.rewrite_app_probes,
+            "defaultTemplates": mesh.injection.default_templates,
         },
     }))
 }
@@ -374,9 +389,28 @@ mod tests {
             defaults["discoveryAddress"],
             "istiod-canary.istio-system.svc:15012"
         );
+        assert_eq!(
+            overlay["sidecarInjectorWebhook"]["defaultTemplates"],
+            json!(["sidecar"])
+        );
         let env = istiod_env(&mesh);
         assert!(env.contains(&("ENABLE_NATIVE_SIDECARS".to_owned(), "false".to_owned())));
         assert!(env.contains(&("REVISION".to_owned(), "canary".to_owned())));
+    }
+
+    #[test]
+    fn default_templates_become_the_injector_configs_default_templates() {
+        let mut mesh = MeshSpec::default();
+        mesh.injection.default_templates = vec!["sidecar".to_owned(), "spire".to_owned()];
+        let mut values = json!({"global": {"proxy": {"autoInject": "enabled"}}});
+        merge(&mut values, values_overlay(&mesh).expect("mappable"));
+        let config = injector_config(&values, Map::new());
+        assert_eq!(config["defaultTemplates"], json!(["sidecar", "spire"]));
+        let spire = spire_template(&mesh).expect("the spire template");
+        assert!(
+            spire.contains("default `sidecar,spire`"),
+            "the template knows the defaults: {spire}"
+        );
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! are compared field by field. Inputs: every input of
 //! `webhook/testdata/inject/`, `DIFF_PODS` generated pods per scenario
 //! (default 500; `DIFF_SEED` repeats a run, the seed is printed), and
-//! istiod's own output for a share of them, injected again. Every
+//! istiod's own output for a share of them, injected again (as is, and
+//! for classic results with native sidecars asked for). Every
 //! difference fails the test unless `e2e/differential/deviations.yaml`
 //! excuses it. `DIFF_SHOW=<input>` prints that input and both results.
 
@@ -189,6 +190,23 @@ fn testdata_inputs() -> anyhow::Result<Vec<Input>> {
     Ok(inputs)
 }
 
+/// Whether `pod` was injected by the sidecar template in the classic
+/// layout (its status lists `istio-proxy` among the containers).
+fn classic(pod: &Value) -> bool {
+    let annotations = &pod["metadata"]["annotations"];
+    let sidecar = annotations["inject.istio.io/templates"]
+        .as_str()
+        .is_none_or(|t| t.starts_with("sidecar"));
+    let status: Value = annotations["sidecar.istio.io/status"]
+        .as_str()
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_default();
+    sidecar
+        && status["containers"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|n| n == "istio-proxy"))
+}
+
 fn env_number(name: &str, default: u64) -> anyhow::Result<u64> {
     std::env::var(name).map_or(Ok(default), |v| {
         v.parse()
@@ -289,11 +307,23 @@ async fn differential(scenario: &str, mesh: &MeshSpec, mesh_file: &Path) -> anyh
             let injected = theirs.pod["metadata"]["annotations"]
                 .get("sidecar.istio.io/status")
                 .is_some();
-            if theirs_valid
-                && injected
-                && !input.name.ends_with("/again")
-                && index.is_multiple_of(4)
-            {
+            let first_time = !input.name.contains('/');
+            if theirs_valid && injected && first_time && index % 4 == 2 && classic(&theirs.pod) {
+                // The layout change of deviation
+                // `reinjection-after-layout-change`: istiod's classic result
+                // injected again with native sidecars asked for, and a new
+                // proxy log level (with unchanged settings the old proxy and
+                // the new one are the same).
+                let mut pod = theirs.pod.clone();
+                let annotations = &mut pod["metadata"]["annotations"];
+                annotations["sidecar.istio.io/nativeSidecar"] = json!("true");
+                annotations["sidecar.istio.io/logLevel"] = json!("critical");
+                reinjected.push(Input {
+                    name: format!("{}/native", input.name),
+                    pod,
+                });
+            }
+            if theirs_valid && injected && first_time && index.is_multiple_of(4) {
                 reinjected.push(Input {
                     name: format!("{}/again", input.name),
                     pod: theirs.pod,

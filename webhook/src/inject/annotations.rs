@@ -180,26 +180,6 @@ pub fn parse_port(value: &str) -> Result<u16, Invalid> {
         .map_err(|_| "must be a port number (0-65535)".to_owned())
 }
 
-/// The injection templates ferrimesh implements.
-pub const SUPPORTED_TEMPLATES: [&str; 2] = ["sidecar", "gateway"];
-
-/// `inject.istio.io/templates`: the one template to apply, which must be
-/// one ferrimesh implements; any other (or a combination) is refused by
-/// name rather than injected as something it is not. `true` for `gateway`.
-pub fn parse_templates(value: &str) -> Result<bool, Invalid> {
-    let names: Vec<&str> = value.split(',').map(str::trim).collect();
-    if let Some(name) = names.iter().find(|n| !SUPPORTED_TEMPLATES.contains(n)) {
-        return Err(format!(
-            "template {name:?} is not supported by ferrimesh (supported: {})",
-            SUPPORTED_TEMPLATES.join(", ")
-        ));
-    }
-    match names.as_slice() {
-        [name] => Ok(*name == "gateway"),
-        _ => Err("ferrimesh applies one template at a time".to_owned()),
-    }
-}
-
 /// A comma-separated list of ports 0..=65535, as Istio's injector checks
 /// it: the value is trimmed, then every entry is trimmed and must be a port
 /// (an empty entry is not); `*` (exactly) only when `allow_star`.
@@ -318,16 +298,6 @@ mod tests {
         assert!(validate_cidr_list("10.0.0.0", false).is_err());
         assert!(validate_cidr_list("10.0.0.0/33", false).is_err());
         assert!(validate_cidr_list("nope/8", false).is_err());
-    }
-
-    #[test]
-    fn refuses_templates_it_does_not_implement_by_name() {
-        assert_eq!(parse_templates("sidecar"), Ok(false));
-        assert_eq!(parse_templates(" gateway "), Ok(true));
-        let error = parse_templates("sidecar,grpc-agent").expect_err("grpc-agent");
-        assert!(error.contains("\"grpc-agent\""), "{error}");
-        assert!(parse_templates("sidecar,gateway").is_err(), "one at a time");
-        assert!(parse_templates("").is_err(), "an empty name");
     }
 
     #[test]

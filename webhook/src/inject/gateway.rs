@@ -17,6 +17,7 @@ use super::containers::{
 use super::overrides::{Overrides, canonicalize_resources, overlay};
 use super::settings::Settings;
 use super::status::SidecarStatus;
+use super::templates::spire;
 use super::workload::Workload;
 use super::{Request, merge_pull_secrets, merge_volumes, post_process, set_common_metadata};
 
@@ -162,6 +163,9 @@ pub fn inject(request: &Request<'_>, settings: &Settings) -> Result<Pod> {
         Some(old) => overlay(old, &fresh)?,
         None => fresh,
     };
+    if settings.templates.spire {
+        proxy = spire::proxy(&proxy)?;
+    }
     if let Some(user) = &user {
         proxy = overlay(&proxy, user)?;
     }
@@ -215,6 +219,9 @@ pub fn inject(request: &Request<'_>, settings: &Settings) -> Result<Pod> {
         let mut proxy = spec.containers.remove(at);
         post_process(annotations, spec, &mut proxy, settings, None)?;
         spec.containers.push(proxy);
+    }
+    if settings.templates.spire {
+        spire::pod(&mut pod)?;
     }
     let status = SidecarStatus::new(
         Vec::new(),

@@ -16,6 +16,7 @@ pub mod proxy_config;
 pub mod quantity;
 pub mod settings;
 pub mod status;
+pub mod templates;
 pub mod volumes;
 pub mod workload;
 
@@ -34,6 +35,7 @@ use self::decision::{Decision, decide};
 use self::overrides::{Overrides, canonicalize_resources, merge_json, overlay};
 use self::settings::{Settings, select_profiles};
 use self::status::SidecarStatus;
+use self::templates::{Base, spire};
 use self::workload::Workload;
 use crate::{Error, Result};
 
@@ -162,10 +164,11 @@ pub fn inject(request: &Request<'_>) -> Result<Injection> {
         request.environment,
         &mut warnings,
     )?;
-    let mut pod = if settings.gateway {
-        gateway::inject(request, &settings)?
-    } else {
-        inject_pod(request, &settings, &mut warnings)?
+    let mut pod = match settings.templates.base {
+        Base::Sidecar => inject_pod(request, &settings, &mut warnings)?,
+        Base::Gateway => gateway::inject(request, &settings)?,
+        Base::GrpcAgent => templates::grpc::agent(request, &settings)?,
+        Base::GrpcSimple => templates::grpc::simple(request, &settings)?,
     };
     let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
     let hash = stamp::injection_hash(request.mesh, &profiles, annotations);
@@ -333,6 +336,9 @@ fn inject_pod(
         lifecycle.post_start = Some(containers::exec_handler(&["pilot-agent", "wait"]));
     }
     let mut proxy = merge_existing(proxy)?;
+    if settings.templates.spire {
+        proxy = spire::proxy(&proxy)?;
+    }
     if let Some(user) = user_overrides.get(PROXY) {
         proxy = overlay(&proxy, user)?;
     }
@@ -415,6 +421,9 @@ fn inject_pod(
         .is_some_and(|v| v == "true")
     {
         labels.insert(ann::TUNNEL_LABEL.to_owned(), "http".to_owned());
+    }
+    if settings.templates.spire {
+        spire::pod(&mut pod)?;
     }
     let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
     if previous.is_none() && !user_overrides.is_empty() {

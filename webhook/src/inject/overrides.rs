@@ -59,6 +59,16 @@ const CONTAINER_FIELD_ORDER: [&str; 26] = [
 /// `base`, where an entry new to `base` comes first. Linear in the entries
 /// (a user's `istio-proxy` may carry thousands of env vars).
 fn merge_keyed(base: &mut Vec<Value>, over: &[Value], key: &str) {
+    merge_keyed_with(base, over, key, merge_value);
+}
+
+/// [`merge_keyed`], merging two entries of the same key with `merge`.
+fn merge_keyed_with(
+    base: &mut Vec<Value>,
+    over: &[Value],
+    key: &str,
+    merge: fn(&mut Value, &Value),
+) {
     let id_of = |item: &Value| item.get(key).map(Value::to_string);
     let mut in_base: HashMap<String, usize> = HashMap::with_capacity(base.len());
     for (at, item) in base.iter().enumerate() {
@@ -76,7 +86,7 @@ fn merge_keyed(base: &mut Vec<Value>, over: &[Value], key: &str) {
             continue;
         };
         if let Some(&at) = in_patch.get(&id) {
-            merge_value(&mut patch[at].1, item);
+            merge(&mut patch[at].1, item);
             continue;
         }
         in_patch.insert(id.clone(), patch.len());
@@ -84,7 +94,7 @@ fn merge_keyed(base: &mut Vec<Value>, over: &[Value], key: &str) {
             Some(&at) => {
                 taken[at] = true;
                 let mut merged = base[at].clone();
-                merge_value(&mut merged, item);
+                merge(&mut merged, item);
                 patch.push((Some(at), merged));
             }
             None => patch.push((None, item.clone())),
@@ -139,6 +149,22 @@ fn merge_object(base: &mut Map<String, Value>, over: &Map<String, Value>, top: b
             }
         }
     }
+}
+
+/// Kubernetes' strategic merge of a pod's list of objects keyed by `name`
+/// (volumes, pull secrets), in its order (see [`merge_keyed`]).
+pub fn merge_named(base: &mut Vec<Value>, over: &[Value]) {
+    merge_keyed(base, over, "name");
+}
+
+/// Kubernetes' strategic merge of a pod's list of containers: entries of
+/// the same name merged as [`overlay`] merges two containers (without its
+/// `image: auto` rule), in the strategic merge's order.
+pub fn merge_containers(base: &mut Vec<Value>, over: &[Value]) {
+    merge_keyed_with(base, over, "name", |base, over| match (base, over) {
+        (Value::Object(b), Value::Object(o)) => merge_object(b, o, true),
+        (slot, value) => *slot = value.clone(),
+    });
 }
 
 /// Merges one JSON object into another as Kubernetes' strategic merge
@@ -251,7 +277,7 @@ pub fn canonicalize_resources(container: &mut Container) {
 /// annotation writes, by the container field holding them (lists: of each
 /// item); other nested objects keep serde's (alphabetical) order, which is
 /// Go's for them.
-const NESTED_FIELD_ORDER: [(&str, &[&str]); 6] = [
+const NESTED_FIELD_ORDER: [(&str, &[&str]); 7] = [
     (
         "ports",
         &["name", "hostPort", "containerPort", "protocol", "hostIP"],
@@ -288,7 +314,20 @@ const NESTED_FIELD_ORDER: [(&str, &[&str]); 6] = [
     ("livenessProbe", PROBE_FIELD_ORDER),
     ("readinessProbe", PROBE_FIELD_ORDER),
     ("startupProbe", PROBE_FIELD_ORDER),
+    ("lifecycle", &["postStart", "preStop", "stopSignal"]),
 ];
+
+/// Go's field order of the structs nested in those of
+/// [`NESTED_FIELD_ORDER`] (a probe's or a hook's handler), by the field
+/// holding them.
+fn child_order(field: &str) -> Option<&'static [&'static str]> {
+    match field {
+        "httpGet" => Some(&["path", "port", "host", "scheme", "httpHeaders"]),
+        "tcpSocket" => Some(&["port", "host"]),
+        "postStart" | "preStop" => Some(&["exec", "httpGet", "tcpSocket", "sleep"]),
+        _ => None,
+    }
+}
 
 const PROBE_FIELD_ORDER: &[&str] = &[
     "exec",
@@ -309,13 +348,17 @@ fn in_order(value: &Value, order: &[&str]) -> Object {
     let Value::Object(fields) = value else {
         return ordered;
     };
+    let mut insert = |field: &str, v: &Value| match child_order(field) {
+        Some(order) if v.is_object() => ordered.insert(field, &in_order(v, order)),
+        _ => ordered.insert(field, v),
+    };
     for field in order {
         if let Some(v) = fields.get(*field) {
-            ordered.insert(field, v);
+            insert(field, v);
         }
     }
     for (field, v) in fields.iter().filter(|(f, _)| !order.contains(&f.as_str())) {
-        ordered.insert(field, v);
+        insert(field, v);
     }
     ordered
 }

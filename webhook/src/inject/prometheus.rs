@@ -23,7 +23,9 @@ const PATH: [&str; 3] = [
     "prometheus-io/path",
 ];
 /// Ports of the data plane that an application cannot be scraped on.
-const RESERVED_PORTS: [u16; 8] = [15000, 15001, 15004, 15006, 15008, 15021, 15053, 15090];
+const RESERVED_PORTS: [u16; 9] = [
+    15000, 15001, 15004, 15006, 15008, 15020, 15021, 15053, 15090,
+];
 
 fn first<'a>(
     annotations: &'a BTreeMap<String, String>,
@@ -221,6 +223,13 @@ mod tests {
             let err = merge(&mut a, 15020).expect_err(port).to_string();
             assert!(err.contains("prometheus.io/port"), "{err}");
         }
+    }
+
+    #[test]
+    fn rejects_the_agents_usual_port_under_another_status_port() {
+        let mut a = annotations(&[("prometheus.io/port", "15020")]);
+        let err = merge(&mut a, 15030).expect_err("15020 is the agent's");
+        assert!(err.to_string().contains("reserved"), "{err}");
     }
 
     #[test]

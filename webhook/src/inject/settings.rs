@@ -17,6 +17,7 @@ use super::Environment;
 use super::annotations as ann;
 use super::proxy_config::{ProxyConfig, ProxyConfigEnv, parse_duration};
 use super::quantity::canonicalize;
+use super::templates::Templates;
 use crate::{Error, Result};
 
 /// The arguments of `istio-iptables` that come from settings.
@@ -104,9 +105,9 @@ pub struct Settings {
     pub uid: i64,
     /// Interception mode.
     pub interception_mode: InterceptionMode,
-    /// Whether the pod asks for Istio's `gateway` template (otherwise
-    /// `sidecar`).
-    pub gateway: bool,
+    /// The injection templates the pod gets (`inject.istio.io/templates`,
+    /// else the Mesh's default).
+    pub templates: Templates,
     /// The interception mode of the Mesh or proxy config, before the pod's
     /// own annotation.
     pub proxy_config_mode: InterceptionMode,
@@ -305,6 +306,20 @@ fn annotation_resources(a: &Annotations<'_>) -> Result<Option<ResourceRequiremen
 
 /// Parses a JSON map annotation (`userVolume`, `userVolumeMount`) whose keys
 /// become the `name` of each entry; an unusable value is a warning.
+/// The Mesh's `injection.defaultTemplates` (empty: `[sidecar]`, as in
+/// Istio).
+fn default_templates(origin: &str, names: &[String]) -> Result<Templates> {
+    if names.is_empty() {
+        return Ok(Templates::default());
+    }
+    Templates::from_names(names.iter().map(|n| n.trim())).map_err(|reason| Error::InvalidSetting {
+        origin: origin.to_owned(),
+        field: "injection.defaultTemplates".to_owned(),
+        value: names.join(","),
+        reason,
+    })
+}
+
 fn named_entries<T: serde::de::DeserializeOwned>(
     a: &Annotations<'_>,
     name: &str,
@@ -365,9 +380,10 @@ impl Settings {
         }
 
         let a = Annotations(pod.metadata.annotations.as_ref());
-        let gateway = a
-            .checked(ann::TEMPLATES, ann::parse_templates)?
-            .unwrap_or(false);
+        let templates = match a.checked(ann::TEMPLATES, Templates::parse)? {
+            Some(templates) => templates,
+            None => default_templates(&mesh_origin, &mesh.injection.default_templates)?,
+        };
         let config = a
             .checked(ann::PROXY_CONFIG, ProxyConfig::parse)?
             .unwrap_or_default();
@@ -553,7 +569,7 @@ impl Settings {
             )?,
             uid: proxy.uid,
             interception_mode,
-            gateway,
+            templates,
             proxy_config_mode: config_mode,
             tproxy_forces_root: config_mode == InterceptionMode::Tproxy
                 || a.get(ann::INTERCEPTION_MODE) == Some(InterceptionMode::Tproxy.as_str()),

@@ -1127,3 +1127,43 @@ fn warns_when_injecting_a_pod_that_asks_for_ambient() {
     let plain = run_with(&app_pod(json!({})), &MeshSpec::default(), &[]).expect("injects");
     assert!(plain.warnings.is_empty(), "{:?}", plain.warnings);
 }
+
+#[test]
+fn mesh_default_templates_apply_to_pods_that_name_none() {
+    let mut mesh = MeshSpec::default();
+    mesh.injection.default_templates = vec!["sidecar".to_owned(), "spire".to_owned()];
+    let plain = injected(&app_pod(json!({})), &mesh);
+    assert_eq!(
+        plain
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(templates::spire::LABEL))
+            .map(String::as_str),
+        Some("true"),
+        "the Mesh's spire applies"
+    );
+    let named = injected(
+        &app_pod(json!({"inject.istio.io/templates": "sidecar"})),
+        &mesh,
+    );
+    assert!(
+        named
+            .metadata
+            .labels
+            .as_ref()
+            .is_none_or(|l| !l.contains_key(templates::spire::LABEL)),
+        "the pod's own list wins"
+    );
+}
+
+#[test]
+fn refuses_a_mesh_whose_default_templates_ferrimesh_does_not_apply() {
+    let mut mesh = MeshSpec::default();
+    mesh.injection.default_templates = vec!["spire".to_owned()];
+    let error = run_with(&app_pod(json!({})), &mesh, &[]).expect_err("spire alone");
+    assert!(
+        error.to_string().contains("injection.defaultTemplates"),
+        "{error}"
+    );
+}
