@@ -5,6 +5,7 @@
 //! two can never disagree.
 
 pub mod annotations;
+pub mod cni;
 pub mod containers;
 pub mod decision;
 pub mod gateway;
@@ -225,7 +226,15 @@ fn inject_pod(
         .ok_or_else(|| Error::InvalidPod("the pod has no spec".into()))?;
 
     // Separate what an earlier injection added, and the user's overrides.
-    let sidecar_names: BTreeSet<String> = [PROXY, INIT].iter().map(|s| (*s).to_owned()).collect();
+    // The init container the template injects: istio-init, or
+    // istio-validation in CNI mode.
+    let init_name = if settings.cni.enabled {
+        cni::VALIDATION
+    } else {
+        INIT
+    };
+    let sidecar_names: BTreeSet<String> =
+        [PROXY, init_name].iter().map(|s| (*s).to_owned()).collect();
     let (existing, user_overrides) = match &previous {
         Some(status) => {
             let names: BTreeSet<String> = status
@@ -258,7 +267,7 @@ fn inject_pod(
             let init_names: BTreeSet<String> = if settings.native {
                 sidecar_names.clone()
             } else {
-                BTreeSet::from([INIT.to_owned()])
+                BTreeSet::from([init_name.to_owned()])
             };
             let mut overrides = Overrides {
                 containers: take_named(&mut spec.containers, &sidecar_names),
@@ -285,12 +294,12 @@ fn inject_pod(
     // The proxy the user wrote (first injection) or the one an earlier
     // injection left: a runAsUser there goes to istio-init's `-u`, and under
     // TPROXY it puts the proxy back to root (Istio's adjustInitContainerUser).
-    let requested_uid = match &previous {
+    let requested_security = match &previous {
         None => user_overrides.get(PROXY),
         Some(_) => existing.iter().find(|c| c.name == PROXY),
     }
-    .and_then(|c| c.security_context.as_ref())
-    .and_then(|s| s.run_as_user);
+    .and_then(|c| c.security_context.as_ref());
+    let requested_uid = requested_security.and_then(|s| s.run_as_user);
     let user_uid = requested_uid.filter(|uid| *uid != 0);
     let facts = PodFacts {
         pod: request.pod,
@@ -327,6 +336,13 @@ fn inject_pod(
         proxy = overlay(&proxy, user)?;
     }
     let mut init = containers::init_container(settings, user_uid)
+        .map(|init| {
+            if settings.cni.enabled {
+                cni::into_validation(init, settings)
+            } else {
+                init
+            }
+        })
         .map(merge_existing)
         .transpose()?;
     // Only with an istio-init to capture traffic (not with NONE).
@@ -337,8 +353,14 @@ fn inject_pod(
     {
         sc.run_as_user = Some(0);
     }
-    if let (Some(fresh), Some(user)) = (init.as_ref(), user_overrides.get(INIT)) {
+    if let (Some(fresh), Some(user)) = (init.as_ref(), user_overrides.get(init_name)) {
         init = Some(overlay(fresh, user)?);
+    }
+    if settings.cni.enabled
+        && !settings.tproxy_forces_root
+        && let Some(validation) = init.as_mut()
+    {
+        cni::follow_proxy_user(validation, requested_security);
     }
     containers::set_trailing_env(&mut proxy, &settings.trailing_env);
     let old_proxy = existing.iter().find(|c| c.name == PROXY);
@@ -361,8 +383,16 @@ fn inject_pod(
         spec.init_containers = Some(injected);
         (names, Vec::new())
     } else {
+        // istio-init after the user's init containers (they keep the
+        // network before capture starts); istio-validation before them
+        // (none runs before the CNI agent's rules are checked).
         if let Some(init) = init {
-            spec.init_containers.get_or_insert_with(Vec::new).push(init);
+            let list = spec.init_containers.get_or_insert_with(Vec::new);
+            if settings.cni.enabled {
+                list.insert(0, init);
+            } else {
+                list.push(init);
+            }
         }
         if settings.hold_application {
             spec.containers.insert(0, proxy);
@@ -373,7 +403,7 @@ fn inject_pod(
             .init_containers
             .iter()
             .flatten()
-            .filter(|c| c.name == INIT)
+            .filter(|c| c.name == init_name)
             .map(|c| c.name.clone());
         (init_names.collect(), vec![PROXY.to_owned()])
     };
@@ -407,6 +437,11 @@ fn inject_pod(
         labels.insert(ann::TUNNEL_LABEL.to_owned(), "http".to_owned());
     }
     let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    if settings.cni.enabled {
+        let none = BTreeMap::new();
+        let original = request.pod.metadata.annotations.as_ref().unwrap_or(&none);
+        cni::annotate(annotations, original, settings);
+    }
     if previous.is_none() && !user_overrides.is_empty() {
         annotations.insert(
             ann::PROXY_OVERRIDES.to_owned(),
