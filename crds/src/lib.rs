@@ -8,6 +8,7 @@
 
 mod layered;
 pub mod mesh;
+pub mod pod_security;
 pub mod proxy_profile;
 pub mod selection;
 pub mod settings;

@@ -6,8 +6,9 @@
 
 use std::collections::BTreeMap;
 
+use ferrimesh_crds::pod_security::{ENFORCE_LABEL, Injected, Level, violations};
 use ferrimesh_crds::settings::{CniProvider, DEFAULT_PROXY_UID, InterceptionMode};
-use k8s_openapi::api::core::v1::{Capabilities, Container, SecurityContext};
+use k8s_openapi::api::core::v1::{Capabilities, Container, Pod, SecurityContext};
 use serde_json::Value;
 
 use super::annotations as ann;
@@ -140,6 +141,47 @@ pub fn annotate(
     }
 }
 
+/// What decides the privileges of the containers the sidecar template
+/// injects into `pod` with `settings`.
+pub fn privileges(pod: &Pod, settings: &Settings) -> Injected {
+    Injected {
+        cni: settings.cni.enabled,
+        interception_mode: settings.interception_mode,
+        uid: settings.uid,
+        seccomp_profile: settings.seccomp_profile.clone(),
+        pod_seccomp: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.security_context.as_ref())
+            .is_some_and(|s| s.seccomp_profile.is_some()),
+        trace_logging: settings
+            .proxy_metadata
+            .get("IPTABLES_TRACE_LOGGING")
+            .is_some_and(|v| v == "true"),
+    }
+}
+
+/// The warnings for an injected pod whose namespace (labels
+/// `namespace_labels`) enforces a Pod Security level that the injected
+/// containers break: one per reason, each naming the Mesh field that fixes
+/// it.
+pub fn pod_security_warnings(
+    injected: &Injected,
+    namespace_labels: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let Some(level) = Level::enforced(namespace_labels) else {
+        return Vec::new();
+    };
+    violations(level, injected)
+        .into_iter()
+        .map(|v| {
+            format!(
+                "the namespace enforces Pod Security {level} ({ENFORCE_LABEL}) and will refuse this injected pod: {v}"
+            )
+        })
+        .collect()
+}
+
 /// Istio's `appendMultusNetwork`: `network` (`namespace/name`) added to a
 /// Multus networks annotation, either a comma-separated list or a JSON list
 /// of network objects, unless it is already there. A JSON value that does
@@ -213,6 +255,24 @@ mod tests {
             append_multus_network(r#"[{"name":"istio-cni"}]"#, ISTIO_CNI_NETWORK),
             r#"[{"name":"istio-cni"}, {"name": "istio-cni", "namespace": "default"}]"#
         );
+    }
+
+    #[test]
+    fn warns_when_the_namespace_level_refuses_the_injected_containers() {
+        let injected = Injected::of(
+            &ferrimesh_crds::settings::ProxySettings::default(),
+            &ferrimesh_crds::settings::TrafficSettings::default(),
+        );
+        let labels = BTreeMap::from([(ENFORCE_LABEL.to_owned(), "baseline".to_owned())]);
+        let warnings = pod_security_warnings(&injected, &labels);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("Pod Security baseline")
+                && warnings[0].contains("traffic.cni.enabled"),
+            "{}",
+            warnings[0]
+        );
+        assert!(pod_security_warnings(&injected, &BTreeMap::new()).is_empty());
     }
 
     #[test]

@@ -117,6 +117,11 @@ pub struct Injection {
     pub pod: Option<Pod>,
     /// Things the user should know (ignored values, conflicting profiles).
     pub warnings: Vec<String>,
+    /// What decides the privileges of the injected sidecar's containers,
+    /// for callers that know the namespace's Pod Security level
+    /// ([`cni::pod_security_warnings`]); `None` when nothing is injected or
+    /// the template is not `sidecar`.
+    pub pod_security: Option<ferrimesh_crds::pod_security::Injected>,
 }
 
 /// Decides, and injects when the decision says so.
@@ -133,6 +138,7 @@ pub fn inject(request: &Request<'_>) -> Result<Injection> {
             decision,
             pod: None,
             warnings,
+            pod_security: None,
         });
     }
     if let Some((name, len)) = request
@@ -161,10 +167,12 @@ pub fn inject(request: &Request<'_>) -> Result<Injection> {
     } else {
         inject_pod(request, &settings, &mut warnings)?
     };
+    let pod_security = (!settings.gateway).then(|| cni::privileges(request.pod, &settings));
     Ok(Injection {
         decision,
         pod: Some(pod),
         warnings,
+        pod_security,
     })
 }
 
