@@ -2,16 +2,23 @@
 //! (`mesh.ferrimesh.io/v1alpha1`) and Istio's `WorkloadEntry`
 //! (`networking.istio.io/v1`).
 //!
-//! This crate is vocabulary only: types, their defaults and their schemas. It
-//! does no I/O. The CRD YAML under `config/` is generated from these types by
-//! the `crdgen` binary and never edited by hand.
+//! This crate is vocabulary: types, their defaults and their schemas, plus
+//! the pure rules every other crate must read alike (which webhook entry
+//! selects a pod, whether a pod is injected, which ProxyProfiles apply, the
+//! injection stamp, a running pod's drift). It does no I/O. The CRD YAML
+//! under `config/` is generated from these types by the `crdgen` binary and
+//! never edited by hand.
 
+pub mod ambient;
+pub mod decision;
+pub mod drift;
 mod layered;
 pub mod mesh;
 pub mod pod_security;
 pub mod proxy_profile;
 pub mod selection;
 pub mod settings;
+pub mod stamp;
 pub mod workload_entry;
 
 pub use mesh::{Mesh, MeshSpec, MeshStatus};

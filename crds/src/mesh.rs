@@ -85,6 +85,13 @@ pub struct MeshSpec {
     pub webhook: WebhookSettings,
     /// Registration of injected pods as Istio WorkloadEntries.
     pub workload_registration: WorkloadRegistration,
+    /// Restarting workloads whose sidecar is outdated or missing.
+    pub rollout: RolloutSettings,
+    /// Revision tags (as `istioctl tag`) served by this Mesh: namespaces and
+    /// pods labelled `istio.io/rev=<tag>` are injected by it; the tag
+    /// `default` also takes over `istio-injection=enabled`.
+    #[schemars(inner(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")))]
+    pub revision_tags: Vec<String>,
 }
 
 impl Default for MeshSpec {
@@ -103,6 +110,8 @@ impl Default for MeshSpec {
             traffic: TrafficSettings::default(),
             webhook: WebhookSettings::default(),
             workload_registration: WorkloadRegistration::default(),
+            rollout: RolloutSettings::default(),
+            revision_tags: Vec::new(),
         }
     }
 }
@@ -280,6 +289,45 @@ pub struct WorkloadRegistration {
 impl Default for WorkloadRegistration {
     fn default() -> Self {
         Self { enabled: true }
+    }
+}
+
+/// Whether the operator restarts workloads whose sidecar drifted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RolloutPolicy {
+    /// Report only: status counts and `NeedsRestart` Events.
+    #[default]
+    Manual,
+    /// Restart outdated and uninjected Deployments, StatefulSets and
+    /// DaemonSets as `kubectl rollout restart` does.
+    Automatic,
+}
+
+/// Restarting workloads whose sidecar is outdated or missing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RolloutSettings {
+    /// Manual (report only) or Automatic.
+    pub policy: RolloutPolicy,
+    /// Workloads restarting at once, cluster-wide.
+    #[schemars(range(min = 1))]
+    pub max_concurrent: i32,
+    /// Namespaces whose workloads may be restarted; unset means every
+    /// namespace this Mesh serves.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// Stop starting restarts (those under way finish).
+    pub paused: bool,
+}
+
+impl Default for RolloutSettings {
+    fn default() -> Self {
+        Self {
+            policy: RolloutPolicy::Manual,
+            max_concurrent: 1,
+            namespace_selector: None,
+            paused: false,
+        }
     }
 }
 

@@ -1,11 +1,15 @@
 //! `ProxyProfile`: per-namespace or per-workload overrides of a Mesh's proxy
 //! and traffic settings.
 
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::decision::selector_matches;
 use crate::settings::{ProxySettingsOverride, TrafficSettingsOverride};
 
 /// Overrides for the pods of one namespace, or the pods its selector matches.
@@ -56,4 +60,73 @@ impl ProxyProfile {
                 && s.match_expressions.as_ref().is_none_or(|e| e.is_empty())
         })
     }
+
+    /// `namespace/name`, as messages name a profile.
+    pub fn display_name(&self) -> String {
+        format!(
+            "{}/{}",
+            self.metadata.namespace.as_deref().unwrap_or_default(),
+            self.metadata.name.as_deref().unwrap_or_default()
+        )
+    }
+}
+
+/// The profiles of a pod's namespace that apply to a pod with `labels`,
+/// lowest precedence first: the namespace-wide one, then the workload one.
+/// When several of one level apply, the oldest (creationTimestamp, then
+/// name) wins and a warning names the others; a profile with an invalid
+/// selector is ignored with a warning.
+pub fn select<'p>(
+    labels: &BTreeMap<String, String>,
+    profiles: &'p [ProxyProfile],
+    warnings: &mut Vec<String>,
+) -> Vec<&'p ProxyProfile> {
+    let oldest_first = |a: &&ProxyProfile, b: &&ProxyProfile| -> Ordering {
+        let created = |p: &ProxyProfile| p.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        created(a)
+            .cmp(&created(b))
+            .then_with(|| a.metadata.name.cmp(&b.metadata.name))
+    };
+    let mut namespace_wide: Vec<_> = profiles.iter().filter(|p| p.is_namespace_wide()).collect();
+    let mut workload: Vec<_> = profiles
+        .iter()
+        .filter(|p| !p.is_namespace_wide())
+        .filter(|p| {
+            match p
+                .spec
+                .selector
+                .as_ref()
+                .map(|s| selector_matches(s, labels))
+            {
+                Some(Ok(matched)) => matched,
+                Some(Err(e)) => {
+                    warnings.push(format!(
+                        "ProxyProfile {} has an invalid selector and is ignored: {e}",
+                        p.display_name()
+                    ));
+                    false
+                }
+                None => false,
+            }
+        })
+        .collect();
+    let mut chosen = Vec::new();
+    for (level, candidates) in [
+        ("namespace-wide", &mut namespace_wide),
+        ("workload", &mut workload),
+    ] {
+        candidates.sort_by(oldest_first);
+        if let Some((first, rest)) = candidates.split_first() {
+            if !rest.is_empty() {
+                let others: Vec<_> = rest.iter().map(|p| p.display_name()).collect();
+                warnings.push(format!(
+                    "several {level} ProxyProfiles select this pod; the oldest, {}, applies and {} are ignored",
+                    first.display_name(),
+                    others.join(", ")
+                ));
+            }
+            chosen.push(*first);
+        }
+    }
+    chosen
 }

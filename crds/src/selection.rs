@@ -143,6 +143,61 @@ pub fn webhook_configuration(
     client_config: &WebhookClientConfig,
     excluded_namespaces: &[&str],
 ) -> MutatingWebhookConfiguration {
+    configuration(
+        webhook_configuration_name(&mesh.revision),
+        &mesh.revision,
+        mesh,
+        client_config,
+        excluded_namespaces,
+        BTreeMap::new(),
+    )
+}
+
+/// The label naming the revision tag a webhook configuration serves.
+pub const TAG_LABEL: &str = "istio.io/tag";
+
+/// Name of the MutatingWebhookConfiguration of a revision tag:
+/// `ferrimesh-revision-tag-<tag>` (Istio's is `istio-revision-tag-<tag>`).
+pub fn tag_configuration_name(tag: &str) -> String {
+    format!("ferrimesh-revision-tag-{tag}")
+}
+
+/// One MutatingWebhookConfiguration per revision tag of `mesh`
+/// (`revisionTags`), as `istioctl tag set` writes them: Istio's selector
+/// matrix for `istio.io/rev=<tag>` (the tag `default` also taking over
+/// `istio-injection=enabled` and the pod opt-in), calling the Mesh's webhook
+/// (`client_config`) with the Mesh's policies. The configurations are
+/// labelled with the tag and the Mesh's revision, so moving a tag to
+/// another Mesh rewrites the same object.
+pub fn tag_webhook_configurations(
+    mesh: &MeshSpec,
+    client_config: &WebhookClientConfig,
+    excluded_namespaces: &[&str],
+) -> Vec<MutatingWebhookConfiguration> {
+    mesh.revision_tags
+        .iter()
+        .map(|tag| {
+            configuration(
+                tag_configuration_name(tag),
+                tag,
+                mesh,
+                client_config,
+                excluded_namespaces,
+                BTreeMap::from([(TAG_LABEL.to_owned(), tag.clone())]),
+            )
+        })
+        .collect()
+}
+
+/// A configuration named `name` with the selector matrix of `revision`.
+fn configuration(
+    name: String,
+    revision: &str,
+    mesh: &MeshSpec,
+    client_config: &WebhookClientConfig,
+    excluded_namespaces: &[&str],
+    extra_labels: BTreeMap<String, String>,
+) -> MutatingWebhookConfiguration {
     let failure_policy = match mesh.webhook.failure_policy {
         FailurePolicy::Fail => "Fail",
         FailurePolicy::Ignore => "Ignore",
@@ -151,7 +206,7 @@ pub fn webhook_configuration(
         ReinvocationPolicy::Never => "Never",
         ReinvocationPolicy::IfNeeded => "IfNeeded",
     };
-    let webhooks = webhook_selectors(&mesh.revision, excluded_namespaces)
+    let webhooks = webhook_selectors(revision, excluded_namespaces)
         .into_iter()
         .map(|entry| MutatingWebhook {
             name: entry.name,
@@ -174,16 +229,18 @@ pub fn webhook_configuration(
             match_conditions: None,
         })
         .collect();
+    let mut labels = BTreeMap::from([
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            "ferrimesh-operator".to_owned(),
+        ),
+        (REVISION_LABEL.to_owned(), mesh.revision.clone()),
+    ]);
+    labels.extend(extra_labels);
     MutatingWebhookConfiguration {
         metadata: ObjectMeta {
-            name: Some(webhook_configuration_name(&mesh.revision)),
-            labels: Some(BTreeMap::from([
-                (
-                    "app.kubernetes.io/managed-by".to_owned(),
-                    "ferrimesh-operator".to_owned(),
-                ),
-                (REVISION_LABEL.to_owned(), mesh.revision.clone()),
-            ])),
+            name: Some(name),
+            labels: Some(labels),
             ..ObjectMeta::default()
         },
         webhooks: Some(webhooks),
@@ -287,6 +344,97 @@ mod tests {
             Some("ferrimesh-sidecar-injector")
         );
         assert_eq!(default.webhooks.map(|w| w.len()), Some(4));
+    }
+
+    fn tag_entry(
+        config: &MutatingWebhookConfiguration,
+        ns: &[(&str, &str)],
+        pod: &[(&str, &str)],
+    ) -> Option<String> {
+        let (ns, pod) = (labels(ns), labels(pod));
+        config.webhooks.iter().flatten().find_map(|w| {
+            let selects = |s: &Option<LabelSelector>, l| s.as_ref().is_some_and(|s| matches(s, l));
+            (selects(&w.namespace_selector, &ns) && selects(&w.object_selector, &pod))
+                .then(|| w.name.clone())
+        })
+    }
+
+    #[test]
+    fn revision_tags_follow_istio_selector_matrix_for_the_tag() {
+        let mesh = MeshSpec {
+            revision: "1-29".into(),
+            revision_tags: vec!["stable".into(), "default".into()],
+            ..MeshSpec::default()
+        };
+        let client = WebhookClientConfig {
+            url: Some("https://127.0.0.1:1/inject".into()),
+            ..Default::default()
+        };
+        let configs = tag_webhook_configurations(&mesh, &client, &SYSTEM_NAMESPACES);
+        let names: Vec<_> = configs.iter().map(|c| c.metadata.name.clone()).collect();
+        assert_eq!(
+            names,
+            [
+                Some("ferrimesh-revision-tag-stable".to_owned()),
+                Some("ferrimesh-revision-tag-default".to_owned())
+            ]
+        );
+        let (stable, default) = (&configs[0], &configs[1]);
+        let labels = stable.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(labels.get(TAG_LABEL).map(String::as_str), Some("stable"));
+        assert_eq!(labels.get(REVISION_LABEL).map(String::as_str), Some("1-29"));
+        assert!(
+            stable
+                .webhooks
+                .iter()
+                .flatten()
+                .all(|w| w.client_config == client)
+        );
+
+        assert_eq!(
+            tag_entry(stable, &[(REVISION_LABEL, "stable")], &[]).as_deref(),
+            Some("rev.namespace.sidecar-injector.ferrimesh.io")
+        );
+        assert_eq!(
+            tag_entry(stable, &[], &[(REVISION_LABEL, "stable")]).as_deref(),
+            Some("rev.object.sidecar-injector.ferrimesh.io")
+        );
+        assert_eq!(tag_entry(stable, &[(REVISION_LABEL, "1-29")], &[]), None);
+        assert_eq!(
+            tag_entry(stable, &[(INJECTION_LABEL, "enabled")], &[]),
+            None
+        );
+        assert_eq!(
+            tag_entry(
+                stable,
+                &[(REVISION_LABEL, "stable")],
+                &[(INJECT_LABEL, "false")]
+            ),
+            None
+        );
+
+        assert_eq!(
+            tag_entry(default, &[(INJECTION_LABEL, "enabled")], &[]).as_deref(),
+            Some("namespace.sidecar-injector.ferrimesh.io"),
+            "the default tag takes over istio-injection=enabled"
+        );
+        assert_eq!(
+            tag_entry(default, &[], &[(INJECT_LABEL, "true")]).as_deref(),
+            Some("object.sidecar-injector.ferrimesh.io")
+        );
+        assert_eq!(
+            tag_entry(default, &[(REVISION_LABEL, "default")], &[]).as_deref(),
+            Some("rev.namespace.sidecar-injector.ferrimesh.io")
+        );
+        assert_eq!(
+            tag_entry(default, &[(INJECTION_LABEL, "disabled")], &[]),
+            None
+        );
+        assert!(
+            tag_webhook_configurations(&MeshSpec::default(), &client, &SYSTEM_NAMESPACES)
+                .is_empty(),
+            "no tags, no configurations"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! JSONPatch between a pod and its injected form ([`patch`]), the
 //! workload-manifest handling of the `ferrimesh` CLI ([`manifests`]), and the
 //! TLS admission webhook ([`server`]) with its configuration sources
-//! ([`config`]).
+//! ([`config`]), and the drift report of `ferrimesh status` ([`status`]).
 
 pub mod config;
 pub mod error;
@@ -10,5 +10,6 @@ pub mod inject;
 pub mod manifests;
 pub mod patch;
 pub mod server;
+pub mod status;
 
 pub use error::{Error, Result};

@@ -12,6 +12,7 @@ use std::fmt;
 use std::io::BufRead;
 
 use ferrimesh_crds::ProxyProfile;
+use ferrimesh_crds::ambient::{ambient_request, injected_ambient_warning};
 use ferrimesh_crds::mesh::{Mesh, MeshSpec};
 use ferrimesh_crds::selection::{SYSTEM_NAMESPACES, selecting_entry};
 use k8s_openapi::api::core::v1::Pod;
@@ -560,7 +561,17 @@ fn process_object(
         environment: &run.config.environment,
         workload: workload.as_ref(),
     };
-    let injection = inject(&request).map_err(|e| fail(e.to_string()))?;
+    let mut injection = inject(&request).map_err(|e| fail(e.to_string()))?;
+    if injection.decision.inject
+        && not_selected.is_none()
+        && let Some(source @ "namespace label") = ambient_request(
+            Some(pod_labels),
+            pod.metadata.annotations.as_ref(),
+            run.namespace_labels,
+        )
+    {
+        injection.warnings.push(injected_ambient_warning(source));
+    }
     if let (Some(injected), None) = (&injection.pod, &not_selected) {
         let mut injected = injected.clone();
         injected
@@ -650,6 +661,38 @@ mod tests {
             ),
             "{message}"
         );
+    }
+
+    #[test]
+    fn check_inject_warns_about_an_ambient_namespace() {
+        let config = MeshConfig::default();
+        let check = |ns: &[(&str, &str)], input: &str| {
+            let labels = labels(ns);
+            let run = Run {
+                config: &config,
+                namespace_labels: Some(&labels),
+            };
+            process("app.yaml", input, run).expect("ok").pods[0]
+                .warnings
+                .clone()
+        };
+        let ambient = [
+            ("istio-injection", "enabled"),
+            ("istio.io/dataplane-mode", "ambient"),
+        ];
+        let warnings = check(&ambient, DEPLOYMENT);
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.starts_with("the namespace label istio.io/dataplane-mode=ambient")),
+            "{warnings:?}"
+        );
+        let opted_out = DEPLOYMENT.replace(
+            "labels: {app: web}",
+            "labels: {app: web, istio.io/dataplane-mode: none}",
+        );
+        assert!(check(&ambient, &opted_out).is_empty());
+        assert!(check(&[("istio-injection", "enabled")], DEPLOYMENT).is_empty());
     }
 
     #[test]

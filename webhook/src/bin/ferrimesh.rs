@@ -1,4 +1,5 @@
-//! `ferrimesh`: offline sidecar injection with the webhook's own engine.
+//! `ferrimesh`: offline sidecar injection with the webhook's own engine, and
+//! the drift report of a cluster (`ferrimesh status`).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -14,7 +15,7 @@ use ferrimesh_webhook::manifests::{self, MeshConfig, Run};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Istio-compatible sidecar injection, offline.
+/// Istio-compatible sidecar injection, offline, and the sidecar drift of a cluster.
 #[derive(Parser, Debug)]
 #[command(name = "ferrimesh", version, about)]
 struct Cli {
@@ -42,6 +43,74 @@ enum Command {
     },
     /// Print ferrimesh's CRDs (Mesh, ProxyProfile) and Istio's WorkloadEntry CRD.
     Crds,
+    /// Report, per namespace, the revision that injects its pods and how
+    /// many pods are up to date, outdated (injected from other settings than
+    /// today's Meshes and ProxyProfiles) or uninjected (created before their
+    /// namespace was enabled, or while the webhook was down), read from the
+    /// cluster of the current kubeconfig context.
+    Status(StatusArgs),
+}
+
+/// How `ferrimesh status` reaches the cluster and what it prints.
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// The kubeconfig file; default: `KUBECONFIG`, else `~/.kube/config`.
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context; default: the current context.
+    #[arg(long, value_name = "NAME")]
+    context: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    output: Output,
+    /// List every pod counted, with its state and the reason.
+    #[arg(long)]
+    pods: bool,
+    /// The operator's namespace, which no webhook entry selects.
+    #[arg(long, default_value = "ferrimesh-system", value_name = "NAMESPACE")]
+    operator_namespace: String,
+}
+
+/// Output formats of `ferrimesh status`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Output {
+    /// Aligned columns.
+    Table,
+    /// One JSON document: `{"namespaces": [...]}`.
+    Json,
+}
+
+async fn status(args: StatusArgs) -> Result<String> {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    let options = KubeConfigOptions {
+        context: args.context.clone(),
+        ..KubeConfigOptions::default()
+    };
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let file = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &options).await
+        }
+        None => kube::Config::from_kubeconfig(&options).await,
+    }
+    .context("loading the kubeconfig")?;
+    let client = kube::Client::try_from(config).context("building the API client")?;
+    let snapshot = ferrimesh_webhook::status::Snapshot::fetch(&client)
+        .await
+        .context("reading namespaces, pods, Meshes and ProxyProfiles")?;
+    let mut excluded: Vec<&str> = ferrimesh_crds::selection::SYSTEM_NAMESPACES.to_vec();
+    excluded.push(&args.operator_namespace);
+    let report = ferrimesh_webhook::status::report(&snapshot, &excluded, args.pods);
+    Ok(match args.output {
+        Output::Table => ferrimesh_webhook::status::to_table(&report),
+        Output::Json => {
+            let mut json =
+                serde_json::to_string_pretty(&serde_json::json!({"namespaces": report}))?;
+            json.push('\n');
+            json
+        }
+    })
 }
 
 #[derive(Args, Debug)]
@@ -158,6 +227,13 @@ fn run(cli: Cli) -> Result<()> {
             if pods == 0 {
                 writeln!(stdout, "{name}: no pods or pod templates found")?;
             }
+        }
+        Command::Status(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            stdout.write_all(runtime.block_on(status(args))?.as_bytes())?;
         }
         Command::Crds => {
             let all: Vec<_> = ferrimesh_crds::mesh_crds()

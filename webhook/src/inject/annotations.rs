@@ -78,8 +78,6 @@ pub const REVISION: &str = "istio.io/rev";
 pub const DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
 /// The container `kubectl logs` picks by default.
 pub const DEFAULT_LOGS_CONTAINER: &str = "kubectl.kubernetes.io/default-logs-container";
-/// Marks a static (mirror) pod.
-pub const MIRROR_POD: &str = "kubernetes.io/config.mirror";
 
 /// Label: mTLS mode of the workload.
 pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";

@@ -24,6 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ferrimesh_crds::ProxyProfile;
 use ferrimesh_crds::mesh::MeshSpec;
+use ferrimesh_crds::{ambient, stamp};
 use k8s_openapi::api::core::v1::{
     Container, EnvVar, Lifecycle, LocalObjectReference, Pod, PodSpec, Volume,
 };
@@ -154,6 +155,12 @@ pub fn inject(request: &Request<'_>) -> Result<Injection> {
             max: ann::MAX_PARSED_ANNOTATION_BYTES,
         });
     }
+    let meta = &request.pod.metadata;
+    if let Some(source) =
+        ambient::ambient_request(meta.labels.as_ref(), meta.annotations.as_ref(), None)
+    {
+        warnings.push(ambient::injected_ambient_warning(source));
+    }
     let profiles = select_profiles(request.pod, request.profiles, &mut warnings);
     let settings = Settings::resolve(
         request.pod,
@@ -162,11 +169,14 @@ pub fn inject(request: &Request<'_>) -> Result<Injection> {
         request.environment,
         &mut warnings,
     )?;
-    let pod = if settings.gateway {
+    let mut pod = if settings.gateway {
         gateway::inject(request, &settings)?
     } else {
         inject_pod(request, &settings, &mut warnings)?
     };
+    let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    let hash = stamp::injection_hash(request.mesh, &profiles, annotations);
+    annotations.insert(stamp::INJECTION_HASH.to_owned(), hash);
     let pod_security = (!settings.gateway).then(|| cni::privileges(request.pod, &settings));
     Ok(Injection {
         decision,

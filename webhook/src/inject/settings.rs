@@ -2,7 +2,6 @@
 //! workload ProxyProfile < the pod's annotations, validated, each bad value
 //! reported with the annotation or field that carried it.
 
-use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
 use ferrimesh_crds::ProxyProfile;
@@ -16,7 +15,6 @@ use serde_json::Value;
 
 use super::Environment;
 use super::annotations as ann;
-use super::decision::selector_matches;
 use super::proxy_config::{ProxyConfig, ProxyConfigEnv, parse_duration};
 use super::quantity::canonicalize;
 use crate::{Error, Result};
@@ -156,7 +154,8 @@ fn i32_value(value: &str) -> Result<i32, String> {
 }
 
 /// The ProxyProfiles that apply to a pod, lowest precedence first, with a
-/// warning for every profile that lost to an older one of the same level.
+/// warning for every profile that lost to an older one of the same level
+/// (`ferrimesh_crds::proxy_profile::select`, shared with the operator).
 pub fn select_profiles<'p>(
     pod: &Pod,
     profiles: &'p [ProxyProfile],
@@ -164,62 +163,7 @@ pub fn select_profiles<'p>(
 ) -> Vec<&'p ProxyProfile> {
     let empty = BTreeMap::new();
     let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
-    let oldest_first = |a: &&ProxyProfile, b: &&ProxyProfile| -> Ordering {
-        let created = |p: &ProxyProfile| p.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        created(a)
-            .cmp(&created(b))
-            .then_with(|| a.metadata.name.cmp(&b.metadata.name))
-    };
-    let mut namespace_wide: Vec<_> = profiles.iter().filter(|p| p.is_namespace_wide()).collect();
-    let mut workload: Vec<_> = profiles
-        .iter()
-        .filter(|p| !p.is_namespace_wide())
-        .filter(|p| {
-            match p
-                .spec
-                .selector
-                .as_ref()
-                .map(|s| selector_matches(s, labels))
-            {
-                Some(Ok(matched)) => matched,
-                Some(Err(e)) => {
-                    warnings.push(format!(
-                        "ProxyProfile {} has an invalid selector and is ignored: {e}",
-                        name(p)
-                    ));
-                    false
-                }
-                None => false,
-            }
-        })
-        .collect();
-    let mut chosen = Vec::new();
-    for (level, candidates) in [
-        ("namespace-wide", &mut namespace_wide),
-        ("workload", &mut workload),
-    ] {
-        candidates.sort_by(oldest_first);
-        if let Some((first, rest)) = candidates.split_first() {
-            if !rest.is_empty() {
-                let others: Vec<_> = rest.iter().map(|p| name(p)).collect();
-                warnings.push(format!(
-                    "several {level} ProxyProfiles select this pod; the oldest, {}, applies and {} are ignored",
-                    name(first),
-                    others.join(", ")
-                ));
-            }
-            chosen.push(*first);
-        }
-    }
-    chosen
-}
-
-fn name(profile: &ProxyProfile) -> String {
-    format!(
-        "{}/{}",
-        profile.metadata.namespace.as_deref().unwrap_or_default(),
-        profile.metadata.name.as_deref().unwrap_or_default()
-    )
+    ferrimesh_crds::proxy_profile::select(labels, profiles, warnings)
 }
 
 fn check_traffic_field(origin: &str, field: &str, value: &str) -> Result<()> {
@@ -411,7 +355,7 @@ impl Settings {
         let mut traffic = mesh.traffic.clone();
         let mut resources = canonical_resources(&mesh.proxy.resources, &mesh_origin)?;
         for profile in profiles {
-            let origin = format!("ProxyProfile {}", name(profile));
+            let origin = format!("ProxyProfile {}", profile.display_name());
             check_traffic(&origin, &profile.spec.traffic)?;
             if let Some(r) = &profile.spec.proxy.resources {
                 ferrimesh_crds::settings::merge_resources(

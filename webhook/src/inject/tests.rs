@@ -1255,3 +1255,60 @@ fn cni_mode_leaves_a_users_own_istio_init_container_alone() {
         Some("mine:1")
     );
 }
+
+#[test]
+fn stamps_the_hash_a_reader_of_the_running_pod_recomputes() {
+    let mut profile = ProxyProfile::new(
+        "web",
+        serde_json::from_value::<ProxyProfileSpec>(
+            json!({"selector": {"matchLabels": {"app": "web"}}, "proxy": {"logLevel": "debug"}}),
+        )
+        .expect("spec"),
+    );
+    profile.metadata.namespace = Some("shop".into());
+    let mesh = MeshSpec::default();
+    let stamp_of = |pod: &Pod| {
+        pod.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ferrimesh_crds::stamp::INJECTION_HASH))
+            .cloned()
+            .expect("stamped")
+    };
+    let p = app_pod(json!({"sidecar.istio.io/agentLogLevel": "default:debug"}));
+    let profiled = run_with(&p, &mesh, std::slice::from_ref(&profile))
+        .expect("injects")
+        .pod
+        .expect("injected");
+    let plain = injected(&p, &mesh);
+    assert_ne!(stamp_of(&profiled), stamp_of(&plain));
+    let annotations = profiled.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(
+        stamp_of(&profiled),
+        ferrimesh_crds::stamp::injection_hash(&mesh, &[&profile], &annotations)
+    );
+    let mut newer = mesh.clone();
+    newer.proxy.image = "example.com/proxyv2:1.29.0".into();
+    assert_ne!(stamp_of(&injected(&p, &newer)), stamp_of(&plain));
+}
+
+#[test]
+fn warns_when_injecting_a_pod_that_asks_for_ambient() {
+    let mut p = app_pod(json!({}));
+    p.metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert("istio.io/dataplane-mode".into(), "ambient".into());
+    let result = run_with(&p, &MeshSpec::default(), &[]).expect("injects");
+    assert!(result.pod.is_some());
+    assert!(
+        result
+            .warnings
+            .iter()
+            .any(|w| w.starts_with("the pod label istio.io/dataplane-mode=ambient")),
+        "{:?}",
+        result.warnings
+    );
+    let plain = run_with(&app_pod(json!({})), &MeshSpec::default(), &[]).expect("injects");
+    assert!(plain.warnings.is_empty(), "{:?}", plain.warnings);
+}
