@@ -7,7 +7,9 @@
 /// `apply`, which lays an override on the settings field by field.
 ///
 /// A field may name a merge function (`=> merge_fn`) for values that merge
-/// rather than replace (maps merge key by key).
+/// rather than replace (maps merge key by key), and an override type of its
+/// own (`: Settings | SettingsOverride`) for a nested section that is itself
+/// overridden field by field.
 macro_rules! layered_settings {
     (
         $(#[$settings_meta:meta])*
@@ -17,7 +19,7 @@ macro_rules! layered_settings {
         fields {
             $(
                 $(#[$field_meta:meta])*
-                $field:ident : $ty:ty = $default:expr $(=> $merge:path)?;
+                $field:ident : $ty:ty $(| $override_ty:ty)? = $default:expr $(=> $merge:path)?;
             )*
         }
     ) => {
@@ -44,7 +46,7 @@ macro_rules! layered_settings {
             $(
                 $(#[$field_meta])*
                 #[serde(default, skip_serializing_if = "Option::is_none")]
-                pub $field: Option<$ty>,
+                pub $field: Option<layered_settings!(@override_ty $ty $(, $override_ty)?)>,
             )*
         }
 
@@ -60,6 +62,8 @@ macro_rules! layered_settings {
             }
         }
     };
+    (@override_ty $ty:ty) => { $ty };
+    (@override_ty $ty:ty, $override_ty:ty) => { $override_ty };
     (@merge $target:expr, $value:expr) => { $target = $value.clone() };
     (@merge $target:expr, $value:expr, $merge:path) => { $merge(&mut $target, $value) };
 }

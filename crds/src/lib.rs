@@ -14,6 +14,7 @@ pub mod decision;
 pub mod drift;
 mod layered;
 pub mod mesh;
+pub mod pod_security;
 pub mod proxy_profile;
 pub mod selection;
 pub mod settings;

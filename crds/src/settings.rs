@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::api::core::v1::{ResourceRequirements, SeccompProfile};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -139,6 +139,40 @@ layered_settings! {
         drain_duration: Option<String> = None;
         /// Extra environment variables for the proxy (name -> value).
         proxy_metadata: BTreeMap<String, String> = BTreeMap::new() => merge_map;
+        /// The seccomp profile of the injected containers (Istio's
+        /// `global.proxy.seccompProfile`); unset leaves it to the pod.
+        /// Pod Security `restricted` needs `RuntimeDefault` or `Localhost`
+        /// on every container or on the pod.
+        seccomp_profile: Option<SeccompProfile> = None;
+    }
+}
+
+/// Which CNI the `istio-cni` plugin is chained into.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum CniProvider {
+    /// The cluster's default CNI: nothing to add to the pod.
+    #[default]
+    #[serde(rename = "default")]
+    Default,
+    /// Multus: the pod asks for the `default/istio-cni` network
+    /// (`k8s.v1.cni.cncf.io/networks`).
+    #[serde(rename = "multus")]
+    Multus,
+}
+
+layered_settings! {
+    /// Istio CNI mode: the `istio-cni` node agent sets up the pod's traffic
+    /// capture, so no privileged `istio-init` is injected.
+    pub struct CniSettings;
+    /// Overrides of `CniSettings`; every field is optional.
+    pub struct CniSettingsOverride;
+    fields {
+        /// Inject for the `istio-cni` node agent: an unprivileged
+        /// `istio-validation` init container instead of `istio-init`, and
+        /// the capture settings as pod annotations.
+        enabled: bool = false;
+        /// `default`, or `multus` to request the `istio-cni` network.
+        provider: CniProvider = CniProvider::Default;
     }
 }
 
@@ -195,5 +229,47 @@ layered_settings! {
         /// Virtual interfaces whose inbound traffic is treated as outbound (`-k`).
         #[schemars(regex(pattern = INTERFACE_LIST))]
         reroute_virtual_interfaces: String = String::new();
+        /// Istio CNI mode (`enabled`, `provider`), each field overridable.
+        cni: CniSettings | CniSettingsOverride = CniSettings::default() => CniSettings::apply;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cni_defaults_to_off_with_the_default_provider() {
+        let traffic: TrafficSettings = serde_json::from_str("{}").expect("empty traffic");
+        assert!(!traffic.cni.enabled);
+        assert_eq!(traffic.cni.provider, CniProvider::Default);
+    }
+
+    #[test]
+    fn profile_overrides_cni_field_by_field() {
+        let mut traffic: TrafficSettings =
+            serde_json::from_str(r#"{"cni": {"enabled": true}}"#).expect("mesh traffic");
+        let profile: TrafficSettingsOverride =
+            serde_json::from_str(r#"{"cni": {"provider": "multus"}}"#).expect("profile traffic");
+        traffic.apply(&profile);
+        assert!(traffic.cni.enabled, "the profile did not name enabled");
+        assert_eq!(traffic.cni.provider, CniProvider::Multus);
+        let off: TrafficSettingsOverride =
+            serde_json::from_str(r#"{"cni": {"enabled": false}}"#).expect("profile traffic");
+        traffic.apply(&off);
+        assert!(!traffic.cni.enabled);
+        assert_eq!(traffic.cni.provider, CniProvider::Multus);
+    }
+
+    #[test]
+    fn seccomp_profile_is_a_core_v1_seccomp_profile() {
+        let proxy: ProxySettings =
+            serde_json::from_str(r#"{"seccompProfile": {"type": "RuntimeDefault"}}"#)
+                .expect("proxy settings");
+        assert_eq!(
+            proxy.seccomp_profile.map(|p| p.type_),
+            Some("RuntimeDefault".to_owned())
+        );
+        assert_eq!(ProxySettings::default().seccomp_profile, None);
     }
 }

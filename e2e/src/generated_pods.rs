@@ -473,6 +473,17 @@ fn annotations(rng: &mut Rng) -> Value {
         &["9090:/metrics", "8080:/a,9091:/b"],
     );
     put(rng, 5, "kubectl.kubernetes.io/default-container", &["app0"]);
+    put(
+        rng,
+        6,
+        "k8s.v1.cni.cncf.io/networks",
+        &[
+            "macvlan-conf",
+            "macvlan-conf, default/istio-cni",
+            "[{\"name\": \"macvlan-conf\"}]",
+            "[{\"name\": \"istio-cni\", \"namespace\": \"default\"}]",
+        ],
+    );
     if chance(rng, 6) {
         // A user volume and the proxy's mount of it come together.
         a.insert(

@@ -14,7 +14,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use ferrimesh_crds::MeshSpec;
 use ferrimesh_crds::mesh::{InjectionPolicy, NativeSidecars};
-use ferrimesh_crds::settings::{DEFAULT_PROXY_UID, InterceptionMode};
+use ferrimesh_crds::settings::{CniProvider, DEFAULT_PROXY_UID, InterceptionMode};
 use serde_json::{Map, Value, json};
 
 /// The injection templates of the chart (`files/<name>.yaml`), by the name
@@ -181,8 +181,14 @@ pub fn values_overlay(mesh: &MeshSpec) -> anyhow::Result<Value> {
     } else {
         mesh.cluster_id.as_str()
     };
+    let cni_provider = match traffic.cni.provider {
+        CniProvider::Default => "default",
+        CniProvider::Multus => "multus",
+    };
     Ok(json!({
         "revision": revision,
+        // The chart's top-level `cni`, which the injector sees as `pilot.cni`.
+        "cni": {"enabled": traffic.cni.enabled, "provider": cni_provider},
         "global": {
             "hub": hub,
             "tag": tag,
@@ -213,6 +219,7 @@ pub fn values_overlay(mesh: &MeshSpec) -> anyhow::Result<Value> {
                 "includeOutboundPorts": traffic.include_outbound_ports,
                 "excludeOutboundPorts": traffic.exclude_outbound_ports,
                 "holdApplicationUntilProxyStarts": mesh.injection.hold_application_until_proxy_starts,
+                "seccompProfile": proxy.seccomp_profile.as_ref().map_or_else(|| json!({}), |p| json!(p)),
             },
             "proxy_init": {"image": init_image_name},
         },
@@ -410,6 +417,39 @@ mod tests {
         assert!(
             spire.contains("default `sidecar,spire`"),
             "the template knows the defaults: {spire}"
+        );
+    }
+
+    #[test]
+    fn cni_and_seccomp_map_to_pilot_cni_and_the_global_proxy_profile() {
+        let defaults = values_overlay(&MeshSpec::default()).expect("mappable");
+        assert_eq!(
+            defaults["cni"],
+            json!({"enabled": false, "provider": "default"})
+        );
+        assert_eq!(defaults["global"]["proxy"]["seccompProfile"], json!({}));
+        let mut mesh = MeshSpec::default();
+        mesh.traffic.cni.enabled = true;
+        mesh.traffic.cni.provider = CniProvider::Multus;
+        mesh.proxy.seccomp_profile = Some(k8s_openapi::api::core::v1::SeccompProfile {
+            type_: "RuntimeDefault".to_owned(),
+            localhost_profile: None,
+        });
+        let overlay = values_overlay(&mesh).expect("mappable");
+        assert_eq!(
+            overlay["cni"],
+            json!({"enabled": true, "provider": "multus"})
+        );
+        assert_eq!(
+            overlay["global"]["proxy"]["seccompProfile"],
+            json!({"type": "RuntimeDefault"})
+        );
+        // As the chart hands it to the injector.
+        let mut values = chart_defaults(json!({"cni": {"enabled": false}, "env": {}}));
+        merge(&mut values, overlay);
+        assert_eq!(
+            injector_values(&values)["pilot"]["cni"],
+            json!({"enabled": true, "provider": "multus"})
         );
     }
 

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use ferrimesh_crds::settings::CniProvider;
 use ferrimesh_crds::{Mesh, MeshSpec};
 use ferrimesh_e2e::differential::{Deviations, Difference, compare};
 use ferrimesh_e2e::fixtures::namespace;
@@ -23,7 +24,7 @@ use ferrimesh_e2e::fixtures::start_webhook_with;
 use ferrimesh_e2e::generated_pods::generate;
 use ferrimesh_e2e::istiod::{Istiod, post_review};
 use ferrimesh_e2e::{ControlPlane, ServingCertificate, free_port, repo_root};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, SeccompProfile};
 use kube::api::{ApiResource, DynamicObject, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
@@ -360,4 +361,39 @@ async fn ferrimesh_injects_what_istiod_injects_with_every_mesh_option() -> anyho
     let file = repo_root().join("webhook/testdata/inject/mesh-options.mesh.yaml");
     let mesh: Mesh = serde_yaml::from_str(&std::fs::read_to_string(&file)?)?;
     differential("mesh-options", &mesh.spec, &file).await
+}
+
+/// `mesh` with Istio CNI mode on, written to a file for the webhook.
+fn with_cni(
+    scratch: &ferrimesh_e2e::Scratch,
+    mut mesh: Mesh,
+    provider: CniProvider,
+) -> anyhow::Result<(Mesh, PathBuf)> {
+    mesh.spec.traffic.cni.enabled = true;
+    mesh.spec.traffic.cni.provider = provider;
+    let file = scratch.path("mesh.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&mesh)?)?;
+    Ok((mesh, file))
+}
+
+#[tokio::test]
+async fn ferrimesh_injects_what_istiod_injects_in_cni_mode() -> anyhow::Result<()> {
+    let scratch = ferrimesh_e2e::Scratch::new("differential-cni")?;
+    let mut mesh = Mesh::new("default", MeshSpec::default());
+    mesh.spec.proxy.seccomp_profile = Some(SeccompProfile {
+        type_: "RuntimeDefault".to_owned(),
+        localhost_profile: None,
+    });
+    let (mesh, file) = with_cni(&scratch, mesh, CniProvider::Default)?;
+    differential("cni", &mesh.spec, &file).await
+}
+
+#[tokio::test]
+async fn ferrimesh_injects_what_istiod_injects_in_cni_mode_with_multus_and_every_mesh_option()
+-> anyhow::Result<()> {
+    let scratch = ferrimesh_e2e::Scratch::new("differential-cni-multus")?;
+    let options = repo_root().join("webhook/testdata/inject/mesh-options.mesh.yaml");
+    let mesh: Mesh = serde_yaml::from_str(&std::fs::read_to_string(&options)?)?;
+    let (mesh, file) = with_cni(&scratch, mesh, CniProvider::Multus)?;
+    differential("cni-multus", &mesh.spec, &file).await
 }

@@ -586,11 +586,19 @@ fn process_object(
                 .map_err(|e| fail(format!("internal error applying patch: {e}")))?;
         }
     }
+    let mut warnings = injection.warnings;
+    if let (Some(labels), Some(privileges), None) =
+        (run.namespace_labels, &injection.pod_security, &not_selected)
+    {
+        warnings.extend(crate::inject::cni::pod_security_warnings(
+            privileges, labels,
+        ));
+    }
     reports.push(PodReport {
         location: location.clone(),
         not_selected,
         decision: injection.decision,
-        warnings: injection.warnings,
+        warnings,
     });
     Ok(doc)
 }
@@ -775,6 +783,36 @@ mod tests {
             ["a: 1\n...\n", "%YAML 1.2\n---\nb: 2\n", "---\n", "---\n"]
         );
         assert!(texts("").is_empty());
+    }
+
+    #[test]
+    fn check_inject_warns_when_the_namespace_pod_security_level_refuses_the_sidecar() {
+        let restricted = labels(&[
+            ("istio-injection", "enabled"),
+            ("pod-security.kubernetes.io/enforce", "restricted"),
+        ]);
+        let mut config = MeshConfig::default();
+        let warnings = |config: &MeshConfig| {
+            let run = Run {
+                config,
+                namespace_labels: Some(&restricted),
+            };
+            let out = process("f.yaml", DEPLOYMENT, run).expect("ok");
+            out.pods[0].warnings.clone()
+        };
+        let iptables = warnings(&config);
+        assert!(
+            iptables
+                .iter()
+                .any(|w| w.contains("istio-init") && w.contains("traffic.cni.enabled")),
+            "{iptables:?}"
+        );
+        config.mesh.traffic.cni.enabled = true;
+        config.mesh.proxy.seccomp_profile = Some(k8s_openapi::api::core::v1::SeccompProfile {
+            type_: "RuntimeDefault".to_owned(),
+            localhost_profile: None,
+        });
+        assert_eq!(warnings(&config), Vec::<String>::new());
     }
 
     #[test]

@@ -141,6 +141,7 @@ pub fn init_container(settings: &Settings, user_uid: Option<i64>) -> Option<Cont
             run_as_user: Some(0),
             run_as_group: Some(0),
             run_as_non_root: Some(false),
+            seccomp_profile: settings.seccomp_profile.clone(),
             ..Default::default()
         }),
         ..Default::default()
@@ -300,6 +301,7 @@ fn proxy_security_context(settings: &Settings) -> SecurityContext {
         run_as_user: Some(if root { 0 } else { settings.uid }),
         run_as_group: Some(settings.uid),
         run_as_non_root: Some(!root),
+        seccomp_profile: settings.seccomp_profile.clone(),
         ..Default::default()
     }
 }

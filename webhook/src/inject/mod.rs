@@ -5,6 +5,7 @@
 //! two can never disagree.
 
 pub mod annotations;
+pub mod cni;
 pub mod containers;
 pub mod decision;
 pub mod gateway;
@@ -119,6 +120,11 @@ pub struct Injection {
     pub pod: Option<Pod>,
     /// Things the user should know (ignored values, conflicting profiles).
     pub warnings: Vec<String>,
+    /// What decides the privileges of the injected sidecar's containers,
+    /// for callers that know the namespace's Pod Security level
+    /// ([`cni::pod_security_warnings`]); `None` when nothing is injected or
+    /// the template is not `sidecar`.
+    pub pod_security: Option<ferrimesh_crds::pod_security::Injected>,
 }
 
 /// Decides, and injects when the decision says so.
@@ -135,6 +141,7 @@ pub fn inject(request: &Request<'_>) -> Result<Injection> {
             decision,
             pod: None,
             warnings,
+            pod_security: None,
         });
     }
     if let Some((name, len)) = request
@@ -173,10 +180,13 @@ pub fn inject(request: &Request<'_>) -> Result<Injection> {
     let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
     let hash = stamp::injection_hash(request.mesh, &profiles, annotations);
     annotations.insert(stamp::INJECTION_HASH.to_owned(), hash);
+    let pod_security = matches!(settings.templates.base, Base::Sidecar)
+        .then(|| cni::privileges(request.pod, &settings));
     Ok(Injection {
         decision,
         pod: Some(pod),
         warnings,
+        pod_security,
     })
 }
 
@@ -238,7 +248,15 @@ fn inject_pod(
         .ok_or_else(|| Error::InvalidPod("the pod has no spec".into()))?;
 
     // Separate what an earlier injection added, and the user's overrides.
-    let sidecar_names: BTreeSet<String> = [PROXY, INIT].iter().map(|s| (*s).to_owned()).collect();
+    // The init container the template injects: istio-init, or
+    // istio-validation in CNI mode.
+    let init_name = if settings.cni.enabled {
+        cni::VALIDATION
+    } else {
+        INIT
+    };
+    let sidecar_names: BTreeSet<String> =
+        [PROXY, init_name].iter().map(|s| (*s).to_owned()).collect();
     let (existing, user_overrides) = match &previous {
         Some(status) => {
             let names: BTreeSet<String> = status
@@ -271,7 +289,7 @@ fn inject_pod(
             let init_names: BTreeSet<String> = if settings.native {
                 sidecar_names.clone()
             } else {
-                BTreeSet::from([INIT.to_owned()])
+                BTreeSet::from([init_name.to_owned()])
             };
             let mut overrides = Overrides {
                 containers: take_named(&mut spec.containers, &sidecar_names),
@@ -298,12 +316,12 @@ fn inject_pod(
     // The proxy the user wrote (first injection) or the one an earlier
     // injection left: a runAsUser there goes to istio-init's `-u`, and under
     // TPROXY it puts the proxy back to root (Istio's adjustInitContainerUser).
-    let requested_uid = match &previous {
+    let requested_security = match &previous {
         None => user_overrides.get(PROXY),
         Some(_) => existing.iter().find(|c| c.name == PROXY),
     }
-    .and_then(|c| c.security_context.as_ref())
-    .and_then(|s| s.run_as_user);
+    .and_then(|c| c.security_context.as_ref());
+    let requested_uid = requested_security.and_then(|s| s.run_as_user);
     let user_uid = requested_uid.filter(|uid| *uid != 0);
     let facts = PodFacts {
         pod: request.pod,
@@ -343,6 +361,13 @@ fn inject_pod(
         proxy = overlay(&proxy, user)?;
     }
     let mut init = containers::init_container(settings, user_uid)
+        .map(|init| {
+            if settings.cni.enabled {
+                cni::into_validation(init, settings)
+            } else {
+                init
+            }
+        })
         .map(merge_existing)
         .transpose()?;
     // Only with an istio-init to capture traffic (not with NONE).
@@ -353,8 +378,14 @@ fn inject_pod(
     {
         sc.run_as_user = Some(0);
     }
-    if let (Some(fresh), Some(user)) = (init.as_ref(), user_overrides.get(INIT)) {
+    if let (Some(fresh), Some(user)) = (init.as_ref(), user_overrides.get(init_name)) {
         init = Some(overlay(fresh, user)?);
+    }
+    if settings.cni.enabled
+        && !settings.tproxy_forces_root
+        && let Some(validation) = init.as_mut()
+    {
+        cni::follow_proxy_user(validation, requested_security);
     }
     containers::set_trailing_env(&mut proxy, &settings.trailing_env);
     let old_proxy = existing.iter().find(|c| c.name == PROXY);
@@ -377,8 +408,16 @@ fn inject_pod(
         spec.init_containers = Some(injected);
         (names, Vec::new())
     } else {
+        // istio-init after the user's init containers (they keep the
+        // network before capture starts); istio-validation before them
+        // (none runs before the CNI agent's rules are checked).
         if let Some(init) = init {
-            spec.init_containers.get_or_insert_with(Vec::new).push(init);
+            let list = spec.init_containers.get_or_insert_with(Vec::new);
+            if settings.cni.enabled {
+                list.insert(0, init);
+            } else {
+                list.push(init);
+            }
         }
         if settings.hold_application {
             spec.containers.insert(0, proxy);
@@ -389,7 +428,7 @@ fn inject_pod(
             .init_containers
             .iter()
             .flatten()
-            .filter(|c| c.name == INIT)
+            .filter(|c| c.name == init_name)
             .map(|c| c.name.clone());
         (init_names.collect(), vec![PROXY.to_owned()])
     };
@@ -426,6 +465,11 @@ fn inject_pod(
         spire::pod(&mut pod)?;
     }
     let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    if settings.cni.enabled {
+        let none = BTreeMap::new();
+        let original = request.pod.metadata.annotations.as_ref().unwrap_or(&none);
+        cni::annotate(annotations, original, settings);
+    }
     if previous.is_none() && !user_overrides.is_empty() {
         annotations.insert(
             ann::PROXY_OVERRIDES.to_owned(),

@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::Container;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::cni::VALIDATION;
 use super::containers::{INIT, PROXY};
 use super::json::Object;
 use super::quantity::canonicalize;
@@ -220,17 +221,18 @@ impl Overrides {
     }
 
     /// The same overrides, each under the list its injected container ends
-    /// up in: `istio-init` and, when `native`, `istio-proxy` under
-    /// `initContainers` (in that order), a classic `istio-proxy` under
-    /// `containers`.
+    /// up in: `istio-init` (or `istio-validation`) and, when `native`,
+    /// `istio-proxy` under `initContainers` (in that order), a classic
+    /// `istio-proxy` under `containers`.
     pub fn placed(self, native: bool) -> Self {
-        let in_init = |c: &Container| c.name == INIT || (native && c.name == PROXY);
+        let is_init = |c: &Container| c.name == INIT || c.name == VALIDATION;
+        let in_init = |c: &Container| is_init(c) || (native && c.name == PROXY);
         let (mut init_containers, containers): (Vec<_>, Vec<_>) = self
             .containers
             .into_iter()
             .chain(self.init_containers)
             .partition(in_init);
-        init_containers.sort_by_key(|c| c.name != INIT);
+        init_containers.sort_by_key(|c| !is_init(c));
         Self {
             containers,
             init_containers,

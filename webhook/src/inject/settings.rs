@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use ferrimesh_crds::ProxyProfile;
 use ferrimesh_crds::mesh::{MeshSpec, NativeSidecars};
 use ferrimesh_crds::settings::{
-    InterceptionMode, ProxySettings, TrafficSettings, TrafficSettingsOverride,
+    CniSettings, InterceptionMode, ProxySettings, TrafficSettings, TrafficSettingsOverride,
 };
-use k8s_openapi::api::core::v1::{Pod, ResourceRequirements, Volume, VolumeMount};
+use k8s_openapi::api::core::v1::{Pod, ResourceRequirements, SeccompProfile, Volume, VolumeMount};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde_json::Value;
 
@@ -125,6 +125,10 @@ pub struct Settings {
     pub user_volumes: Vec<Volume>,
     /// Mounts from `sidecar.istio.io/userVolumeMount`, sorted by name.
     pub user_volume_mounts: Vec<VolumeMount>,
+    /// Istio CNI mode: `istio-validation` instead of `istio-init`.
+    pub cni: CniSettings,
+    /// The seccomp profile of the injected containers.
+    pub seccomp_profile: Option<SeccompProfile>,
 }
 
 struct Annotations<'a>(Option<&'a BTreeMap<String, String>>);
@@ -578,6 +582,8 @@ impl Settings {
             capture,
             user_volumes: named_entries(&a, ann::USER_VOLUME, warnings),
             user_volume_mounts: named_entries(&a, ann::USER_VOLUME_MOUNT, warnings),
+            cni: traffic.cni.clone(),
+            seccomp_profile: proxy.seccomp_profile.clone(),
         })
     }
 

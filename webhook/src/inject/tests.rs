@@ -1071,6 +1071,191 @@ fn rejects_parsed_annotations_over_the_size_limit_naming_them() {
     );
 }
 
+fn cni_mesh(native: NativeSidecars) -> MeshSpec {
+    let mut mesh = MeshSpec::default();
+    mesh.traffic.cni.enabled = true;
+    mesh.injection.native_sidecars = native;
+    mesh
+}
+
+#[test]
+fn cni_mode_injects_an_unprivileged_validation_container_instead_of_istio_init() {
+    let pod = injected(&app_pod(json!({})), &cni_mesh(NativeSidecars::Enabled));
+    let spec = pod.spec.as_ref().expect("spec");
+    assert_eq!(
+        names(spec.init_containers.as_deref().unwrap_or_default()),
+        ["istio-validation", "istio-proxy"]
+    );
+    let validation = container(&pod, "istio-validation");
+    let args = validation.args.as_deref().unwrap_or_default();
+    assert_eq!(args[0], "istio-iptables");
+    assert_eq!(
+        args[args.len() - 2..],
+        ["--run-validation", "--skip-rule-apply"]
+    );
+    let security = validation
+        .security_context
+        .as_ref()
+        .expect("securityContext");
+    let capabilities = security.capabilities.as_ref().expect("capabilities");
+    assert_eq!(capabilities.add, None);
+    assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    assert_eq!(security.run_as_user, Some(1337));
+    assert_eq!(security.run_as_group, Some(1337));
+    assert_eq!(security.run_as_non_root, Some(true));
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    let status = &pod.metadata.annotations.as_ref().expect("annotations")[ann::STATUS];
+    assert!(
+        status.starts_with(
+            r#"{"initContainers":["istio-validation","istio-proxy"],"containers":null"#
+        ),
+        "{status}"
+    );
+}
+
+#[test]
+fn cni_mode_classic_puts_validation_before_the_users_init_containers() {
+    let pod = pod(json!({
+        "metadata": {"name": "web"},
+        "spec": {
+            "initContainers": [{"name": "setup", "image": "setup:1"}],
+            "containers": [{"name": "web", "image": "web:1"}],
+        }
+    }));
+    let pod = injected(&pod, &cni_mesh(NativeSidecars::Disabled));
+    let spec = pod.spec.as_ref().expect("spec");
+    assert_eq!(
+        names(spec.init_containers.as_deref().unwrap_or_default()),
+        ["istio-validation", "setup"]
+    );
+    assert_eq!(names(&spec.containers), ["web", "istio-proxy"]);
+}
+
+#[test]
+fn cni_mode_writes_the_capture_settings_the_cni_plugin_reads() {
+    let pod = injected(
+        &app_pod(json!({
+            "traffic.sidecar.istio.io/excludeInboundPorts": "9000",
+            "traffic.sidecar.istio.io/excludeOutboundPorts": "5432",
+        })),
+        &cni_mesh(NativeSidecars::Enabled),
+    );
+    let annotations = pod.metadata.annotations.as_ref().expect("annotations");
+    let get = |key: &str| annotations.get(key).map(String::as_str);
+    assert_eq!(get(ann::INTERCEPTION_MODE), Some("REDIRECT"));
+    assert_eq!(get(ann::INCLUDE_OUTBOUND_IP_RANGES), Some("*"));
+    assert_eq!(
+        get(ann::EXCLUDE_OUTBOUND_IP_RANGES),
+        None,
+        "empty: not written"
+    );
+    assert_eq!(get(ann::INCLUDE_INBOUND_PORTS), Some("*"));
+    assert_eq!(get(ann::EXCLUDE_INBOUND_PORTS), Some("9000,15020"));
+    assert_eq!(get(ann::EXCLUDE_OUTBOUND_PORTS), Some("5432"));
+    assert_eq!(get(ann::INCLUDE_OUTBOUND_PORTS), None);
+    assert_eq!(get(cni::MULTUS_NETWORKS), None, "default provider");
+}
+
+#[test]
+fn cni_multus_appends_the_istio_cni_network_once() {
+    let mut mesh = cni_mesh(NativeSidecars::Enabled);
+    mesh.traffic.cni.provider = ferrimesh_crds::settings::CniProvider::Multus;
+    let pod = injected(&app_pod(json!({cni::MULTUS_NETWORKS: "macvlan"})), &mesh);
+    let networks = |pod: &Pod| {
+        pod.metadata.annotations.as_ref().expect("annotations")[cni::MULTUS_NETWORKS].clone()
+    };
+    assert_eq!(networks(&pod), "macvlan, default/istio-cni");
+    let again = injected(&pod, &mesh);
+    assert_eq!(networks(&again), "macvlan, default/istio-cni");
+}
+
+#[test]
+fn cni_validation_runs_as_1337_under_tproxy_and_as_the_users_proxy_otherwise() {
+    let mut mesh = cni_mesh(NativeSidecars::Enabled);
+    mesh.proxy.uid = 2000;
+    let tproxy = injected(
+        &app_pod(json!({"sidecar.istio.io/interceptionMode": "TPROXY"})),
+        &mesh,
+    );
+    let security = |pod: &Pod| {
+        let sc = container(pod, "istio-validation")
+            .security_context
+            .clone()
+            .expect("securityContext");
+        (sc.run_as_user, sc.run_as_group)
+    };
+    assert_eq!(security(&tproxy), (Some(1337), Some(1337)));
+    let overridden = pod(json!({
+        "metadata": {"name": "web"},
+        "spec": {"containers": [
+            {"name": "web", "image": "web:1"},
+            {"name": "istio-proxy", "image": "auto", "securityContext": {"runAsUser": 1500, "runAsGroup": 1501}},
+        ]}
+    }));
+    let overridden = injected(&overridden, &mesh);
+    assert_eq!(security(&overridden), (Some(1500), Some(1501)));
+    let args = container(&overridden, "istio-validation")
+        .args
+        .clone()
+        .unwrap_or_default();
+    let u = args.iter().position(|a| a == "-u").expect("-u");
+    assert_eq!(args[u + 1], "1500");
+}
+
+#[test]
+fn seccomp_profile_goes_on_both_injected_containers() {
+    let mut mesh = MeshSpec::default();
+    mesh.proxy.seccomp_profile = Some(k8s_openapi::api::core::v1::SeccompProfile {
+        type_: "RuntimeDefault".to_owned(),
+        localhost_profile: None,
+    });
+    for mesh in [mesh.clone(), {
+        let mut cni = mesh;
+        cni.traffic.cni.enabled = true;
+        cni
+    }] {
+        let pod = injected(&app_pod(json!({})), &mesh);
+        let spec = pod.spec.as_ref().expect("spec");
+        let injected_containers = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .filter(|c| c.name.starts_with("istio-"));
+        let mut count = 0;
+        for c in injected_containers {
+            count += 1;
+            let profile = c
+                .security_context
+                .as_ref()
+                .and_then(|s| s.seccomp_profile.as_ref())
+                .map(|p| p.type_.as_str());
+            assert_eq!(profile, Some("RuntimeDefault"), "{}", c.name);
+        }
+        assert_eq!(count, 2);
+    }
+}
+
+#[test]
+fn cni_mode_leaves_a_users_own_istio_init_container_alone() {
+    let pod = pod(json!({
+        "metadata": {"name": "web"},
+        "spec": {
+            "initContainers": [{"name": "istio-init", "image": "mine:1"}],
+            "containers": [{"name": "web", "image": "web:1"}],
+        }
+    }));
+    let pod = injected(&pod, &cni_mesh(NativeSidecars::Enabled));
+    let spec = pod.spec.as_ref().expect("spec");
+    assert_eq!(
+        names(spec.init_containers.as_deref().unwrap_or_default()),
+        ["istio-validation", "istio-proxy", "istio-init"]
+    );
+    assert_eq!(
+        container(&pod, "istio-init").image.as_deref(),
+        Some("mine:1")
+    );
+}
+
 #[test]
 fn stamps_the_hash_a_reader_of_the_running_pod_recomputes() {
     let mut profile = ProxyProfile::new(
