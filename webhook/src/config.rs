@@ -19,7 +19,7 @@ use kube::{Api, Client};
 
 use self::index::{Feed, Index, MeshIndex, NodeFacts, NodeIndex, ProfileIndex, ServedMesh, Shared};
 use crate::inject::settings::MeshSettings;
-use crate::manifests;
+use crate::mesh_file;
 
 /// The mesh configuration one admission needs.
 #[derive(Clone, Debug)]
@@ -62,16 +62,11 @@ pub struct FileSource {
     state: RwLock<FileConfig>,
 }
 
-fn read_file_config(mesh: &Path, profiles: &[PathBuf]) -> anyhow::Result<FileConfig> {
-    let name = mesh.display().to_string();
-    let text = std::fs::read_to_string(mesh).map_err(|e| anyhow::anyhow!("reading {name}: {e}"))?;
-    let spec = manifests::read_mesh(&name, &text)?;
+fn read_file_config(mesh: &Path, profiles: &[PathBuf]) -> crate::Result<FileConfig> {
+    let spec = mesh_file::read_mesh_file(mesh)?;
     let mut all = Vec::new();
     for path in profiles {
-        let name = path.display().to_string();
-        let text =
-            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {name}: {e}"))?;
-        all.extend(manifests::read_profiles(&name, &text)?);
+        all.extend(mesh_file::read_profile_file(path)?);
     }
     Ok(FileConfig {
         mesh: Arc::new(ServedMesh::resolve(spec, None)),
