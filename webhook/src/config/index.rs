@@ -319,10 +319,12 @@ impl Index for MeshIndex {
     type Object = ferrimesh_crds::Mesh;
 
     fn empty(&self) -> Self {
-        Self {
+        let mut empty = Self {
             meshes: BTreeMap::new(),
             ..self.clone()
-        }
+        };
+        empty.choose();
+        empty
     }
 
     fn apply(&mut self, mesh: ferrimesh_crds::Mesh) {
@@ -709,6 +711,22 @@ mod tests {
         assert_eq!(shared.read().served().spec.mesh_id, "m-gen1");
         feed.handle(Event::InitDone);
         assert_eq!(shared.read().served().spec.mesh_id, "n-gen1");
+    }
+
+    #[test]
+    fn a_mesh_relist_without_meshes_serves_the_defaults() {
+        let (shared, mut feed) = feed(MeshIndex::new("default"));
+        feed.handle(Event::Apply(mesh(
+            "m",
+            "default",
+            "2026-01-01T00:00:00Z",
+            1,
+        )));
+        feed.handle(Event::Init);
+        feed.handle(Event::InitDone);
+        let served = shared.read().served();
+        assert!(served.warning.is_some());
+        assert_eq!(served.spec.mesh_id, MeshSpec::default().mesh_id);
     }
 
     #[test]
