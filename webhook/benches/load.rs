@@ -222,17 +222,21 @@ impl Connection {
 
     /// Posts the review; whether a 2xx answer came back whole.
     async fn post(&mut self, body: &Bytes) -> bool {
+        self.answer(body).await.is_some()
+    }
+
+    /// Posts the review; the body of a 2xx answer that came back whole.
+    async fn answer(&mut self, body: &Bytes) -> Option<Bytes> {
         let request = Request::post("/inject")
             .header(header::HOST, "localhost")
             .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body.clone()));
-        let Ok(request) = request else { return false };
-        match self.0.send_request(request).await {
-            Ok(response) => {
-                response.status().is_success() && response.into_body().collect().await.is_ok()
-            }
-            Err(_) => false,
+            .body(Full::new(body.clone()))
+            .ok()?;
+        let response = self.0.send_request(request).await.ok()?;
+        if !response.status().is_success() {
+            return None;
         }
+        Some(response.into_body().collect().await.ok()?.to_bytes())
     }
 }
 
@@ -356,25 +360,27 @@ const OPEN_LOOP_CONNECTIONS: usize = 64;
 
 /// What one series of runs measured.
 struct Figures {
+    /// The webhook's answer to the review.
+    answer: Bytes,
     throughput: f64,
     cpu_per_admission_us: f64,
     p99_ms: [f64; 2],
 }
 
 /// Waits until the webhook answers a review (it is ready: the cluster
-/// webhook answers only once its watches have listed).
+/// webhook answers only once its watches have listed); its answer.
 async fn wait_answering(
     server: &Server,
     tls: &Arc<rustls::ClientConfig>,
     body: &Bytes,
     wait: Duration,
-) {
+) -> Bytes {
     let deadline = Instant::now() + wait;
     loop {
         if let Ok(mut probe) = Connection::open(server.addr, Arc::clone(tls)).await
-            && probe.post(body).await
+            && let Some(answer) = probe.answer(body).await
         {
-            return;
+            return answer;
         }
         assert!(Instant::now() < deadline, "the webhook did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -384,7 +390,7 @@ async fn wait_answering(
 /// The closed loop and the open loops against `server`, printed.
 async fn measure(server: &Server, body: &Bytes, connections: usize, seconds: u64) -> Figures {
     let tls = tls_config(&server.ca_pem);
-    wait_answering(server, &tls, body, Duration::from_secs(120)).await;
+    let answer = wait_answering(server, &tls, body, Duration::from_secs(120)).await;
     let pool = open_all(server.addr, &tls, connections).await;
     let (server_before, generator_before) =
         (cpu_time(server.child.id()), cpu_time(std::process::id()));
@@ -417,6 +423,7 @@ async fn measure(server: &Server, body: &Bytes, connections: usize, seconds: u64
         rss_kib(server.child.id(), "VmHWM:") as f64 / 1024.0
     );
     Figures {
+        answer,
         throughput,
         cpu_per_admission_us: server_cpu * 1e6 / (ok.max(1) as f64),
         p99_ms,
@@ -683,6 +690,17 @@ mod cluster {
             synced_peak as f64 / 1024.0
         );
         let cluster: Figures = measure(&server, &body, connections, seconds).await;
+        anyhow::ensure!(
+            cluster.answer == file.answer,
+            "the two webhooks answer the review differently:\n{:?}\n{:?}",
+            file.answer,
+            cluster.answer
+        );
+        let answer: Value = serde_json::from_slice(&cluster.answer)?;
+        anyhow::ensure!(
+            answer.pointer("/response/patch").is_some(),
+            "the pod was not injected: {answer}"
+        );
         println!(
             "cluster against file: throughput {}, server CPU per admission {}, p99 at 1,000 rps {}, at 2,000 rps {}",
             ratio(cluster.throughput, file.throughput),
