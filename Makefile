@@ -88,6 +88,10 @@ bench: ## Criterion benchmarks of inject + patch (see docs/benchmarks.md)
 bench-webhook: ## Load test of the release webhook binary over TLS (see docs/benchmarks.md)
 	$(CARGO) bench -p ferrimesh-webhook --bench load
 
+.PHONY: bench-webhook-cluster
+bench-webhook-cluster: ## The load test with the webhook watching a local control plane of 5,000 Nodes, 1,000 namespaces, 2,000 ProxyProfiles and 3 Meshes, against --mesh-file (see docs/benchmarks.md)
+	LOAD_CLUSTER=1 $(CARGO) bench -p ferrimesh-webhook --bench load
+
 .PHONY: bench-abuse
 bench-abuse: ## The release webhook under each hostile-client and hostile-pod attack, a well-behaved client alongside; fails when a bound breaks (ABUSE_SECONDS=20; see docs/reliability.md)
 	$(CARGO) bench -p ferrimesh-webhook --bench abuse

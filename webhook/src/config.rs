@@ -1,30 +1,36 @@
 //! Where the webhook's mesh configuration comes from: a Mesh file (local runs
-//! and tests) or the cluster (reflectors on Mesh, ProxyProfile and Node).
-//! Either way the admission path reads in-memory state only: no API call per
-//! request.
+//! and tests) or the cluster (watches on Mesh, ProxyProfile and Node).
+//! Either way the admission path reads precomputed indexes ([`index`]): no
+//! API call and no scan of a cache per request.
+
+pub mod index;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use ferrimesh_crds::ProxyProfile;
 use ferrimesh_crds::mesh::MeshSpec;
-use ferrimesh_crds::{Mesh, ProxyProfile};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::Event;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
-use crate::manifests;
+use self::index::{Feed, Index, MeshIndex, NodeFacts, NodeIndex, ProfileIndex, ServedMesh, Shared};
+use crate::inject::settings::MeshSettings;
+use crate::mesh_file;
 
 /// The mesh configuration one admission needs.
 #[derive(Clone, Debug)]
 pub struct View {
     /// The Mesh serving this webhook's revision.
     pub mesh: Arc<MeshSpec>,
+    /// Its Mesh-wide settings, resolved once per Mesh generation; `None`
+    /// when the Mesh is refused (the engine then reports why).
+    pub mesh_settings: Option<Arc<MeshSettings>>,
     /// The ProxyProfiles of the pod's namespace.
-    pub profiles: Vec<ProxyProfile>,
+    pub profiles: Arc<Vec<ProxyProfile>>,
     /// What `nativeSidecars: Auto` resolves to for the pod.
     pub native_sidecars_supported: bool,
     /// A note for the admission response, when the configuration is not what
@@ -42,29 +48,30 @@ pub trait ConfigSource: Send + Sync + 'static {
     fn is_ready(&self) -> bool;
 }
 
+/// The configuration read from files, indexed as the cluster's is.
+struct FileConfig {
+    mesh: Arc<ServedMesh>,
+    profiles: Arc<ProfileIndex>,
+}
+
 /// Mesh and ProxyProfiles from files, re-read when they change.
 pub struct FileSource {
     mesh_path: PathBuf,
     profile_paths: Vec<PathBuf>,
     native_sidecars_supported: bool,
-    state: RwLock<(Arc<MeshSpec>, Arc<Vec<ProxyProfile>>)>,
+    state: RwLock<FileConfig>,
 }
 
-fn read_file_config(
-    mesh: &Path,
-    profiles: &[PathBuf],
-) -> anyhow::Result<(MeshSpec, Vec<ProxyProfile>)> {
-    let name = mesh.display().to_string();
-    let text = std::fs::read_to_string(mesh).map_err(|e| anyhow::anyhow!("reading {name}: {e}"))?;
-    let spec = manifests::read_mesh(&name, &text)?;
+fn read_file_config(mesh: &Path, profiles: &[PathBuf]) -> crate::Result<FileConfig> {
+    let spec = mesh_file::read_mesh_file(mesh)?;
     let mut all = Vec::new();
     for path in profiles {
-        let name = path.display().to_string();
-        let text =
-            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {name}: {e}"))?;
-        all.extend(manifests::read_profiles(&name, &text)?);
+        all.extend(mesh_file::read_profile_file(path)?);
     }
-    Ok((spec, all))
+    Ok(FileConfig {
+        mesh: Arc::new(ServedMesh::resolve(spec, None)),
+        profiles: Arc::new(ProfileIndex::of(all)),
+    })
 }
 
 impl FileSource {
@@ -74,12 +81,12 @@ impl FileSource {
         profile_paths: Vec<PathBuf>,
         native_sidecars_supported: bool,
     ) -> anyhow::Result<Arc<Self>> {
-        let (mesh, profiles) = read_file_config(&mesh_path, &profile_paths)?;
+        let state = read_file_config(&mesh_path, &profile_paths)?;
         Ok(Arc::new(Self {
             mesh_path,
             profile_paths,
             native_sidecars_supported,
-            state: RwLock::new((Arc::new(mesh), Arc::new(profiles))),
+            state: RwLock::new(state),
         }))
     }
 
@@ -97,11 +104,9 @@ impl FileSource {
                 }
                 last = now;
                 match read_file_config(&source.mesh_path, &source.profile_paths) {
-                    Ok((mesh, profiles)) => {
+                    Ok(config) => {
                         tracing::info!(file = %source.mesh_path.display(), "mesh configuration reloaded");
-                        if let Ok(mut state) = source.state.write() {
-                            *state = (Arc::new(mesh), Arc::new(profiles));
-                        }
+                        *source.state.write().unwrap_or_else(|p| p.into_inner()) = config;
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "mesh configuration not reloaded; keeping the previous one")
@@ -127,20 +132,11 @@ pub fn stamp(first: &Path, rest: &[PathBuf]) -> Vec<Option<(u64, std::time::Syst
 
 impl ConfigSource for FileSource {
     fn view(&self, namespace: &str, _node: Option<&str>) -> View {
-        let (mesh, profiles) = match self.state.read() {
-            Ok(state) => (Arc::clone(&state.0), Arc::clone(&state.1)),
-            Err(poisoned) => {
-                let state = poisoned.into_inner();
-                (Arc::clone(&state.0), Arc::clone(&state.1))
-            }
-        };
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
         View {
-            mesh,
-            profiles: profiles
-                .iter()
-                .filter(|p| p.metadata.namespace.as_deref() == Some(namespace))
-                .cloned()
-                .collect(),
+            mesh: Arc::clone(&state.mesh.spec),
+            mesh_settings: state.mesh.settings.clone(),
+            profiles: state.profiles.in_namespace(namespace),
             native_sidecars_supported: self.native_sidecars_supported,
             warning: None,
         }
@@ -153,20 +149,27 @@ impl ConfigSource for FileSource {
 
 /// A configuration that never changes: one Mesh, no ProxyProfiles, native
 /// sidecars supported. For benchmarks, fuzzing and embedding the engine.
-pub struct FixedSource(Arc<MeshSpec>);
+pub struct FixedSource {
+    mesh: ServedMesh,
+    profiles: Arc<Vec<ProxyProfile>>,
+}
 
 impl FixedSource {
     /// Serves `mesh` to every request.
     pub fn new(mesh: MeshSpec) -> Self {
-        Self(Arc::new(mesh))
+        Self {
+            mesh: ServedMesh::resolve(mesh, None),
+            profiles: Arc::default(),
+        }
     }
 }
 
 impl ConfigSource for FixedSource {
     fn view(&self, _namespace: &str, _node: Option<&str>) -> View {
         View {
-            mesh: Arc::clone(&self.0),
-            profiles: Vec::new(),
+            mesh: Arc::clone(&self.mesh.spec),
+            mesh_settings: self.mesh.settings.clone(),
+            profiles: Arc::clone(&self.profiles),
             native_sidecars_supported: true,
             warning: None,
         }
@@ -177,104 +180,72 @@ impl ConfigSource for FixedSource {
     }
 }
 
-/// Mesh, ProxyProfiles and Nodes from the cluster, kept current by watches.
+/// Mesh, ProxyProfiles and Nodes from the cluster, kept current by
+/// watches whose events update the indexes an admission reads.
 pub struct ClusterSource {
-    revision: String,
-    meshes: Store<Mesh>,
-    profiles: Store<ProxyProfile>,
-    nodes: Store<Node>,
-    ready: Arc<AtomicBool>,
+    meshes: Arc<Shared<MeshIndex>>,
+    profiles: Arc<Shared<ProfileIndex>>,
+    nodes: Arc<Shared<NodeIndex>>,
 }
 
-/// The oldest kubelet minor version with native sidecars on by default.
-const NATIVE_SIDECAR_MINOR: u64 = 33;
-
-/// Whether a kubelet version string (`v1.33.2`, `v1.34.0-gke.1`) is 1.33+.
-pub fn kubelet_supports_native_sidecars(version: &str) -> bool {
-    let mut parts = version.trim_start_matches('v').split('.');
-    let major = parts.next().and_then(|p| p.parse::<u64>().ok());
-    let minor = parts.next().and_then(|p| {
-        p.chars()
-            .take_while(char::is_ascii_digit)
-            .collect::<String>()
-            .parse::<u64>()
-            .ok()
-    });
-    matches!((major, minor), (Some(major), Some(minor)) if major > 1 || (major == 1 && minor >= NATIVE_SIDECAR_MINOR))
+/// Runs a watch for good, feeding its events (as `reduce` makes them) to
+/// `index`; errors are logged and the watcher retries with backoff.
+fn spawn_feed<K, I>(
+    kind: &'static str,
+    api: Api<K>,
+    index: &Arc<Shared<I>>,
+    reduce: impl Fn(K) -> I::Object + Send + 'static,
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    I: Index + Send + Sync + 'static,
+    I::Object: Send,
+{
+    let mut feed = Feed::new(Arc::clone(index));
+    let events = watcher(api, watcher::Config::default()).default_backoff();
+    let shared = Arc::clone(index);
+    tokio::spawn(events.for_each(move |result| {
+        match result {
+            Ok(event) => {
+                let was_synced = shared.is_synced();
+                feed.handle(map_event(event, &reduce));
+                if !was_synced && shared.is_synced() {
+                    tracing::info!(kind, "watch synced");
+                }
+            }
+            Err(e) => tracing::warn!(kind, error = %e, "watch error; retrying with backoff"),
+        }
+        futures::future::ready(())
+    }));
 }
 
-fn node_supports(node: &Node) -> bool {
-    node.status
-        .as_ref()
-        .and_then(|s| s.node_info.as_ref())
-        .is_some_and(|info| kubelet_supports_native_sidecars(&info.kubelet_version))
+fn map_event<K, T>(event: Event<K>, f: impl Fn(K) -> T) -> Event<T> {
+    match event {
+        Event::Apply(object) => Event::Apply(f(object)),
+        Event::Delete(object) => Event::Delete(f(object)),
+        Event::Init => Event::Init,
+        Event::InitApply(object) => Event::InitApply(f(object)),
+        Event::InitDone => Event::InitDone,
+    }
 }
 
 impl ClusterSource {
     /// Starts the watches; the source turns ready once all have listed.
     pub fn start(client: Client, revision: &str) -> Arc<Self> {
-        let (meshes, mesh_writer) = reflector::store();
-        let (profiles, profile_writer) = reflector::store();
-        let (nodes, node_writer) = reflector::store();
-        let config = watcher::Config::default();
-        let mesh_stream = watcher(Api::<Mesh>::all(client.clone()), config.clone())
-            .default_backoff()
-            .reflect(mesh_writer)
-            .applied_objects();
-        let profile_stream = watcher(Api::<ProxyProfile>::all(client.clone()), config.clone())
-            .default_backoff()
-            .reflect(profile_writer)
-            .applied_objects();
-        // Nodes are large; keep only what the kubelet version check reads.
-        let node_stream = watcher(Api::<Node>::all(client), config)
-            .default_backoff()
-            .modify(|node: &mut Node| {
-                node.metadata.managed_fields = None;
-                node.metadata.annotations = None;
-                node.spec = None;
-                if let Some(status) = node.status.as_mut() {
-                    status.images = None;
-                    status.conditions = None;
-                    status.volumes_attached = None;
-                    status.volumes_in_use = None;
-                }
-            })
-            .reflect(node_writer)
-            .applied_objects();
-        for (kind, stream) in [
-            ("Mesh", mesh_stream.map(|r| r.map(|_| ())).boxed()),
-            (
-                "ProxyProfile",
-                profile_stream.map(|r| r.map(|_| ())).boxed(),
-            ),
-            ("Node", node_stream.map(|r| r.map(|_| ())).boxed()),
-        ] {
-            tokio::spawn(stream.for_each(move |result| async move {
-                if let Err(e) = result {
-                    tracing::warn!(kind, error = %e, "watch error; retrying with backoff");
-                }
-            }));
-        }
-        let ready = Arc::new(AtomicBool::new(false));
         let source = Arc::new(Self {
-            revision: revision.to_owned(),
-            meshes,
-            profiles,
-            nodes,
-            ready,
+            meshes: Shared::new(MeshIndex::new(revision)),
+            profiles: Shared::new(ProfileIndex::default()),
+            nodes: Shared::new(NodeIndex::default()),
         });
-        let waiting = Arc::clone(&source);
-        tokio::spawn(async move {
-            let synced = futures::future::try_join3(
-                waiting.meshes.wait_until_ready(),
-                waiting.profiles.wait_until_ready(),
-                waiting.nodes.wait_until_ready(),
-            )
-            .await;
-            if synced.is_ok() {
-                tracing::info!("Mesh, ProxyProfile and Node watches synced");
-                waiting.ready.store(true, Ordering::Release);
-            }
+        spawn_feed("Mesh", Api::all(client.clone()), &source.meshes, |m| m);
+        spawn_feed(
+            "ProxyProfile",
+            Api::all(client.clone()),
+            &source.profiles,
+            |p| p,
+        );
+        // A Node is reduced to its name and kubelet support as it arrives.
+        spawn_feed("Node", Api::<Node>::all(client), &source.nodes, |n| {
+            NodeFacts::from(&n)
         });
         source
     }
@@ -282,71 +253,24 @@ impl ClusterSource {
 
 impl ConfigSource for ClusterSource {
     fn view(&self, namespace: &str, node: Option<&str>) -> View {
-        let mut meshes: Vec<Arc<Mesh>> = self
-            .meshes
-            .state()
-            .into_iter()
-            .filter(|m| m.spec.revision == self.revision)
-            .collect();
-        meshes.sort_by(|a, b| {
-            a.metadata
-                .creation_timestamp
-                .cmp(&b.metadata.creation_timestamp)
-        });
-        let (mesh, warning) = match meshes.first() {
-            Some(mesh) => (Arc::new(mesh.spec.clone()), None),
-            None => {
-                let spec = MeshSpec {
-                    revision: self.revision.clone(),
-                    ..MeshSpec::default()
-                };
-                let note = format!(
-                    "no Mesh serves revision {}; Mesh defaults apply",
-                    self.revision
-                );
-                (Arc::new(spec), Some(note))
-            }
-        };
-        let profiles = self
-            .profiles
-            .state()
-            .into_iter()
-            .filter(|p| p.metadata.namespace.as_deref() == Some(namespace))
-            .map(|p| (*p).clone())
-            .collect();
-        let nodes = self.nodes.state();
-        let native_sidecars_supported = match node {
-            Some(name) => nodes
-                .iter()
-                .find(|n| n.metadata.name.as_deref() == Some(name))
-                .is_none_or(|n| node_supports(n)),
-            None => nodes.iter().all(|n| node_supports(n)),
-        };
+        let mesh = self.meshes.read().served();
         View {
-            mesh,
-            profiles,
-            native_sidecars_supported,
-            warning,
+            mesh: Arc::clone(&mesh.spec),
+            mesh_settings: mesh.settings.clone(),
+            profiles: self.profiles.read().in_namespace(namespace),
+            native_sidecars_supported: self.nodes.read().native_sidecars_supported(node),
+            warning: mesh.warning.clone(),
         }
     }
 
     fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.meshes.is_synced() && self.profiles.is_synced() && self.nodes.is_synced()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_kubelet_versions() {
-        assert!(kubelet_supports_native_sidecars("v1.33.0"));
-        assert!(kubelet_supports_native_sidecars("v1.36.3-eks.1"));
-        assert!(kubelet_supports_native_sidecars("v2.0.0"));
-        assert!(!kubelet_supports_native_sidecars("v1.32.9"));
-        assert!(!kubelet_supports_native_sidecars("garbage"));
-    }
 
     #[test]
     fn file_source_filters_profiles_by_namespace() {

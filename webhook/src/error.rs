@@ -37,6 +37,26 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
+    /// A Mesh or ProxyProfile file holds something other than what it should.
+    #[error("{file}: document {document}{}: {message}", .object.as_ref().map(|o| format!(" ({o})")).unwrap_or_default())]
+    ConfigFile {
+        /// The file's name as given.
+        file: String,
+        /// Index of the YAML document, from 0.
+        document: usize,
+        /// `Kind/name` of the object, when known.
+        object: Option<String>,
+        /// Why, naming the field where there is one.
+        message: String,
+    },
+    /// A Mesh or ProxyProfile file that cannot be read.
+    #[error("reading {file}: {reason}")]
+    ConfigFileUnreadable {
+        /// The file's name as given.
+        file: String,
+        /// The operating system's reason.
+        reason: String,
+    },
     /// The pod cannot be injected as it stands.
     #[error("pod cannot be injected: {0}")]
     InvalidPod(String),

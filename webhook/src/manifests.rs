@@ -13,16 +13,16 @@ use std::io::BufRead;
 
 use ferrimesh_crds::ProxyProfile;
 use ferrimesh_crds::ambient::{ambient_request, injected_ambient_warning};
-use ferrimesh_crds::mesh::{Mesh, MeshSpec};
+use ferrimesh_crds::mesh::MeshSpec;
 use ferrimesh_crds::selection::{SYSTEM_NAMESPACES, selecting_entry};
 use k8s_openapi::api::core::v1::Pod;
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::inject::decision::Decision;
 use crate::inject::workload::Workload;
 use crate::inject::{Environment, Request, inject};
+use crate::mesh_file::{object_name, typed};
 use crate::patch;
 
 /// Where in the input a problem is: file, document index and object.
@@ -185,111 +185,6 @@ fn parse_documents(
         });
     }
     Ok(index)
-}
-
-/// The non-empty YAML documents of `input`.
-fn documents(file: &str, input: &str) -> Result<Vec<Parsed>, ManifestError> {
-    let mut out = Vec::new();
-    let mut index = 0;
-    for text in DocumentTexts::new(input.as_bytes()) {
-        let text = text.map_err(|e| ManifestError {
-            location: Location {
-                file: file.to_owned(),
-                document: index,
-                object: None,
-            },
-            message: format!("reading: {e}"),
-        })?;
-        index = parse_documents(file, &text, index, &mut out)?;
-    }
-    Ok(out)
-}
-
-/// Deserialises with the failing field's path in the error.
-fn typed<T: DeserializeOwned>(value: Value) -> Result<T, String> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path == "." {
-            inner.to_string()
-        } else {
-            format!("field {path}: {inner}")
-        }
-    })
-}
-
-/// Reads a `--mesh` file: exactly one `Mesh`.
-pub fn read_mesh(file: &str, input: &str) -> Result<MeshSpec, ManifestError> {
-    let docs: Vec<Value> = documents(file, input)?
-        .into_iter()
-        .map(|d| d.json)
-        .collect();
-    let location = |document, object| Location {
-        file: file.to_owned(),
-        document,
-        object,
-    };
-    let [doc] = docs.as_slice() else {
-        return Err(ManifestError {
-            location: location(0, None),
-            message: format!("expected exactly one Mesh, found {} documents", docs.len()),
-        });
-    };
-    let object = object_name(doc);
-    if doc.get("kind").and_then(Value::as_str) != Some("Mesh") {
-        return Err(ManifestError {
-            location: location(0, object),
-            message: "expected kind Mesh".into(),
-        });
-    }
-    typed::<Mesh>(doc.clone())
-        .map(|m| m.spec)
-        .map_err(|message| ManifestError {
-            location: location(0, object),
-            message,
-        })
-}
-
-/// Reads a `--profile` file: one or more `ProxyProfile`s.
-pub fn read_profiles(file: &str, input: &str) -> Result<Vec<ProxyProfile>, ManifestError> {
-    documents(file, input)?
-        .into_iter()
-        .map(
-            |Parsed {
-                 index: document,
-                 json: doc,
-                 ..
-             }| {
-                let location = Location {
-                    file: file.to_owned(),
-                    document,
-                    object: object_name(&doc),
-                };
-                if doc.get("kind").and_then(Value::as_str) != Some("ProxyProfile") {
-                    return Err(ManifestError {
-                        location,
-                        message: "expected kind ProxyProfile".into(),
-                    });
-                }
-                let mut profile: ProxyProfile =
-                    typed(doc).map_err(|message| ManifestError { location, message })?;
-                profile
-                    .metadata
-                    .namespace
-                    .get_or_insert_with(|| "default".to_owned());
-                Ok(profile)
-            },
-        )
-        .collect()
-}
-
-fn object_name(doc: &Value) -> Option<String> {
-    let kind = doc.get("kind").and_then(Value::as_str)?;
-    let name = doc
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    Some(format!("{kind}/{name}"))
 }
 
 /// The JSON pointer of the pod template of a workload kind; `Some("")` for
@@ -904,15 +799,5 @@ mod tests {
             message.starts_with("app.yaml: document 1: YAML anchors and aliases are not accepted"),
             "{message}"
         );
-    }
-
-    #[test]
-    fn reads_mesh_and_profile_files_with_clear_errors() {
-        assert!(read_mesh("m.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n").is_err());
-        let err = read_mesh("m.yaml", "kind: Mesh\napiVersion: mesh.ferrimesh.io/v1alpha1\nmetadata: {name: m}\nspec: {proxy: {statusPort: many}}\n")
-            .expect_err("bad");
-        assert!(err.to_string().contains("spec.proxy.statusPort"), "{err}");
-        let profiles = read_profiles("p.yaml", "kind: ProxyProfile\napiVersion: mesh.ferrimesh.io/v1alpha1\nmetadata: {name: p}\nspec: {}\n").expect("ok");
-        assert_eq!(profiles[0].metadata.namespace.as_deref(), Some("default"));
     }
 }

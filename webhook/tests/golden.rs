@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use ferrimesh_webhook::manifests::{self, MeshConfig, Run};
+use ferrimesh_webhook::mesh_file;
 
 fn testdata() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/inject")
@@ -38,13 +39,13 @@ fn config(case: &Path) -> MeshConfig {
     let mesh = sibling(case, "mesh.yaml");
     if mesh.exists() {
         let text = std::fs::read_to_string(&mesh).expect("mesh");
-        config.mesh = manifests::read_mesh(&mesh.display().to_string(), &text).expect("valid mesh");
+        config.mesh = mesh_file::read_mesh(&mesh.display().to_string(), &text).expect("valid mesh");
     }
     let profile = sibling(case, "profile.yaml");
     if profile.exists() {
         let text = std::fs::read_to_string(&profile).expect("profile");
         config.profiles =
-            manifests::read_profiles(&profile.display().to_string(), &text).expect("valid profile");
+            mesh_file::read_profiles(&profile.display().to_string(), &text).expect("valid profile");
     }
     config
 }

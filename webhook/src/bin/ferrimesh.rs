@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use ferrimesh_webhook::manifests::{self, MeshConfig, Run};
+use ferrimesh_webhook::mesh_file;
 
 // Injection allocates many small JSON nodes; mimalloc does that about twice
 // as fast as the system allocator (docs/benchmarks.md).
@@ -155,13 +156,13 @@ impl Input {
         let mut config = MeshConfig::default();
         if let Some(path) = &self.mesh {
             let (name, text) = read(path)?;
-            config.mesh = manifests::read_mesh(&name, &text)?;
+            config.mesh = mesh_file::read_mesh(&name, &text)?;
         }
         for path in &self.profiles {
             let (name, text) = read(path)?;
             config
                 .profiles
-                .extend(manifests::read_profiles(&name, &text)?);
+                .extend(mesh_file::read_profiles(&name, &text)?);
         }
         Ok(config)
     }

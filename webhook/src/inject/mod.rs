@@ -34,7 +34,7 @@ use self::annotations as ann;
 use self::containers::{INIT, PROXY, PodFacts};
 use self::decision::{Decision, decide};
 use self::overrides::{Overrides, canonicalize_resources, merge_json, overlay};
-use self::settings::{Settings, select_profiles};
+use self::settings::{MeshSettings, Settings, select_profiles};
 use self::status::SidecarStatus;
 use self::templates::{Base, spire};
 use self::workload::Workload;
@@ -129,6 +129,16 @@ pub struct Injection {
 
 /// Decides, and injects when the decision says so.
 pub fn inject(request: &Request<'_>) -> Result<Injection> {
+    inject_with(request, None)
+}
+
+/// [`inject`] with the Mesh-wide settings already resolved for
+/// `request.mesh` (a webhook resolves them once per Mesh generation);
+/// `None` resolves them here.
+pub fn inject_with(
+    request: &Request<'_>,
+    mesh_settings: Option<&MeshSettings>,
+) -> Result<Injection> {
     let mut warnings = Vec::new();
     let decision = decide(
         request.pod,
@@ -164,9 +174,18 @@ pub fn inject(request: &Request<'_>) -> Result<Injection> {
         warnings.push(ambient::injected_ambient_warning(source));
     }
     let profiles = select_profiles(request.pod, request.profiles, &mut warnings);
+    let resolved;
+    let mesh_settings = match mesh_settings {
+        Some(settings) => settings,
+        None => {
+            resolved = MeshSettings::resolve(request.mesh)?;
+            &resolved
+        }
+    };
     let settings = Settings::resolve(
         request.pod,
         request.mesh,
+        mesh_settings,
         &profiles,
         request.environment,
         &mut warnings,

@@ -308,8 +308,6 @@ fn annotation_resources(a: &Annotations<'_>) -> Result<Option<ResourceRequiremen
     }))
 }
 
-/// Parses a JSON map annotation (`userVolume`, `userVolumeMount`) whose keys
-/// become the `name` of each entry; an unusable value is a warning.
 /// The Mesh's `injection.defaultTemplates` (empty: `[sidecar]`, as in
 /// Istio).
 fn default_templates(origin: &str, names: &[String]) -> Result<Templates> {
@@ -324,6 +322,8 @@ fn default_templates(origin: &str, names: &[String]) -> Result<Templates> {
     })
 }
 
+/// Parses a JSON map annotation (`userVolume`, `userVolumeMount`) whose keys
+/// become the `name` of each entry; an unusable value is a warning.
 fn named_entries<T: serde::de::DeserializeOwned>(
     a: &Annotations<'_>,
     name: &str,
@@ -354,21 +354,45 @@ fn named_entries<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// The part of the settings that depends on the Mesh alone: its proxy and
+/// traffic settings checked, its resources in canonical form and its
+/// default templates. It is the
+/// same for every pod a Mesh generation serves, so the webhook resolves it
+/// once per generation rather than once per admission.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MeshSettings {
+    resources: ResourceRequirements,
+    default_templates: Templates,
+}
+
+impl MeshSettings {
+    /// Checks `mesh` and canonicalises its resources; the error names the
+    /// first field the injector refuses.
+    pub fn resolve(mesh: &MeshSpec) -> Result<Self> {
+        let origin = format!("Mesh (revision {})", mesh.revision);
+        check_proxy(&origin, &mesh.proxy)?;
+        check_traffic(&origin, &as_override(&mesh.traffic))?;
+        Ok(Self {
+            resources: canonical_resources(&mesh.proxy.resources, &origin)?,
+            default_templates: default_templates(&origin, &mesh.injection.default_templates)?,
+        })
+    }
+}
+
 impl Settings {
-    /// Resolves the settings for `pod`, which the decision says to inject.
+    /// Resolves the settings for `pod`, which the decision says to inject;
+    /// `mesh_settings` is [`MeshSettings::resolve`] of `mesh`.
     pub fn resolve(
         pod: &Pod,
         mesh: &MeshSpec,
+        mesh_settings: &MeshSettings,
         profiles: &[&ProxyProfile],
         env: &Environment,
         warnings: &mut Vec<String>,
     ) -> Result<Self> {
-        let mesh_origin = format!("Mesh (revision {})", mesh.revision);
-        check_proxy(&mesh_origin, &mesh.proxy)?;
-        check_traffic(&mesh_origin, &as_override(&mesh.traffic))?;
         let mut proxy = mesh.proxy.clone();
         let mut traffic = mesh.traffic.clone();
-        let mut resources = canonical_resources(&mesh.proxy.resources, &mesh_origin)?;
+        let mut resources = mesh_settings.resources.clone();
         for profile in profiles {
             let origin = format!("ProxyProfile {}", profile.display_name());
             check_traffic(&origin, &profile.spec.traffic)?;
@@ -386,7 +410,7 @@ impl Settings {
         let a = Annotations(pod.metadata.annotations.as_ref());
         let templates = match a.checked(ann::TEMPLATES, Templates::parse)? {
             Some(templates) => templates,
-            None => default_templates(&mesh_origin, &mesh.injection.default_templates)?,
+            None => mesh_settings.default_templates,
         };
         let config = a
             .checked(ann::PROXY_CONFIG, ProxyConfig::parse)?
@@ -660,5 +684,85 @@ impl Settings {
                 &traffic.exclude_interfaces,
             ),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Container;
+    use serde_json::json;
+
+    use super::*;
+    use crate::inject::{Request, inject, inject_with};
+
+    fn mesh_with_cpu_request(cpu: &str) -> MeshSpec {
+        let mut mesh = MeshSpec::default();
+        mesh.proxy.resources.requests = Some(BTreeMap::from([(
+            "cpu".to_owned(),
+            Quantity(cpu.to_owned()),
+        )]));
+        mesh
+    }
+
+    #[test]
+    fn mesh_settings_refuse_an_invalid_mesh_naming_the_field() {
+        let mut mesh = MeshSpec::default();
+        mesh.traffic.exclude_outbound_ip_ranges = "10.0.0.0/40".into();
+        let error = MeshSettings::resolve(&mesh)
+            .expect_err("an invalid CIDR is refused")
+            .to_string();
+        assert!(
+            error.contains("traffic.excludeOutboundIPRanges") && error.contains("10.0.0.0/40"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn mesh_settings_hold_the_mesh_resources_in_canonical_form() {
+        let settings = MeshSettings::resolve(&mesh_with_cpu_request("0.5")).expect("valid");
+        let cpu = settings
+            .resources
+            .requests
+            .as_ref()
+            .and_then(|r| r.get("cpu"));
+        assert_eq!(cpu, Some(&Quantity("500m".to_owned())));
+    }
+
+    #[test]
+    fn injecting_with_resolved_mesh_settings_gives_what_inject_gives() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"containers": [{"name": "web", "image": "web:1"}]}
+        }))
+        .expect("pod");
+        let mesh = mesh_with_cpu_request("0.5");
+        let environment = Environment::default();
+        let request = Request {
+            pod: &pod,
+            namespace: "shop",
+            mesh: &mesh,
+            profiles: &[],
+            environment: &environment,
+            workload: None,
+        };
+        let settings = MeshSettings::resolve(&mesh).expect("valid");
+        let with = inject_with(&request, Some(&settings)).expect("injects");
+        assert_eq!(with, inject(&request).expect("injects"));
+        let proxy: Option<&Container> =
+            with.pod
+                .as_ref()
+                .and_then(|p| p.spec.as_ref())
+                .and_then(|s| {
+                    s.init_containers
+                        .iter()
+                        .flatten()
+                        .chain(&s.containers)
+                        .find(|c| c.name == "istio-proxy")
+                });
+        let cpu = proxy
+            .and_then(|c| c.resources.as_ref())
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|r| r.get("cpu"));
+        assert_eq!(cpu, Some(&Quantity("500m".to_owned())));
     }
 }

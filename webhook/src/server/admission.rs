@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 
 use super::metrics::Metrics;
 use crate::config::ConfigSource;
-use crate::inject::{Environment, Request, inject};
+use crate::inject::{Environment, Request, inject_with};
 use crate::patch;
 
 /// An HTTP-level failure: the review could not even be read, or the
@@ -317,7 +317,7 @@ fn answer(
             "admission"
         );
     };
-    match inject(&engine_request) {
+    match inject_with(&engine_request, view.mesh_settings.as_deref()) {
         Err(e) => {
             log_pod("rejected", &e.to_string());
             let message = format!("ferrimesh sidecar injector: {e}");
