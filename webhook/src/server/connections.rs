@@ -2,7 +2,7 @@
 //! `max_connections` are open at once (past it, a new one is closed as soon
 //! as it is accepted), and the CPU-heavy step of a TLS handshake (the key
 //! exchange and the signature, done on the client's first message) runs on
-//! a few blocking threads, one handshake each at a time, never on the
+//! a few threads of its own, one handshake each at a time, never on the
 //! threads that serve requests. A flood of new connections then waits its
 //! turn for those threads, while the requests of clients already connected
 //! with keep-alive (the API server) are served at once.
@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use axum_server::accept::Accept;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 
@@ -49,21 +49,50 @@ impl Closed {
     }
 }
 
+/// Work for a handshake thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Starts `count` threads that run the jobs sent on the returned channel,
+/// in turn; they end when every sender is dropped.
+fn start_handshake_threads(count: usize) -> io::Result<mpsc::Sender<Job>> {
+    let (jobs, queue) = mpsc::channel::<Job>();
+    let queue = Arc::new(Mutex::new(queue));
+    for n in 0..count.max(1) {
+        let queue = Arc::clone(&queue);
+        std::thread::Builder::new()
+            .name(format!("tls-handshake-{n}"))
+            .spawn(move || {
+                loop {
+                    let next = match queue.lock() {
+                        Ok(queue) => queue.recv(),
+                        Err(poisoned) => poisoned.into_inner().recv(),
+                    };
+                    match next {
+                        Ok(job) => job(),
+                        Err(_) => break,
+                    }
+                }
+            })?;
+    }
+    Ok(jobs)
+}
+
 /// Accepts TLS connections within the limits (an `axum_server` acceptor).
 #[derive(Clone)]
 pub struct LimitedTlsAcceptor {
     tls: Arc<ServerConfig>,
     open: Arc<Semaphore>,
-    handshakes: Arc<Semaphore>,
+    handshakes: mpsc::Sender<Job>,
     handshake_timeout: Duration,
     metrics: Metrics,
     log_limiter: Arc<LogLimiter>,
 }
 
 impl LimitedTlsAcceptor {
-    /// At most `max_connections` open, handshakes computed on at most
-    /// `handshake_threads` blocking threads, each done within
-    /// `handshake_timeout` of the connection's acceptance.
+    /// At most `max_connections` open, handshakes computed on
+    /// `handshake_threads` threads of their own, each done within
+    /// `handshake_timeout` of the connection's acceptance. Fails when the
+    /// threads cannot be started.
     pub fn new(
         tls: Arc<ServerConfig>,
         max_connections: usize,
@@ -71,15 +100,15 @@ impl LimitedTlsAcceptor {
         handshake_timeout: Duration,
         metrics: Metrics,
         log_limiter: Arc<LogLimiter>,
-    ) -> Self {
-        Self {
+    ) -> io::Result<Self> {
+        Ok(Self {
             tls,
             open: Arc::new(Semaphore::new(max_connections.max(1))),
-            handshakes: Arc::new(Semaphore::new(handshake_threads.max(1))),
+            handshakes: start_handshake_threads(handshake_threads)?,
             handshake_timeout,
             metrics,
             log_limiter,
-        }
+        })
     }
 
     /// Counts and logs (at most once a second per reason) a closed connection.
@@ -96,20 +125,18 @@ impl LimitedTlsAcceptor {
     }
 
     /// The TLS handshake on `tcp`: the client's first message is read here;
-    /// what it takes to answer it is computed on a handshake thread.
+    /// what it takes to answer it is computed on a handshake thread, in
+    /// turn with the other new connections.
     async fn handshake(&self, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
         let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
-        let turn = Arc::clone(&self.handshakes)
-            .acquire_owned()
-            .await
-            .map_err(io::Error::other)?;
         let config = Arc::clone(&self.tls);
-        let rest = tokio::task::spawn_blocking(move || {
-            let _turn = turn;
-            start.into_stream(config)
-        })
-        .await
-        .map_err(io::Error::other)?;
+        let (answer, answered) = oneshot::channel();
+        self.handshakes
+            .send(Box::new(move || {
+                let _ = answer.send(start.into_stream(config));
+            }))
+            .map_err(|_| io::Error::other("no handshake thread"))?;
+        let rest = answered.await.map_err(io::Error::other)?;
         rest.await
     }
 

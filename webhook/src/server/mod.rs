@@ -50,7 +50,7 @@ pub struct Settings {
     /// Connections open at once, in their handshake or established; past
     /// it, a new connection is closed as soon as it is accepted.
     pub max_connections: usize,
-    /// Blocking threads computing TLS handshakes (key exchange and
+    /// Threads of their own computing TLS handshakes (key exchange and
     /// signature), one handshake each at a time; new connections wait
     /// for one, requests on established connections never do.
     pub handshake_threads: usize,
@@ -303,7 +303,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         settings.header_timeout,
         state.metrics.clone(),
         Arc::clone(&state.log_limiter),
-    );
+    )?;
     let mut server = axum_server::bind(settings.listen)
         .acceptor(acceptor)
         .handle(handle.clone())
