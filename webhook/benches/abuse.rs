@@ -7,9 +7,12 @@
 //! well-behaved client sends a typical pod's review 20 times a second over
 //! a keep-alive connection, as the API server does. Printed per attack: the
 //! client's p50 and p99 latency and failures, what the attacker got back,
-//! and the webhook's peak RSS (VmHWM). Exits non-zero when a bound is
-//! broken: p99 under 50 ms, no failure, peak RSS under the Deployment's
-//! memory limit (128 MiB).
+//! the webhook's peak RSS (VmHWM) and the CPU time it used. Exits non-zero
+//! when a bound is broken: p99 under 50 ms, no failure, peak RSS under the
+//! Deployment's memory limit (128 MiB). `ABUSE_ATTACKS` picks attacks by
+//! name (`none,slow-bodies,tiny-records,stalled-bodies,alias-bomb,
+//! many-containers,all`); `none` measures the client against an idle
+//! webhook: the machine's own noise.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -197,6 +200,25 @@ fn start_server(authority: &Authority, name: &str) -> Server {
         .and_then(|a| a.parse().ok())
         .expect("address");
     Server { child, addr, dir }
+}
+
+/// CPU seconds (user + system) the process `pid` has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let ticks: u64 = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let fields: Vec<u64> = s
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            Some(fields.iter().sum())
+        })
+        .unwrap_or(0);
+    ticks as f64 / 100.0
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -499,6 +521,7 @@ async fn flood(
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Attack {
+    None,
     SlowBodies,
     TinyRecords,
     StalledLargeBodies,
@@ -508,8 +531,43 @@ enum Attack {
 }
 
 impl Attack {
+    const EVERY: [Self; 7] = [
+        Self::None,
+        Self::SlowBodies,
+        Self::TinyRecords,
+        Self::StalledLargeBodies,
+        Self::AliasBomb,
+        Self::ManyContainers,
+        Self::All,
+    ];
+
+    /// The attacks named in `ABUSE_ATTACKS` (comma-separated, as in
+    /// `slow-bodies,all`), or every one.
+    fn chosen() -> Vec<Self> {
+        let Ok(names) = std::env::var("ABUSE_ATTACKS") else {
+            return Self::EVERY.to_vec();
+        };
+        Self::EVERY
+            .into_iter()
+            .filter(|kind| names.split(',').any(|n| n.trim() == kind.key()))
+            .collect()
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::SlowBodies => "slow-bodies",
+            Self::TinyRecords => "tiny-records",
+            Self::StalledLargeBodies => "stalled-bodies",
+            Self::AliasBomb => "alias-bomb",
+            Self::ManyContainers => "many-containers",
+            Self::All => "all",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
+            Self::None => "no attack (the machine's own noise)",
             Self::SlowBodies => "600 slow bodies (1 byte/s)",
             Self::TinyRecords => "10 bodies in 1-byte TLS records",
             Self::StalledLargeBodies => "100 stalled ~3 MiB bodies",
@@ -570,6 +628,7 @@ async fn attack(
         Arc::clone(&tally),
     );
     match kind {
+        Attack::None => tokio::time::sleep_until(until.into()).await,
         Attack::SlowBodies => slow.await,
         Attack::TinyRecords => tiny.await,
         Attack::StalledLargeBodies => stalled.await,
@@ -604,18 +663,11 @@ fn main() -> std::process::ExitCode {
         RSS_LIMIT_KIB / 1024
     );
     println!(
-        "{:<46} {:>8} {:>8} {:>6} {:>9}  attacker's answers (status:count)",
-        "attack", "p50 ms", "p99 ms", "fail", "RSS MiB"
+        "{:<46} {:>8} {:>8} {:>6} {:>9} {:>7}  attacker's answers (status:count)",
+        "attack", "p50 ms", "p99 ms", "fail", "RSS MiB", "CPU s"
     );
     let mut broken = false;
-    for kind in [
-        Attack::SlowBodies,
-        Attack::TinyRecords,
-        Attack::StalledLargeBodies,
-        Attack::AliasBomb,
-        Attack::ManyContainers,
-        Attack::All,
-    ] {
+    for kind in Attack::chosen() {
         let server = start_server(&authority, &format!("{kind:?}"));
         let until = Instant::now() + Duration::from_secs(seconds);
         let tally = Arc::new(Tally::default());
@@ -647,6 +699,7 @@ fn main() -> std::process::ExitCode {
             stats
         });
         let rss = peak_rss_kib(server.child.id());
+        let cpu = cpu_seconds(server.child.id());
         let mut latencies = stats.latencies;
         latencies.sort();
         let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
@@ -654,12 +707,13 @@ fn main() -> std::process::ExitCode {
             p99 < P99_LIMIT && stats.failures == 0 && rss < RSS_LIMIT_KIB && !latencies.is_empty();
         broken |= !ok;
         println!(
-            "{:<46} {:>8.1} {:>8.1} {:>6} {:>9.1}  {}{}",
+            "{:<46} {:>8.1} {:>8.1} {:>6} {:>9.1} {:>7.2}  {}{}",
             kind.name(),
             p50.as_secs_f64() * 1000.0,
             p99.as_secs_f64() * 1000.0,
             stats.failures,
             rss as f64 / 1024.0,
+            cpu,
             tally.summary(),
             if ok { "" } else { "  <- bound broken" }
         );

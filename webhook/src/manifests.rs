@@ -5,18 +5,23 @@
 //!
 //! Input is read one document at a time ([`process_reader`]), so memory
 //! follows the largest document, not the whole stream; YAML anchors and
-//! aliases are refused (expanding them multiplies the input).
+//! aliases are refused (expanding them multiplies the input). A document is
+//! held once as JSON (read straight from the YAML, no YAML tree), its pod
+//! template once as the typed pod and once injected; a document injection
+//! leaves unchanged is written back from its text as the user wrote it.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::BufRead;
+use std::io::{BufRead, Write};
+use std::sync::Arc;
 
 use ferrimesh_crds::ProxyProfile;
 use ferrimesh_crds::ambient::{ambient_request, injected_ambient_warning};
 use ferrimesh_crds::mesh::MeshSpec;
 use ferrimesh_crds::selection::{SYSTEM_NAMESPACES, selecting_entry};
-use k8s_openapi::api::core::v1::Pod;
-use serde::Deserialize;
+use k8s_openapi::api::core::v1::{Pod, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::inject::decision::Decision;
@@ -67,11 +72,41 @@ pub struct MeshConfig {
     pub environment: Environment,
 }
 
-/// One input document: its index in the stream, as read, and as JSON.
+/// One input document: its index in the stream, as JSON, and what it was
+/// read from.
 struct Parsed {
     index: usize,
-    yaml: serde_yaml::Value,
     json: Value,
+    source: Source,
+}
+
+/// What a document was read from, to write it back as the user wrote it
+/// (key order and scalars) when injection changes nothing.
+#[derive(Clone, Debug)]
+enum Source {
+    /// The `nth` YAML document of `text` (one text as [`DocumentTexts`]
+    /// cuts it); it is read again and written as it is read, without a tree.
+    Text { text: Arc<String>, nth: usize },
+    /// A document JSON cannot hold as it is (a YAML tag, a key that is not
+    /// a string), kept as YAML.
+    Yaml(serde_yaml::Value),
+}
+
+impl Source {
+    fn write_yaml<W: Write>(&self, out: W) -> Result<(), serde_yaml::Error> {
+        let mut serializer = serde_yaml::Serializer::new(out);
+        match self {
+            Self::Text { text, nth } => {
+                let Some(document) = serde_yaml::Deserializer::from_str(text).nth(*nth) else {
+                    return Err(serde::ser::Error::custom(
+                        "the document is gone from its text",
+                    ));
+                };
+                serde_transcode::transcode(document, &mut serializer)
+            }
+            Self::Yaml(value) => value.serialize(&mut serializer),
+        }
+    }
 }
 
 /// The text of the documents of a YAML stream, one at a time, read line by
@@ -146,7 +181,7 @@ impl<R: BufRead> Iterator for DocumentTexts<R> {
 /// index after the last.
 fn parse_documents(
     file: &str,
-    text: &str,
+    text: String,
     first_index: usize,
     out: &mut Vec<Parsed>,
 ) -> Result<usize, ManifestError> {
@@ -156,7 +191,7 @@ fn parse_documents(
         object: None,
     };
     // A scan error is left for the YAML parser below to report.
-    if crate::inject::annotations::has_yaml_aliases(text).unwrap_or(false) {
+    if crate::inject::annotations::has_yaml_aliases(&text).unwrap_or(false) {
         return Err(ManifestError {
             location: location(first_index),
             message:
@@ -164,27 +199,48 @@ fn parse_documents(
                     .to_owned(),
         });
     }
+    let text = Arc::new(text);
     let mut index = first_index;
-    for document in serde_yaml::Deserializer::from_str(text) {
-        let value = serde_yaml::Value::deserialize(document).map_err(|e| ManifestError {
+    for (nth, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        let parsed = match Value::deserialize(document) {
+            Ok(json) => Ok((
+                json,
+                Source::Text {
+                    text: Arc::clone(&text),
+                    nth,
+                },
+            )),
+            Err(_) => yaml_document(&text, nth),
+        };
+        let (json, source) = parsed.map_err(|message| ManifestError {
             location: location(index),
-            message: format!("invalid YAML: {e}"),
+            message,
         })?;
         index += 1;
-        if value.is_null() {
+        if json.is_null() {
             continue;
         }
-        let json = serde_json::to_value(&value).map_err(|e| ManifestError {
-            location: location(index - 1),
-            message: format!("not a JSON-compatible document: {e}"),
-        })?;
         out.push(Parsed {
             index: index - 1,
-            yaml: value,
             json,
+            source,
         });
     }
     Ok(index)
+}
+
+/// The `nth` document of `text` read the long way, through a YAML tree:
+/// for what JSON cannot hold as it is (a tagged value is held as a map
+/// from the tag to the value).
+fn yaml_document(text: &str, nth: usize) -> Result<(Value, Source), String> {
+    let Some(document) = serde_yaml::Deserializer::from_str(text).nth(nth) else {
+        return Err("invalid YAML: the document is gone from its text".to_owned());
+    };
+    let value =
+        serde_yaml::Value::deserialize(document).map_err(|e| format!("invalid YAML: {e}"))?;
+    let json =
+        serde_json::to_value(&value).map_err(|e| format!("not a JSON-compatible document: {e}"))?;
+    Ok((json, Source::Yaml(value)))
 }
 
 /// The JSON pointer of the pod template of a workload kind; `Some("")` for
@@ -224,9 +280,10 @@ pub struct PodReport {
 pub struct Document {
     /// The document as JSON, injected where it had pod templates to inject.
     pub json: Value,
-    /// The document as read, echoed when injection changed nothing (so its
-    /// key order and scalars stay exactly as the user wrote them).
-    original: Option<serde_yaml::Value>,
+    /// What the document was read from, echoed when injection changed
+    /// nothing (so its key order and scalars stay exactly as the user wrote
+    /// them).
+    original: Option<Source>,
 }
 
 /// The result of processing a manifest stream.
@@ -239,25 +296,38 @@ pub struct Processed {
 }
 
 impl Processed {
+    /// Writes the documents as YAML, each followed by `---`.
+    pub fn write_yaml<W: Write>(&self, mut out: W) -> Result<(), serde_yaml::Error> {
+        for doc in &self.documents {
+            doc.write_yaml(&mut out)?;
+        }
+        Ok(())
+    }
+
     /// The documents as YAML, each followed by `---`.
     pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
-        let mut out = String::new();
-        for doc in &self.documents {
-            out.push_str(&doc.to_yaml()?);
-        }
-        Ok(out)
+        let mut out = Vec::new();
+        self.write_yaml(&mut out)?;
+        String::from_utf8(out).map_err(serde::ser::Error::custom)
     }
 }
 
 impl Document {
+    /// Writes the document as YAML, followed by `---`, without building
+    /// the text first.
+    pub fn write_yaml<W: Write>(&self, mut out: W) -> Result<(), serde_yaml::Error> {
+        match &self.original {
+            Some(original) => original.write_yaml(&mut out)?,
+            None => serde_yaml::to_writer(&mut out, &self.json)?,
+        }
+        out.write_all(b"---\n").map_err(serde::ser::Error::custom)
+    }
+
     /// The document as YAML, followed by `---`.
     pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
-        let mut out = match &self.original {
-            Some(original) => serde_yaml::to_string(original)?,
-            None => serde_yaml::to_string(&self.json)?,
-        };
-        out.push_str("---\n");
-        Ok(out)
+        let mut out = Vec::new();
+        self.write_yaml(&mut out)?;
+        String::from_utf8(out).map_err(serde::ser::Error::custom)
     }
 }
 
@@ -340,51 +410,65 @@ pub fn process_reader<'r, R: BufRead + 'r>(
             message: format!("reading: {e}"),
         })?;
         let mut parsed = Vec::new();
-        index = parse_documents(file, &text, index, &mut parsed)?;
-        drop(text);
+        index = parse_documents(file, text, index, &mut parsed)?;
         let mut processed = Processed::default();
-        for Parsed { index, yaml, json } in parsed {
+        for Parsed {
+            index,
+            mut json,
+            source,
+        } in parsed
+        {
             let location = Location {
                 file: file.to_owned(),
                 document: index,
                 object: object_name(&json),
             };
-            let processed_json = process_object(json.clone(), &location, run, &mut processed.pods)?;
-            let original = (processed_json == json).then_some(yaml);
+            let changed = process_object(&mut json, &location, run, &mut processed.pods)?;
             processed.documents.push(Document {
-                json: processed_json,
-                original,
+                json,
+                original: (!changed).then_some(source),
             });
         }
         Ok(processed)
     })
 }
 
+/// The parts of a pod template the engine reads; the others stay in the
+/// JSON as they are.
+#[derive(Deserialize)]
+struct PodTemplate {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    spec: Option<PodSpec>,
+}
+
+/// Injects the pod templates of `doc` in place; true when it changed.
 fn process_object(
-    mut doc: Value,
+    doc: &mut Value,
     location: &Location,
     run: Run<'_>,
     reports: &mut Vec<PodReport>,
-) -> Result<Value, ManifestError> {
+) -> Result<bool, ManifestError> {
     let kind = doc
         .get("kind")
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned();
     if kind == "List" || kind.ends_with("List") {
+        let mut changed = false;
         if let Some(items) = doc.get_mut("items").and_then(Value::as_array_mut) {
             for item in items.iter_mut() {
                 let location = Location {
                     object: object_name(item),
                     ..location.clone()
                 };
-                *item = process_object(std::mem::take(item), &location, run, reports)?;
+                changed |= process_object(item, &location, run, reports)?;
             }
         }
-        return Ok(doc);
+        return Ok(changed);
     }
     let Some(pointer) = template_pointer(&kind) else {
-        return Ok(doc);
+        return Ok(false);
     };
     let namespace = doc
         .pointer("/metadata/namespace")
@@ -417,24 +501,27 @@ fn process_object(
     } else {
         format!("{}.", pointer.trim_start_matches('/').replace('/', "."))
     };
-    let mut pod_view = serde_json::Map::new();
-    for field in ["metadata", "spec"] {
-        if let Some(value) = template.get(field) {
-            pod_view.insert(field.to_owned(), value.clone());
-        }
+    // managedFields are neither read nor patched: set aside while the pod
+    // is read from the template (by reference, not from a copy).
+    let managed_fields = template
+        .get_mut("metadata")
+        .and_then(Value::as_object_mut)
+        .and_then(|metadata| metadata.remove("managedFields"));
+    let read = typed::<PodTemplate>(&*template);
+    if let Some(managed_fields) = managed_fields
+        && let Some(metadata) = template.get_mut("metadata").and_then(Value::as_object_mut)
+    {
+        metadata.insert("managedFields".to_owned(), managed_fields);
     }
-    if let Some(meta) = pod_view.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.remove("managedFields");
-    }
-    let pod: Pod = typed(Value::Object(pod_view)).map_err(|e| match e.strip_prefix("field ") {
+    let PodTemplate { metadata, spec } = read.map_err(|e| match e.strip_prefix("field ") {
         Some(rest) => fail(format!("field {prefix}{rest}")),
         None => fail(e),
     })?;
-    let mut pod_for_engine = pod.clone();
-    pod_for_engine
-        .metadata
-        .namespace
-        .get_or_insert_with(|| namespace.clone());
+    let mut pod = Pod {
+        metadata,
+        spec,
+        status: None,
+    };
 
     let empty = BTreeMap::new();
     let pod_labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
@@ -448,8 +535,14 @@ fn process_object(
         .filter(|p| p.metadata.namespace.as_deref() == Some(namespace.as_str()))
         .cloned()
         .collect();
+    // The engine sees the pod in its namespace; the patch is made against
+    // the template as written.
+    let written_namespace = pod.metadata.namespace.clone();
+    pod.metadata
+        .namespace
+        .get_or_insert_with(|| namespace.clone());
     let request = Request {
-        pod: &pod_for_engine,
+        pod: &pod,
         namespace: &namespace,
         mesh: &run.config.mesh,
         profiles: &profiles,
@@ -467,18 +560,18 @@ fn process_object(
     {
         injection.warnings.push(injected_ambient_warning(source));
     }
-    if let (Some(injected), None) = (&injection.pod, &not_selected) {
-        let mut injected = injected.clone();
-        injected
-            .metadata
-            .namespace
-            .clone_from(&pod.metadata.namespace);
+    let mut changed = false;
+    if let (Some(mut injected), None) = (injection.pod, &not_selected) {
+        injected.metadata.namespace.clone_from(&written_namespace);
+        pod.metadata.namespace = written_namespace;
         let patch = patch::between(&pod, &injected).map_err(|e| fail(e.to_string()))?;
+        drop((pod, injected));
         if let Some(patch) = patch {
             let patch: json_patch::Patch = serde_json::from_slice(&patch)
                 .map_err(|e| fail(format!("internal error reading patch: {e}")))?;
             json_patch::patch(template, &patch.0)
                 .map_err(|e| fail(format!("internal error applying patch: {e}")))?;
+            changed = true;
         }
     }
     let mut warnings = injection.warnings;
@@ -495,7 +588,7 @@ fn process_object(
         decision: injection.decision,
         warnings,
     });
-    Ok(doc)
+    Ok(changed)
 }
 
 #[cfg(test)]

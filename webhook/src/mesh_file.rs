@@ -8,13 +8,15 @@ use std::path::Path;
 use ferrimesh_crds::ProxyProfile;
 use ferrimesh_crds::mesh::{Mesh, MeshSpec};
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::{Error, Result};
 
-/// Deserialises with the failing field's path in the error.
-pub(crate) fn typed<T: DeserializeOwned>(value: Value) -> Result<T, String> {
+/// Deserialises (from a `Value`, or a `&Value` without copying it) with the
+/// failing field's path in the error.
+pub(crate) fn typed<'de, T: Deserialize<'de>>(
+    value: impl serde::Deserializer<'de>,
+) -> Result<T, String> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();

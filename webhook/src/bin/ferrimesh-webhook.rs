@@ -80,6 +80,16 @@ struct Args {
     /// 256 KiB).
     #[arg(long, env = "FERRIMESH_MAX_BUFFERED_BODY_MIB", default_value_t = 24)]
     max_buffered_body_mib: usize,
+    /// Connections open at once (in their TLS handshake or established);
+    /// past it, a new connection is closed as soon as it is accepted, while
+    /// those already open are served.
+    #[arg(long, env = "FERRIMESH_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// Threads computing TLS handshakes (key exchange and signature), one
+    /// handshake each at a time: new connections wait for them, requests on
+    /// established connections never do.
+    #[arg(long, env = "FERRIMESH_TLS_HANDSHAKE_THREADS", default_value_t = 1)]
+    tls_handshake_threads: usize,
     /// Seconds allowed for the TLS handshake and a request's headers.
     #[arg(long, env = "FERRIMESH_HEADER_TIMEOUT_SECONDS", default_value_t = 10)]
     header_timeout_seconds: u64,
@@ -165,6 +175,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         listen: args.listen,
         admin_listen: args.admin_listen,
         tls: Arc::new(tls),
+        max_connections: args.max_connections.max(1),
+        handshake_threads: args.tls_handshake_threads.max(1),
         source: config_source(&args).await?,
         max_concurrent_requests: args.max_concurrent_requests.max(1),
         review_workers: args.review_workers.unwrap_or_else(default_review_workers),

@@ -2,7 +2,7 @@
 //! the drift report of a cluster (`ferrimesh status`).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -180,7 +180,7 @@ fn parse_labels(raw: &str) -> Result<BTreeMap<String, String>> {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let mut stdout = std::io::stdout().lock();
+    let mut stdout = BufWriter::new(std::io::stdout().lock());
     match cli.command {
         Command::Inject { input } => {
             let config = input.config()?;
@@ -196,7 +196,7 @@ fn run(cli: Cli) -> Result<()> {
                         eprintln!("{}: warning: {warning}", pod.location);
                     }
                 }
-                stdout.write_all(part.to_yaml()?.as_bytes())?;
+                part.write_yaml(&mut stdout)?;
             }
         }
         Command::CheckInject {
@@ -244,6 +244,7 @@ fn run(cli: Cli) -> Result<()> {
             stdout.write_all(ferrimesh_crds::to_yaml(&all)?.as_bytes())?;
         }
     }
+    stdout.flush()?;
     Ok(())
 }
 

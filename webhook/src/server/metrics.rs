@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -23,6 +24,14 @@ pub struct FailureLabels {
     pub r#type: String,
 }
 
+/// Why a connection was closed before its first request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    /// `connection_limit` (too many open connections), `handshake_timeout`
+    /// or `handshake_failed`.
+    pub reason: String,
+}
+
 /// The metric families, registered once.
 #[derive(Clone)]
 pub struct Metrics {
@@ -36,6 +45,10 @@ pub struct Metrics {
     pub failure: Family<FailureLabels, Counter>,
     /// Time spent per admission, in seconds.
     pub time: Histogram,
+    /// Connections closed before their first request, by reason.
+    pub connections_closed: Family<ClosedLabels, Counter>,
+    /// Connections open now (in their TLS handshake or established).
+    pub open_connections: Gauge,
 }
 
 impl Metrics {
@@ -47,6 +60,8 @@ impl Metrics {
             skip: Family::default(),
             failure: Family::default(),
             time: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            connections_closed: Family::default(),
+            open_connections: Gauge::default(),
         };
         registry.register(
             "sidecar_injection_requests",
@@ -73,7 +88,26 @@ impl Metrics {
             "Time taken by sidecar injection requests",
             metrics.time.clone(),
         );
+        registry.register(
+            "ferrimesh_webhook_connections_closed",
+            "Connections closed before their first request, by reason",
+            metrics.connections_closed.clone(),
+        );
+        registry.register(
+            "ferrimesh_webhook_open_connections",
+            "Connections open now, in their TLS handshake or established",
+            metrics.open_connections.clone(),
+        );
         metrics
+    }
+
+    /// Counts a connection closed before its first request.
+    pub fn connection_closed(&self, reason: &str) {
+        self.connections_closed
+            .get_or_create(&ClosedLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts a failure of the given type.

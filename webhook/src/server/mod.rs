@@ -6,6 +6,7 @@
 //! as shutdown starts, so endpoints drop the replica before it stops.
 
 pub mod admission;
+pub mod connections;
 pub mod limits;
 pub mod metrics;
 pub mod tls;
@@ -21,13 +22,12 @@ use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum_server::Handle;
-use axum_server::accept::NoDelayAcceptor;
-use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use hyper_util::rt::TokioTimer;
 use prometheus_client::registry::Registry;
 use rustls::ServerConfig;
 
 use self::admission::Refusal;
+use self::connections::LimitedTlsAcceptor;
 use self::limits::{BodyBudget, LogLimiter, Reservation, ReviewPool};
 use self::metrics::Metrics;
 use crate::config::ConfigSource;
@@ -47,6 +47,13 @@ pub struct Settings {
     pub admin_listen: SocketAddr,
     /// TLS configuration (certificate reloading included).
     pub tls: Arc<ServerConfig>,
+    /// Connections open at once, in their handshake or established; past
+    /// it, a new connection is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// Threads of their own computing TLS handshakes (key exchange and
+    /// signature), one handshake each at a time; new connections wait
+    /// for one, requests on established connections never do.
+    pub handshake_threads: usize,
     /// Where the mesh configuration comes from.
     pub source: Arc<dyn ConfigSource>,
     /// Reviews waiting for a worker or running; more wait for a place
@@ -289,10 +296,14 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     };
 
     let handle = Handle::new();
-    // TCP_NODELAY: a response leaves at once, not held back by Nagle.
-    let acceptor = RustlsAcceptor::new(RustlsConfig::from_config(Arc::clone(&settings.tls)))
-        .handshake_timeout(settings.header_timeout)
-        .acceptor(NoDelayAcceptor::new());
+    let acceptor = LimitedTlsAcceptor::new(
+        Arc::clone(&settings.tls),
+        settings.max_connections,
+        settings.handshake_threads,
+        settings.header_timeout,
+        state.metrics.clone(),
+        Arc::clone(&state.log_limiter),
+    )?;
     let mut server = axum_server::bind(settings.listen)
         .acceptor(acceptor)
         .handle(handle.clone())

@@ -143,6 +143,8 @@ impl TestServer {
             listen: "127.0.0.1:0".parse().expect("addr"),
             admin_listen: "127.0.0.1:0".parse().expect("addr"),
             tls: Arc::new(tls),
+            max_connections: 256,
+            handshake_threads: 1,
             source,
             max_concurrent_requests: 64,
             review_workers: 2,
