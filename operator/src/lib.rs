@@ -7,6 +7,7 @@
 //! comes from `ferrimesh_crds::selection`, shared with `ferrimesh
 //! check-inject`.
 
+mod admin;
 pub mod cert_manager;
 pub mod certificate_store;
 pub mod certificates;
@@ -15,12 +16,15 @@ pub mod mesh_controller;
 pub mod namespaces;
 pub mod reduced;
 pub mod registered_entry;
+mod run;
 pub mod synced;
 #[cfg(test)]
 mod test_api;
 pub mod triggers;
 pub mod workload_controller;
 pub mod workloads;
+
+pub use run::{Config, LeaderElection, run};
 
 /// The field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "ferrimesh-operator";
@@ -34,6 +38,12 @@ pub enum Error {
     /// Adding or removing the Mesh finalizer, or the cleanup, failed.
     #[error("finalizer: {0}")]
     Finalizer(String),
+    /// The admin server could not start.
+    #[error("admin server: {0}")]
+    Admin(String),
+    /// Leader election failed.
+    #[error("lease: {0}")]
+    Lease(String),
     /// A Kubernetes API call failed.
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
