@@ -1,30 +1,27 @@
-//! ferrimesh's operator: the only writer of cluster state (operator.md).
+//! ferrimesh's operator: the only writer of cluster state. [`run`] starts
+//! it; docs/operator.md says what it reconciles.
+//!
+//! Folders by feature:
+//! - [`cluster`]: what every Mesh shares, the webhook's certificate and the
+//!   namespace labels;
+//! - [`mesh`]: each Mesh's MutatingWebhookConfiguration and status;
+//! - [`workloads`]: a WorkloadEntry for every injected pod;
+//! - [`runtime`]: caches, triggers, the leader Lease and the admin server.
 //!
 //! The desired state is computed by pure functions, tested with plain
-//! objects: which labels a namespace gets ([`namespaces`]), when the
-//! webhook's certificate renews ([`certificates`]), and the WorkloadEntry of
-//! an injected pod ([`workloads`]). The MutatingWebhookConfiguration itself
-//! comes from `ferrimesh_crds::selection`, shared with `ferrimesh
-//! check-inject`.
+//! objects; the MutatingWebhookConfiguration itself comes from
+//! `ferrimesh_crds::selection`, shared with `ferrimesh check-inject`.
 
-mod admin;
-pub mod cert_manager;
-pub mod certificate_store;
-pub mod certificates;
-pub mod injected_pod;
-pub mod mesh_controller;
-pub mod namespaces;
-pub mod reduced;
-pub mod registered_entry;
+pub mod cluster;
+pub mod mesh;
 mod run;
-pub mod synced;
+pub mod runtime;
 #[cfg(test)]
 mod test_api;
-pub mod triggers;
-pub mod workload_controller;
 pub mod workloads;
 
-pub use run::{Config, LeaderElection, run};
+pub use run::{Config, run};
+pub use runtime::lease::LeaderElection;
 
 /// The field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "ferrimesh-operator";

@@ -16,18 +16,18 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Predicate, PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client};
-use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::{Notify, mpsc};
 
-use crate::admin::{self, Metrics};
-use crate::certificate_store::{CA_SECRET, SERVING_SECRET};
-use crate::injected_pod::InjectedPod;
-use crate::mesh_controller::{self, CertificateIssuer, WebhookTarget};
-use crate::reduced::reduce;
-use crate::registered_entry::RegisteredEntry;
-use crate::synced::{self, synced};
-use crate::triggers::throttle;
-use crate::workload_controller::{self, INJECTED_PODS};
+use crate::cluster::certificate_store::{CA_SECRET, SERVING_SECRET};
+use crate::mesh::{self as mesh_controller, CertificateIssuer, WebhookTarget};
+use crate::runtime::admin::{self, Metrics};
+use crate::runtime::lease::{self, LeaderElection};
+use crate::runtime::reduced::reduce;
+use crate::runtime::synced::{self, synced};
+use crate::runtime::triggers::{every, notified, received, throttle};
+use crate::workloads::controller::{self as workload_controller, INJECTED_PODS};
+use crate::workloads::injected_pod::InjectedPod;
+use crate::workloads::registered_entry::RegisteredEntry;
 use crate::workloads::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::{Error, Result};
 
@@ -57,15 +57,6 @@ pub struct Config {
     pub instance: Option<String>,
 }
 
-/// Leader election among replicas with a `coordination.k8s.io` Lease.
-#[derive(Clone, Debug)]
-pub struct LeaderElection {
-    /// Name of the Lease, in the operator's namespace.
-    pub lease_name: String,
-    /// How long a holder keeps the lease without renewing it.
-    pub lease_duration: Duration,
-}
-
 /// Runs the operator until SIGTERM or SIGINT: serves the admin endpoints,
 /// and reconciles while holding the lease (always, without leader
 /// election); the lease is released on the way out.
@@ -92,47 +83,17 @@ pub async fn run(config: Config) -> Result<()> {
         .instance
         .clone()
         .unwrap_or_else(|| format!("ferrimesh-operator-{}", std::process::id()));
-    let seconds = election.lease_duration.as_secs().max(1);
-    let manager = LeaseManagerBuilder::new(client.clone(), &election.lease_name)
-        .with_namespace(&config.namespace)
-        .with_identity(&identity)
-        .with_duration(seconds)
-        .with_grace(seconds.div_ceil(3))
-        .build()
-        .await
-        .map_err(|e| Error::Lease(e.to_string()))?;
-    let (mut leader, lease_task) = manager.watch().await;
-    // Standing by is a ready state: the Service should not flap on followers.
-    ready.store(true, Ordering::Release);
-    'terms: loop {
-        while !*leader.borrow_and_update() {
-            tracing::info!(%identity, lease = %election.lease_name, "waiting for the lease");
-            tokio::select! {
-                changed = leader.changed() => changed.map_err(|e| Error::Lease(e.to_string()))?,
-                () = &mut shutdown => break 'terms,
-            }
-        }
-        tracing::info!(%identity, "holding the lease");
-        ready.store(false, Ordering::Release);
-        let lost = async {
-            while *leader.borrow_and_update() {
-                if leader.changed().await.is_err() {
-                    break;
-                }
-            }
-        };
-        // Dropping the controllers when the lease is lost stops every write at once.
-        tokio::select! {
-            () = controllers(&config, client.clone(), metrics.clone(), Arc::clone(&ready)) => break 'terms,
-            () = lost => tracing::warn!("lost the lease; stopped reconciling"),
-            () = &mut shutdown => break 'terms,
-        }
-        ready.store(true, Ordering::Release);
-    }
-    drop(leader); // releases the lease
-    if let Ok(Err(e)) = lease_task.await {
-        tracing::warn!(error = %e, "releasing the lease failed; it expires on its own");
-    }
+    let term = || controllers(&config, client.clone(), metrics.clone(), Arc::clone(&ready));
+    lease::lead(
+        client.clone(),
+        &config.namespace,
+        election,
+        &identity,
+        &ready,
+        shutdown,
+        term,
+    )
+    .await?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -150,28 +111,6 @@ async fn shutdown_signal() {
         _ = terminate => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
-}
-
-/// A stream of the items an unbounded channel receives.
-fn received<T>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
-}
-
-/// A stream that yields once every `period`, the first time after one period.
-fn every(period: Duration) -> impl futures::Stream<Item = ()> + Send {
-    futures::stream::unfold((), move |()| async move {
-        tokio::time::sleep(period).await;
-        Some(((), ()))
-    })
-}
-
-/// A stream that yields each time `notify` is notified.
-fn notified(notify: Arc<Notify>) -> futures::stream::BoxStream<'static, ()> {
-    futures::stream::unfold(notify, |notify| async move {
-        notify.notified().await;
-        Some(((), notify))
-    })
-    .boxed()
 }
 
 /// Runs the controllers until they stop (or the future is dropped).

@@ -18,9 +18,10 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::injected_pod::{InjectedPod, SIDECAR_STATUS};
-use crate::registered_entry::{RegisteredEntry, up_to_date};
-use crate::workloads::{POD_UID_ANNOTATION, desired_entry, is_orphan, is_ours};
+use super::entry::desired_entry;
+use super::injected_pod::{InjectedPod, SIDECAR_STATUS};
+use super::registered_entry::{RegisteredEntry, up_to_date};
+use super::{POD_UID_ANNOTATION, is_ours};
 use crate::{FIELD_MANAGER, Result};
 
 /// The label selector of the pods the controller watches.
@@ -257,7 +258,7 @@ pub async fn sweep_orphans(
     };
     let mut deleted = 0;
     for entry in entries.state() {
-        if !is_orphan(&entry, &is_live) {
+        if !entry.is_orphan(&is_live) {
             continue;
         }
         let (namespace, name) = (entry.namespace().unwrap_or_default(), entry.name_any());

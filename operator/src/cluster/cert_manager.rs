@@ -13,8 +13,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use x509_parser::pem::parse_x509_pem;
 
-use crate::certificate_store::{Current, SERVING_SECRET};
-use crate::certificates::Renewal;
+use super::certificate_store::{Current, SERVING_SECRET};
+use super::certificates::Renewal;
 use crate::{Error, Result};
 
 /// One certificate of a PEM bundle: its text and what it says.
@@ -114,7 +114,7 @@ pub async fn read(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::certificates::issue_ca;
+    use crate::cluster::certificates::issue_ca;
 
     const DAY: i64 = 86_400;
     const NOW: i64 = 1_790_000_000;

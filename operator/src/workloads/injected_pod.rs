@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde::{Deserialize, Serialize};
 
-use crate::reduced::reduced_resource;
+use crate::runtime::reduced::reduced_resource;
 
 /// Annotation present on every injected pod: its injection status.
 pub const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
@@ -140,7 +140,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::reduced::reduce;
+    use crate::runtime::reduced::reduce;
 
     fn rich_pod() -> Pod {
         serde_json::from_value(json!({

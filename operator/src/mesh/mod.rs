@@ -23,11 +23,11 @@ use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::cert_manager;
-use crate::certificate_store::{self, Lifetimes};
-use crate::certificates::Renewal;
-use crate::namespaces::{desired_labels, managed_by_operator, selecting_mesh, up_to_date};
-use crate::registered_entry::RegisteredEntry;
+use crate::cluster::cert_manager;
+use crate::cluster::certificate_store::{self, Lifetimes};
+use crate::cluster::certificates::Renewal;
+use crate::cluster::namespaces::{desired_labels, managed_by_operator, selecting_mesh, up_to_date};
+use crate::workloads::registered_entry::RegisteredEntry;
 use crate::{Error, FIELD_MANAGER, Result};
 
 /// The finalizer that lets a deleted Mesh release its namespaces and
@@ -542,7 +542,7 @@ mod reconcile_tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::certificate_store::Lifetimes;
+    use crate::cluster::certificate_store::Lifetimes;
     use crate::test_api::{self, Handle, answer, failure};
 
     fn context(namespaces: Value) -> (Context, Handle) {
