@@ -32,6 +32,9 @@ pub enum Error {
     /// Making or reading a certificate failed.
     #[error("certificate: {0}")]
     Certificate(String),
+    /// The certificate's issuer (cert-manager) has not issued it yet.
+    #[error("{0}")]
+    WaitingForIssuer(String),
     /// Adding or removing the Mesh finalizer, or the cleanup, failed.
     #[error("finalizer: {0}")]
     Finalizer(String),
@@ -44,6 +47,24 @@ pub enum Error {
     /// A Kubernetes API call failed.
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+}
+
+impl Error {
+    /// A short CamelCase word for a status condition's `reason`: the API
+    /// server's own (`Forbidden`, `Invalid`, ...) for a call it refused.
+    pub fn reason(&self) -> String {
+        match self {
+            Self::Certificate(_) => "CertificateInvalid".into(),
+            Self::WaitingForIssuer(_) => "WaitingForIssuer".into(),
+            Self::Finalizer(_) => "FinalizerFailed".into(),
+            Self::Admin(_) => "AdminServerFailed".into(),
+            Self::Lease(_) => "LeaseFailed".into(),
+            Self::Kube(kube::Error::Api(status)) if !status.reason.is_empty() => {
+                status.reason.clone()
+            }
+            Self::Kube(_) => "APIServerUnavailable".into(),
+        }
+    }
 }
 
 /// The operator's result type.

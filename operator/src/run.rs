@@ -13,18 +13,19 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::reflector;
 use kube::runtime::{Predicate, PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 
 use crate::cluster::certificate_store::{CA_SECRET, SERVING_SECRET};
-use crate::mesh::{self as mesh_controller, CertificateIssuer, WebhookTarget};
+use crate::cluster::{self, CertificateIssuer};
+use crate::mesh::{self, WebhookTarget};
 use crate::runtime::admin::{self, Metrics};
 use crate::runtime::lease::{self, LeaderElection};
 use crate::runtime::reduced::reduce;
 use crate::runtime::synced::{self, synced};
-use crate::runtime::triggers::{every, notified, received, throttle};
+use crate::runtime::triggers::{changes, every, notified, received, throttle};
 use crate::workloads::controller::{self as workload_controller, INJECTED_PODS};
 use crate::workloads::injected_pod::InjectedPod;
 use crate::workloads::registered_entry::RegisteredEntry;
@@ -117,9 +118,14 @@ async fn shutdown_signal() {
 ///
 /// One watch per kind, each feeding a cache: injected pods (pruned to what
 /// a WorkloadEntry needs before they are stored), our WorkloadEntries,
-/// Namespaces, Nodes (metadata only), Meshes, and the two certificate
-/// Secrets of the operator's namespace (each by name). Namespace and WorkloadEntry changes reconcile the
-/// Meshes at most twice a second, however busy the cluster is.
+/// Namespaces, Nodes (metadata only) and Meshes; the two certificate
+/// Secrets of the operator's namespace (each by name) and the webhook
+/// configurations are watched, not cached. Three reconcilers read them: the
+/// cluster reconciler (certificate, namespace labels) runs at most twice a
+/// second whatever the cluster's churn; each Mesh's reconciler runs when the
+/// Mesh or its webhook configuration changes, when the cluster reconciler
+/// publishes something new, and at most every five seconds for entry
+/// changes; the workload reconciler runs per injected pod.
 pub(crate) async fn controllers(
     config: &Config,
     client: Client,
@@ -132,8 +138,9 @@ pub(crate) async fn controllers(
     // its first list ends. A controller starts only once the caches it reads
     // are synced: a pod reconciled before the Meshes are known would lose
     // its entry, and one reconciled before the Nodes would get no locality.
-    // Namespace changes relabel namespaces, entry changes only move the
-    // Meshes' registeredWorkloads counts: each has its own throttle.
+    // Mesh, Namespace and certificate Secret changes run the cluster
+    // reconciler; entry changes only move the Meshes' registeredWorkloads
+    // counts: each has its own throttle.
     let changed = Arc::new(Notify::new());
     let entries_changed = Arc::new(Notify::new());
     let (meshes, mesh_writer) = reflector::store();
@@ -150,7 +157,11 @@ pub(crate) async fn controllers(
         .predicate_filter(
             predicates::generation.combine(predicates::finalizers),
             PredicateConfig::default(),
-        );
+        )
+        .inspect({
+            let changed = Arc::clone(&changed);
+            move |_| changed.notify_one()
+        });
 
     let (entries, entry_writer) = reflector::store();
     let (mark_entries, entries_synced) = synced();
@@ -236,10 +247,29 @@ pub(crate) async fn controllers(
     })
     .touched_objects();
 
-    let cluster_changes = futures::stream::select(
-        throttle(notified(changed), Duration::from_millis(500)),
-        throttle(notified(entries_changed), Duration::from_secs(5)),
-    );
+    // Each Secret by name: the operator's Role lets it read these two and
+    // no other Secret of its namespace.
+    let secret_watch = {
+        let changed = Arc::clone(&changed);
+        let secrets = Api::<Secret>::namespaced(client.clone(), &config.namespace);
+        let by_name = |name: &str| {
+            watcher(
+                secrets.clone(),
+                watcher::Config::default().fields(&format!("metadata.name={name}")),
+            )
+            .default_backoff()
+            .touched_objects()
+        };
+        futures::stream::select(by_name(SERVING_SECRET), by_name(CA_SECRET)).for_each(
+            move |secret| {
+                match secret {
+                    Ok(_) => changed.notify_one(),
+                    Err(e) => tracing::warn!(error = %e, "Secret watch failed; retrying"),
+                }
+                async {}
+            },
+        )
+    };
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -247,57 +277,57 @@ pub(crate) async fn controllers(
             instance: config.instance.clone(),
         },
     );
-    let mesh_context = Arc::new(mesh_controller::Context {
+
+    let (publish, published) = watch::channel(None);
+    let cluster_loop = {
+        let context = cluster::Context {
+            client: client.clone(),
+            namespace: config.namespace.clone(),
+            webhook: config.webhook.clone(),
+            issuer: config.issuer,
+            meshes: meshes.clone(),
+            namespaces,
+            recorder: recorder.clone(),
+        };
+        let caches = (meshes_synced.clone(), namespaces_synced.clone());
+        let metrics = metrics.clone();
+        async move {
+            // Before both lists, a namespace would look selected by no Mesh.
+            if !synced::all(&[&caches.0, &caches.1]).await {
+                return;
+            }
+            let triggers = throttle(notified(changed), Duration::from_millis(500));
+            cluster::run(context, triggers, publish, metrics).await;
+        }
+    };
+
+    let mesh_context = Arc::new(mesh::Context {
         client: client.clone(),
         namespace: config.namespace.clone(),
         webhook: config.webhook.clone(),
-        issuer: config.issuer,
-        meshes: meshes.clone(),
-        namespaces,
         entries: entries.clone(),
+        cluster: published.clone(),
         recorder: recorder.clone(),
     });
-    let every_mesh = {
-        let meshes = meshes.clone();
-        move |_: Secret| {
-            meshes
-                .state()
-                .iter()
-                .map(|m| ObjectRef::from_obj(&**m))
-                .collect::<Vec<_>>()
-        }
-    };
     let mesh_loop = {
         let (metrics, client) = (metrics.clone(), client.clone());
-        let caches = (namespaces_synced.clone(), entries_synced.clone());
-        let (meshes, secrets_namespace) = (meshes.clone(), config.namespace.clone());
+        let entries_synced = entries_synced.clone();
+        let meshes = meshes.clone();
+        let triggers = futures::stream::select(
+            changes(published),
+            throttle(notified(entries_changed), Duration::from_secs(5)),
+        );
         async move {
-            if !synced::all(&[&caches.0, &caches.1]).await {
+            if !entries_synced.wait().await {
                 return;
             }
             Controller::for_stream(mesh_events, meshes)
                 .owns(
-                    Api::<MutatingWebhookConfiguration>::all(client.clone()),
+                    Api::<MutatingWebhookConfiguration>::all(client),
                     watcher::Config::default(),
                 )
-                // Each Secret by name: the operator's Role lets it read
-                // these two and no other Secret of its namespace.
-                .watches(
-                    Api::<Secret>::namespaced(client.clone(), &secrets_namespace),
-                    watcher::Config::default().fields(&format!("metadata.name={SERVING_SECRET}")),
-                    every_mesh.clone(),
-                )
-                .watches(
-                    Api::<Secret>::namespaced(client, &secrets_namespace),
-                    watcher::Config::default().fields(&format!("metadata.name={CA_SECRET}")),
-                    every_mesh,
-                )
-                .reconcile_all_on(cluster_changes)
-                .run(
-                    mesh_controller::reconcile,
-                    mesh_controller::error_policy,
-                    mesh_context,
-                )
+                .reconcile_all_on(triggers)
+                .run(mesh::reconcile, mesh::error_policy, mesh_context)
                 .for_each(move |result| {
                     metrics.count("mesh", result.is_ok());
                     async {}
@@ -393,7 +423,9 @@ pub(crate) async fn controllers(
     };
     tracing::info!(namespace = %config.namespace, "reconciling");
     futures::join!(
+        cluster_loop,
         mesh_loop,
+        secret_watch,
         workload_loop,
         entry_cache,
         namespace_cache,
@@ -402,4 +434,155 @@ pub(crate) async fn controllers(
         sweep,
         ready_when_synced
     );
+}
+
+#[cfg(test)]
+mod tests {
+    //! The wiring against a scripted API server that answers whatever comes:
+    //! lists from a fixed cluster, watches held open, writes echoed.
+
+    use std::collections::BTreeSet;
+
+    use http::StatusCode;
+    use k8s_openapi::ByteString;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::cluster::certificate_store::Lifetimes;
+    use crate::test_api::{self, failure, respond};
+
+    fn config() -> Config {
+        Config {
+            namespace: "ferrimesh-system".into(),
+            webhook: WebhookTarget::Url("https://127.0.0.1:9443/inject".into()),
+            issuer: CertificateIssuer::Operator(Lifetimes {
+                ca: 3600,
+                serving: 600,
+            }),
+            sweep_interval: Duration::from_secs(60),
+            resync_interval: Duration::from_secs(300),
+            workload_concurrency: 4,
+            admin_listen: ([127, 0, 0, 1], 0).into(),
+            leader_election: None,
+            instance: None,
+        }
+    }
+
+    /// The cluster's objects of the collection at `path`.
+    fn items(path: &str) -> Value {
+        match path.rsplit('/').next() {
+            Some("meshes") => json!([{
+                "apiVersion": "mesh.ferrimesh.io/v1alpha1", "kind": "Mesh",
+                "metadata": {"name": "default", "uid": "mesh-uid", "generation": 1,
+                             "finalizers": [mesh::FINALIZER]},
+                "spec": {"namespaceSelector": {"matchLabels": {"mesh": "on"}}}
+            }]),
+            Some("namespaces") => json!([{
+                "apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": "apps", "labels": {"mesh": "on"}}
+            }]),
+            _ => json!([]),
+        }
+    }
+
+    const COLLECTIONS: [&str; 7] = [
+        "meshes",
+        "namespaces",
+        "nodes",
+        "pods",
+        "workloadentries",
+        "secrets",
+        "mutatingwebhookconfigurations",
+    ];
+
+    #[tokio::test]
+    async fn a_mesh_in_the_first_list_gets_one_ca_its_namespace_and_a_webhook_configuration_trusting_it()
+     {
+        let (client, mut handle) = test_api::client();
+        let ready = Arc::new(AtomicBool::new(false));
+        let operator = tokio::spawn({
+            let ready = Arc::clone(&ready);
+            async move { controllers(&config(), client, Metrics::default(), ready).await }
+        });
+        let mut listed = BTreeSet::new();
+        let mut held = Vec::new();
+        let mut ca = None;
+        let mut labelled = Vec::new();
+        let mut stored = std::collections::BTreeMap::new();
+        let configured = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let (request, send) = handle.next_request().await.expect("a request");
+                let method = request.method().as_str().to_owned();
+                let path = request.uri().path().to_owned();
+                let query = request.uri().query().unwrap_or_default().to_owned();
+                let bytes = request.into_body().collect_bytes().await.expect("body");
+                let sent: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let collection = path.rsplit('/').next().is_some_and(|last| COLLECTIONS.contains(&last));
+                match method.as_str() {
+                    "GET" if query.contains("watch=true") => held.push(send),
+                    "GET" if collection => {
+                        listed.insert(format!("{path}?{query}").replace("&limit=500", ""));
+                        let list = json!({"apiVersion": "v1", "kind": "List",
+                                          "metadata": {"resourceVersion": "1"}, "items": items(&path)});
+                        respond(send, StatusCode::OK, &list);
+                    }
+                    "GET" => match stored.get(&path) {
+                        Some(object) => respond(send, StatusCode::OK, object),
+                        None => respond(send, StatusCode::NOT_FOUND, &failure(404, "NotFound")),
+                    },
+                    "PATCH" if path.ends_with("/mutatingwebhookconfigurations/ferrimesh-sidecar-injector") => {
+                        respond(send, StatusCode::OK, &sent);
+                        return sent;
+                    }
+                    "PATCH" if path.ends_with("/secrets/ferrimesh-webhook-ca") => {
+                        assert!(ca.is_none(), "one CA");
+                        ca = Some(sent["data"]["ca.crt"].clone());
+                        respond(send, StatusCode::OK, &sent);
+                        stored.insert(path, sent);
+                    }
+                    "PATCH" if path.starts_with("/api/v1/namespaces/") && !path.contains("/secrets/") => {
+                        labelled.push(path.clone());
+                        respond(send, StatusCode::OK, &sent);
+                    }
+                    "POST" => respond(send, StatusCode::CREATED, &sent),
+                    _ => {
+                        respond(send, StatusCode::OK, &sent);
+                        stored.insert(path, sent);
+                    }
+                }
+            }
+        })
+        .await
+        .expect("the webhook configuration applied");
+        operator.abort();
+        let ca: ByteString = serde_json::from_value(ca.expect("a CA written")).expect("base64");
+        let webhooks = configured["webhooks"].as_array().expect("webhooks");
+        assert_eq!(webhooks.len(), 4);
+        for webhook in webhooks {
+            let bundle: ByteString =
+                serde_json::from_value(webhook["clientConfig"]["caBundle"].clone())
+                    .expect("caBundle");
+            assert_eq!(
+                bundle, ca,
+                "the bundle is the CA the cluster reconciler wrote"
+            );
+        }
+        assert_eq!(
+            labelled,
+            ["/api/v1/namespaces/apps"],
+            "labelled once, though its watch never delivers the change"
+        );
+        let expected = [
+            "/apis/mesh.ferrimesh.io/v1alpha1/meshes?",
+            "/api/v1/namespaces?",
+            "/api/v1/nodes?",
+            "/api/v1/pods?&labelSelector=security.istio.io%2FtlsMode%3Distio&limit=100",
+            "/apis/networking.istio.io/v1/workloadentries?&labelSelector=ferrimesh.io%2Fmanaged-by%3Dferrimesh-operator",
+            "/api/v1/namespaces/ferrimesh-system/secrets?&fieldSelector=metadata.name%3Dferrimesh-webhook-tls",
+            "/api/v1/namespaces/ferrimesh-system/secrets?&fieldSelector=metadata.name%3Dferrimesh-webhook-ca",
+            "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations?",
+        ];
+        let expected: BTreeSet<String> = expected.iter().map(|s| (*s).to_owned()).collect();
+        assert_eq!(listed, expected, "one watch per kind, each Secret by name");
+    }
 }

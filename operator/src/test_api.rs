@@ -31,14 +31,23 @@ pub async fn answer(
     );
     let bytes = request.into_body().collect_bytes().await.expect("body");
     let sent = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    let response = Response::builder()
-        .status(status)
-        .body(Body::from(body.to_string().into_bytes()));
-    send.send_response(response.expect("response"));
+    respond(send, status, &body);
     sent
 }
 
 /// A `Status` failure body.
 pub fn failure(code: u16, reason: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": reason})
+}
+
+/// Sends `body` with `status` as the answer to a request.
+pub fn respond(
+    send: tower_test::mock::SendResponse<Response<Body>>,
+    status: StatusCode,
+    body: &Value,
+) {
+    let response = Response::builder()
+        .status(status)
+        .body(Body::from(body.to_string().into_bytes()));
+    send.send_response(response.expect("response"));
 }

@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use ferrimesh_operator::cluster::CertificateIssuer;
 use ferrimesh_operator::cluster::certificate_store::Lifetimes;
-use ferrimesh_operator::mesh::{CertificateIssuer, WebhookTarget};
+use ferrimesh_operator::mesh::WebhookTarget;
 use ferrimesh_operator::{Config, LeaderElection};
 
 /// The ferrimesh operator.

@@ -54,16 +54,18 @@ fn certificates<'a>(bundle: &'a str, what: &str) -> Result<Vec<Pem<'a>>> {
 }
 
 /// The `caBundle` to publish: the CA cert-manager issues from (`ca`), then
-/// every other certificate of the `published` bundle that is still valid at
-/// `now`. Fails when `ca` holds no readable certificate; an unreadable
+/// every other certificate of the `published` bundles (concatenated, one
+/// per webhook configuration) that is still valid at `now`, each once. Fails when `ca` holds no readable certificate; an unreadable
 /// published bundle is replaced.
 pub fn bundle(ca: &str, published: &str, now: i64) -> Result<String> {
     let current = certificates(ca, "ca.crt")?;
     let mut out: String = current.iter().map(|c| format!("{}\n", c.text)).collect();
+    let mut kept: Vec<Vec<u8>> = current.iter().map(|c| c.der.clone()).collect();
     for old in certificates(published, "published caBundle").unwrap_or_default() {
-        if old.not_after > now && current.iter().all(|c| c.der != old.der) {
+        if old.not_after > now && !kept.contains(&old.der) {
             out.push_str(old.text);
             out.push('\n');
+            kept.push(old.der);
         }
     }
     Ok(out)
@@ -78,7 +80,7 @@ pub async fn read(
     now: i64,
 ) -> Result<Current> {
     let waiting = |what: &str| {
-        Error::Certificate(format!(
+        Error::WaitingForIssuer(format!(
             "Secret {namespace}/{SERVING_SECRET} {what}: waiting for cert-manager to issue the Certificate"
         ))
     };
@@ -139,9 +141,14 @@ mod tests {
             "the current CA comes first"
         );
 
-        // Publishing again changes nothing: the current CA is not repeated.
+        // Publishing again changes nothing: the current CA is not repeated,
+        // nor a previous one that several webhook configurations carry.
         assert_eq!(
             bundle(&new.cert_pem, &rotated, NOW).expect("bundle"),
+            rotated
+        );
+        assert_eq!(
+            bundle(&new.cert_pem, &format!("{rotated}{rotated}"), NOW).expect("bundle"),
             rotated
         );
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
 /// At most one `()` per `period` while `events` has events: the first at
@@ -69,6 +69,16 @@ pub fn notified(notify: Arc<Notify>) -> futures::stream::BoxStream<'static, ()> 
         Some(((), notify))
     })
     .boxed()
+}
+
+/// A stream that yields each time the value behind `rx` changes.
+pub fn changes<T: Send + Sync + 'static>(
+    rx: watch::Receiver<T>,
+) -> impl futures::Stream<Item = ()> + Send {
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    })
 }
 
 #[cfg(test)]
