@@ -5,6 +5,7 @@
 
 use ferrimesh_crds::{Mesh, MeshStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::core::Selector;
 
 use crate::cluster::{Certificate, Failure};
 
@@ -50,6 +51,17 @@ fn condition(type_: &str, verdict: &Verdict, mesh: &Mesh) -> Condition {
     }
 }
 
+/// Why the Mesh's `namespaceSelector` selects nothing, when the API
+/// server's selector rules reject it (an unknown operator, values where
+/// none belong): the schema cannot say so, and such a Mesh labels nothing.
+fn invalid_selector(mesh: &Mesh) -> Option<Failure> {
+    let selector = mesh.spec.namespace_selector.clone()?;
+    Selector::try_from(selector).err().map(|e| Failure {
+        reason: "InvalidNamespaceSelector".into(),
+        message: format!("spec.namespaceSelector selects nothing: {e}"),
+    })
+}
+
 /// The status `mesh` should have after a reconcile that found `outcome`.
 pub fn status(mesh: &Mesh, outcome: &Outcome) -> MeshStatus {
     let certificate: Verdict = match outcome.certificate {
@@ -73,12 +85,13 @@ pub fn status(mesh: &Mesh, outcome: &Outcome) -> MeshStatus {
             message: "no CA bundle to configure the webhook with yet".into(),
         }),
     };
-    let labelling: Verdict = match outcome.labelling {
-        None => Ok((
+    let labelling: Verdict = match (invalid_selector(mesh), outcome.labelling) {
+        (Some(failure), _) => Err(failure),
+        (None, Some(failure)) => Err(failure.clone()),
+        (None, None) => Ok((
             "Applied".into(),
             format!("{} namespaces labelled", outcome.labelled),
         )),
-        Some(failure) => Err(failure.clone()),
     };
     let parts = [
         ("CertificateReady", certificate, "CertificateNotReady"),
@@ -221,6 +234,29 @@ mod tests {
             get(&status, "WebhookConfigured"),
             ("False", "Forbidden", denied.message.as_str())
         );
+    }
+
+    #[test]
+    fn a_namespace_selector_with_an_unknown_operator_turns_ready_false() {
+        let mut mesh = Mesh::new("default", MeshSpec::default());
+        mesh.spec.namespace_selector = Some(
+            serde_json::from_value(serde_json::json!({"matchExpressions": [
+                {"key": "mesh", "operator": "Sometimes", "values": ["on"]}]}))
+            .expect("selector"),
+        );
+        let certificate = certificate();
+        let outcome = Outcome {
+            certificate: &certificate,
+            webhook: Some(Ok("ferrimesh-sidecar-injector".into())),
+            labelling: None,
+            labelled: 0,
+            registered: 0,
+        };
+        let status = status(&mesh, &outcome);
+        assert_eq!(get(&status, "Ready").1, "NamespacesNotLabelled");
+        let (labelled, reason, message) = get(&status, "NamespacesLabelled");
+        assert_eq!((labelled, reason), ("False", "InvalidNamespaceSelector"));
+        assert!(message.contains("operator"), "{message}");
     }
 
     #[test]
