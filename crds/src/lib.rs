@@ -6,6 +6,7 @@
 //! does no I/O. The CRD YAML under `config/` is generated from these types by
 //! the `crdgen` binary and never edited by hand.
 
+pub mod istio;
 mod layered;
 pub mod mesh;
 pub mod proxy_profile;

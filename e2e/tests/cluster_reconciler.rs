@@ -306,8 +306,8 @@ async fn a_certificate_secret_that_cannot_be_written_shows_ready_false_until_it_
         "{message}"
     );
     // What does not depend on the certificate goes on.
-    eventually("ns-default labelled all the same", WAIT, || async {
-        Ok(namespace_label(&client, "ns-default", "istio-injection").await?)
+    eventually("ns-default labelled all the same", WAIT, || {
+        namespace_label(&client, "ns-default", "istio-injection")
     })
     .await?;
     assert_eq!(

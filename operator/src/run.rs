@@ -26,7 +26,7 @@ use crate::runtime::lease::{self, LeaderElection};
 use crate::runtime::reduced::reduce;
 use crate::runtime::synced::{self, synced};
 use crate::runtime::triggers::{changes, every, notified, received, throttle};
-use crate::workloads::controller::{self as workload_controller, INJECTED_PODS};
+use crate::workloads::controller::{self as workload_controller, injected_pods};
 use crate::workloads::injected_pod::InjectedPod;
 use crate::workloads::registered_entry::RegisteredEntry;
 use crate::workloads::{MANAGED_BY, MANAGED_BY_LABEL};
@@ -233,7 +233,7 @@ pub(crate) async fn controllers(
         Api::<Pod>::all(client.clone()),
         // Small pages: a page of pods is parsed whole before it is reduced.
         watcher::Config::default()
-            .labels(INJECTED_PODS)
+            .labels(&injected_pods())
             .page_size(100),
     )
     .default_backoff()

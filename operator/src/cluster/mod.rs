@@ -353,32 +353,17 @@ async fn label_namespaces(ctx: &Context, meshes: &[Mesh], written: &mut Written)
 mod tests {
     //! The reconciler against a scripted API server (tower-test).
 
-    use std::time::Duration;
-
     use ferrimesh_crds::MeshSpec;
     use http::StatusCode;
     use kube::runtime::events::Reporter;
-    use kube::runtime::{reflector, watcher};
     use serde_json::{Value, json};
 
     use super::*;
     use crate::cluster::certificate_store::CA_SECRET;
-    use crate::test_api::{self, Handle, answer, failure};
+    use crate::test_api::{self, Handle, answer, failure, store, within};
 
     const SECRETS: &str = "/api/v1/namespaces/ferrimesh-system/secrets";
     const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces";
-
-    fn store<K>(objects: Vec<K>) -> Store<K>
-    where
-        K: Resource + Clone + 'static,
-        K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-    {
-        let (store, mut writer) = reflector::store();
-        for object in objects {
-            writer.apply_watcher_event(&watcher::Event::Apply(object));
-        }
-        store
-    }
 
     fn context(meshes: Vec<Mesh>, namespaces: Value) -> (Context, Handle) {
         let (client, handle) = test_api::client();
@@ -391,8 +376,8 @@ mod tests {
                 ca: 3600,
                 serving: 600,
             }),
-            meshes: store(meshes),
-            namespaces: store(namespaces),
+            meshes: store(&meshes),
+            namespaces: store(&namespaces),
             recorder: Recorder::new(
                 client,
                 Reporter {
@@ -568,12 +553,6 @@ mod tests {
         assert!(matches!(labelled.failure, Some(Error::Kube(_))));
         assert_eq!(labelled.changed.len(), 1, "b labelled all the same");
         assert_eq!(labelled.counts.get("default"), Some(&2));
-    }
-
-    async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
-        tokio::time::timeout(Duration::from_secs(5), future)
-            .await
-            .expect("no unexpected API call")
     }
 
     #[tokio::test]

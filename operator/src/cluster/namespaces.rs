@@ -9,8 +9,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ferrimesh_crds::Mesh;
+use ferrimesh_crds::istio::{INJECTION_LABEL, REVISION, SYSTEM_NAMESPACES};
 use ferrimesh_crds::mesh::DEFAULT_REVISION;
-use ferrimesh_crds::selection::{INJECTION_LABEL, REVISION_LABEL, SYSTEM_NAMESPACES, matches};
+use ferrimesh_crds::selection::matches;
 use k8s_openapi::api::core::v1::Namespace;
 
 use crate::FIELD_MANAGER;
@@ -21,7 +22,7 @@ pub fn injection_label(revision: &str) -> (&'static str, String) {
     if revision == DEFAULT_REVISION {
         (INJECTION_LABEL, "enabled".to_owned())
     } else {
-        (REVISION_LABEL, revision.to_owned())
+        (REVISION, revision.to_owned())
     }
 }
 
@@ -207,6 +208,7 @@ mod tests {
             "kube-system",
             "kube-public",
             "kube-node-lease",
+            "local-path-storage",
             "ferrimesh-system",
         ] {
             assert!(

@@ -8,9 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrimesh_crds::Mesh;
-use ferrimesh_crds::selection::{
-    SYSTEM_NAMESPACES, webhook_configuration, webhook_configuration_name,
-};
+use ferrimesh_crds::istio::SYSTEM_NAMESPACES;
+use ferrimesh_crds::selection::{webhook_configuration, webhook_configuration_name};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -94,9 +93,10 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
         .count() as i32;
     let outcome = status::Outcome {
         certificate: &cluster.certificate,
-        webhook: applied
-            .as_ref()
-            .map(|r| r.as_ref().map(Clone::clone).map_err(Failure::from)),
+        webhook: applied.as_ref().map(|r| match r {
+            Ok(name) => Ok(name.clone()),
+            Err(error) => Err(Failure::from(error)),
+        }),
         labelling: cluster.labelling.as_ref(),
         labelled: cluster.labelled.get(&name).copied().unwrap_or(0),
         registered,

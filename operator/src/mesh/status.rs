@@ -141,6 +141,17 @@ mod tests {
         }
     }
 
+    /// What a reconcile that applied the webhook configuration found.
+    fn configured(certificate: &Result<Certificate, Failure>) -> Outcome<'_> {
+        Outcome {
+            certificate,
+            webhook: Some(Ok("ferrimesh-sidecar-injector".into())),
+            labelling: None,
+            labelled: 0,
+            registered: 0,
+        }
+    }
+
     fn get<'a>(status: &'a MeshStatus, type_: &str) -> (&'a str, &'a str, &'a str) {
         let c = status
             .conditions
@@ -245,13 +256,7 @@ mod tests {
             .expect("selector"),
         );
         let certificate = certificate();
-        let outcome = Outcome {
-            certificate: &certificate,
-            webhook: Some(Ok("ferrimesh-sidecar-injector".into())),
-            labelling: None,
-            labelled: 0,
-            registered: 0,
-        };
+        let outcome = configured(&certificate);
         let status = status(&mesh, &outcome);
         assert_eq!(get(&status, "Ready").1, "NamespacesNotLabelled");
         let (labelled, reason, message) = get(&status, "NamespacesLabelled");
@@ -263,13 +268,7 @@ mod tests {
     fn a_condition_keeps_its_transition_time_while_its_status_stays() {
         let mut mesh = Mesh::new("default", MeshSpec::default());
         let certificate = certificate();
-        let outcome = Outcome {
-            certificate: &certificate,
-            webhook: Some(Ok("ferrimesh-sidecar-injector".into())),
-            labelling: None,
-            labelled: 0,
-            registered: 0,
-        };
+        let outcome = configured(&certificate);
         let mut first = status(&mesh, &outcome);
         let long_ago = Time(jiff::Timestamp::from_second(1_000).expect("time"));
         for c in &mut first.conditions {

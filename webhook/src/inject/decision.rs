@@ -3,20 +3,13 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use ferrimesh_crds::istio::SYSTEM_NAMESPACES;
 use ferrimesh_crds::mesh::{InjectionPolicy, InjectionSettings};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::core::{Selector, SelectorExt};
 
 use super::annotations::{INJECT, MIRROR_POD};
-
-/// Namespaces whose pods are never injected.
-pub const IGNORED_NAMESPACES: [&str; 4] = [
-    "kube-system",
-    "kube-public",
-    "kube-node-lease",
-    "local-path-storage",
-];
 
 /// Why a pod is, or is not, injected.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,7 +125,7 @@ pub fn decide(
         );
         return Decision::skip(Reason::HostNetwork);
     }
-    if IGNORED_NAMESPACES.contains(&namespace) {
+    if SYSTEM_NAMESPACES.contains(&namespace) {
         return Decision::skip(Reason::SystemNamespace(namespace.to_owned()));
     }
     if meta
@@ -278,7 +271,7 @@ mod tests {
 
     #[test]
     fn skips_system_namespaces_even_when_the_pod_opts_in() {
-        for ns in IGNORED_NAMESPACES {
+        for ns in SYSTEM_NAMESPACES {
             let decision = run(
                 &pod(&[(INJECT, "true")], &[]),
                 ns,
