@@ -1,5 +1,5 @@
 //! cert-manager as the issuer of the webhook's serving certificate
-//! (operator.md section 3, `config/components/cert-manager`).
+//! (docs/operator.md, "What it does"; `config/components/cert-manager`).
 //!
 //! cert-manager's Certificate writes the Secret `ferrimesh-webhook-tls`
 //! (`ca.crt`, `tls.crt`, `tls.key`) that the webhook mounts; the operator

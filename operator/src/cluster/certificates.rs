@@ -1,4 +1,4 @@
-//! The webhook's serving certificate (operator.md section 3): a CA and a
+//! The webhook's serving certificate (docs/operator.md, "What it does"): a CA and a
 //! serving certificate made in-process with rcgen, when each is due for
 //! renewal, and the `caBundle` that keeps the old CA trusted while replicas
 //! move to a certificate from the new one.

@@ -1,5 +1,6 @@
-//! Which injection labels the operator wants on a namespace (operator.md
-//! section 1), as a pure function of the namespace and the Meshes.
+//! Which injection labels the operator wants on a namespace
+//! (docs/operator.md, "What it does"), as a pure function of the namespace
+//! and the Meshes.
 //!
 //! The operator writes labels with server-side apply under its own field
 //! manager. Applying a smaller set later releases only the labels it owns:

@@ -1,4 +1,4 @@
-//! The workload controller (operator.md section 4): a WorkloadEntry for
+//! The workload controller (docs/operator.md, "What it does"): a WorkloadEntry for
 //! every injected pod while it lives, deleted with the pod, and a sweep that
 //! removes entries whose pod is gone (also ones missed while the operator
 //! was down). Only injected pods are watched (`security.istio.io/tlsMode`).
