@@ -9,19 +9,11 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::core::{Selector, SelectorExt};
 
+use crate::istio::{INJECT, SYSTEM_NAMESPACES};
 use crate::mesh::{InjectionPolicy, InjectionSettings};
-use crate::selection::INJECT_LABEL as INJECT;
 
 /// The annotation the kubelet puts on mirror pods of static pods.
 pub const MIRROR_POD: &str = "kubernetes.io/config.mirror";
-
-/// Namespaces whose pods are never injected.
-pub const IGNORED_NAMESPACES: [&str; 4] = [
-    "kube-system",
-    "kube-public",
-    "kube-node-lease",
-    "local-path-storage",
-];
 
 /// Why a pod is, or is not, injected.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,7 +129,7 @@ pub fn decide(
         );
         return Decision::skip(Reason::HostNetwork);
     }
-    if IGNORED_NAMESPACES.contains(&namespace) {
+    if SYSTEM_NAMESPACES.contains(&namespace) {
         return Decision::skip(Reason::SystemNamespace(namespace.to_owned()));
     }
     if meta
@@ -283,7 +275,7 @@ mod tests {
 
     #[test]
     fn skips_system_namespaces_even_when_the_pod_opts_in() {
-        for ns in IGNORED_NAMESPACES {
+        for ns in SYSTEM_NAMESPACES {
             let decision = run(
                 &pod(&[(INJECT, "true")], &[]),
                 ns,

@@ -14,15 +14,11 @@ use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
 
 use crate::decision::decide;
+use crate::istio::{PROXY_CONTAINER, REVISION, SIDECAR_STATUS, SidecarStatus};
 use crate::mesh::Mesh;
-use crate::selection::{NAMESPACE_NAME_LABEL, REVISION_LABEL, selecting_entry};
+use crate::selection::{NAMESPACE_NAME_LABEL, selecting_entry};
 use crate::stamp::{INJECTION_HASH, expected_proxy_image, injection_hash, layered_mesh};
 use crate::{ProxyProfile, proxy_profile};
-
-/// The annotation an injection writes, naming what it added and the revision.
-pub const STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
-/// The name of the injected proxy container.
-pub const PROXY_CONTAINER: &str = "istio-proxy";
 
 /// Why an injected pod is not what today's settings would inject.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -169,14 +165,14 @@ pub struct Configuration<'a> {
 /// annotation's, else the pod's `istio.io/rev` annotation.
 pub fn injected_revision(pod: &Pod) -> Option<String> {
     let annotations = pod.metadata.annotations.as_ref()?;
-    let status = annotations.get(STATUS_ANNOTATION)?;
-    let from_status = serde_json::from_str::<serde_json::Value>(status)
+    let status = annotations.get(SIDECAR_STATUS)?;
+    let from_status = serde_json::from_str::<SidecarStatus>(status)
         .ok()
-        .and_then(|v| v.get("revision")?.as_str().map(str::to_owned))
+        .map(|s| s.revision)
         .filter(|r| !r.is_empty());
     Some(
         from_status
-            .or_else(|| annotations.get(REVISION_LABEL).cloned())
+            .or_else(|| annotations.get(REVISION).cloned())
             .unwrap_or_default(),
     )
 }
@@ -286,8 +282,8 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::istio::{INJECT as INJECT_LABEL, INJECTION_LABEL, SYSTEM_NAMESPACES};
     use crate::mesh::{InjectionPolicy, MeshSpec};
-    use crate::selection::{INJECT_LABEL, INJECTION_LABEL, SYSTEM_NAMESPACES};
 
     fn map(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
         kv.iter()
@@ -334,7 +330,7 @@ mod tests {
         let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
         let image = expected_proxy_image(&layered, annotations).to_owned();
         annotations.insert(
-            STATUS_ANNOTATION.into(),
+            SIDECAR_STATUS.into(),
             json!({"revision": mesh.spec.revision}).to_string(),
         );
         let hash = injection_hash(&mesh.spec, &selected, annotations);

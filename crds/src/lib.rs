@@ -12,6 +12,7 @@
 pub mod ambient;
 pub mod decision;
 pub mod drift;
+pub mod istio;
 mod layered;
 pub mod mesh;
 pub mod pod_security;

@@ -13,18 +13,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 };
 use kube::core::{Selector, SelectorExt};
 
+use crate::istio::{INJECT, INJECTION_LABEL, REVISION};
 use crate::mesh::{DEFAULT_REVISION, FailurePolicy, MeshSpec, ReinvocationPolicy};
 
-/// Namespace label that enables injection by the default revision.
-pub const INJECTION_LABEL: &str = "istio-injection";
-/// Namespace or pod label naming a revision.
-pub const REVISION_LABEL: &str = "istio.io/rev";
-/// Pod label with the pod's own choice.
-pub const INJECT_LABEL: &str = "sidecar.istio.io/inject";
 /// The label every namespace carries with its own name.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
-/// Namespaces no webhook entry ever selects (the operator adds its own).
-pub const SYSTEM_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
 
 /// One webhook entry's selectors.
 #[derive(Clone, Debug, PartialEq)]
@@ -53,10 +46,11 @@ fn selector(requirements: Vec<LabelSelectorRequirement>) -> LabelSelector {
 }
 
 /// The webhook entries for `revision`; `excluded` namespaces (the system
-/// ones plus the operator's own) are left out of every entry.
+/// ones, [`crate::istio::SYSTEM_NAMESPACES`], plus the operator's own) are
+/// left out of every entry.
 pub fn webhook_selectors(revision: &str, excluded: &[&str]) -> Vec<WebhookSelectors> {
     let not_excluded = || req(NAMESPACE_NAME_LABEL, "NotIn", excluded);
-    let opt_out = || req(INJECT_LABEL, "NotIn", &["false"]);
+    let opt_out = || req(INJECT, "NotIn", &["false"]);
     let entry =
         |name: &str, ns: Vec<LabelSelectorRequirement>, obj: Vec<LabelSelectorRequirement>| {
             let mut ns = ns;
@@ -71,7 +65,7 @@ pub fn webhook_selectors(revision: &str, excluded: &[&str]) -> Vec<WebhookSelect
         entry(
             "rev.namespace",
             vec![
-                req(REVISION_LABEL, "In", &[revision]),
+                req(REVISION, "In", &[revision]),
                 req(INJECTION_LABEL, "DoesNotExist", &[]),
             ],
             vec![opt_out()],
@@ -79,10 +73,10 @@ pub fn webhook_selectors(revision: &str, excluded: &[&str]) -> Vec<WebhookSelect
         entry(
             "rev.object",
             vec![
-                req(REVISION_LABEL, "DoesNotExist", &[]),
+                req(REVISION, "DoesNotExist", &[]),
                 req(INJECTION_LABEL, "DoesNotExist", &[]),
             ],
-            vec![opt_out(), req(REVISION_LABEL, "In", &[revision])],
+            vec![opt_out(), req(REVISION, "In", &[revision])],
         ),
     ];
     if revision == DEFAULT_REVISION {
@@ -95,11 +89,11 @@ pub fn webhook_selectors(revision: &str, excluded: &[&str]) -> Vec<WebhookSelect
             "object",
             vec![
                 req(INJECTION_LABEL, "DoesNotExist", &[]),
-                req(REVISION_LABEL, "DoesNotExist", &[]),
+                req(REVISION, "DoesNotExist", &[]),
             ],
             vec![
-                req(INJECT_LABEL, "In", &["true"]),
-                req(REVISION_LABEL, "DoesNotExist", &[]),
+                req(INJECT, "In", &["true"]),
+                req(REVISION, "DoesNotExist", &[]),
             ],
         ));
     }
@@ -234,7 +228,7 @@ fn configuration(
             "app.kubernetes.io/managed-by".to_owned(),
             "ferrimesh-operator".to_owned(),
         ),
-        (REVISION_LABEL.to_owned(), mesh.revision.clone()),
+        (REVISION.to_owned(), mesh.revision.clone()),
     ]);
     labels.extend(extra_labels);
     MutatingWebhookConfiguration {
@@ -250,6 +244,7 @@ fn configuration(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::istio::SYSTEM_NAMESPACES;
 
     fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
         kv.iter()
@@ -271,7 +266,7 @@ mod tests {
             entry(
                 "default",
                 &[(INJECTION_LABEL, "enabled")],
-                &[(INJECT_LABEL, "false")]
+                &[(INJECT, "false")]
             ),
             None
         );
@@ -279,17 +274,17 @@ mod tests {
             entry(
                 "default",
                 &[(INJECTION_LABEL, "disabled")],
-                &[(INJECT_LABEL, "true")]
+                &[(INJECT, "true")]
             ),
             None
         );
         assert_eq!(entry("default", &[], &[]), None);
         assert_eq!(
-            entry("default", &[], &[(INJECT_LABEL, "true")]).as_deref(),
+            entry("default", &[], &[(INJECT, "true")]).as_deref(),
             Some("object.sidecar-injector.ferrimesh.io")
         );
         assert_eq!(
-            entry("default", &[(REVISION_LABEL, "default")], &[]).as_deref(),
+            entry("default", &[(REVISION, "default")], &[]).as_deref(),
             Some("rev.namespace.sidecar-injector.ferrimesh.io")
         );
     }
@@ -297,15 +292,15 @@ mod tests {
     #[test]
     fn revisions_only_serve_their_own_label() {
         assert_eq!(
-            entry("canary", &[(REVISION_LABEL, "canary")], &[]).as_deref(),
+            entry("canary", &[(REVISION, "canary")], &[]).as_deref(),
             Some("rev.namespace.sidecar-injector.ferrimesh.io")
         );
         assert_eq!(entry("canary", &[(INJECTION_LABEL, "enabled")], &[]), None);
         assert_eq!(
-            entry("canary", &[], &[(REVISION_LABEL, "canary")]).as_deref(),
+            entry("canary", &[], &[(REVISION, "canary")]).as_deref(),
             Some("rev.object.sidecar-injector.ferrimesh.io")
         );
-        assert_eq!(entry("canary", &[], &[(INJECT_LABEL, "true")]), None);
+        assert_eq!(entry("canary", &[], &[(INJECT, "true")]), None);
     }
 
     #[test]
@@ -382,7 +377,7 @@ mod tests {
         let (stable, default) = (&configs[0], &configs[1]);
         let labels = stable.metadata.labels.clone().unwrap_or_default();
         assert_eq!(labels.get(TAG_LABEL).map(String::as_str), Some("stable"));
-        assert_eq!(labels.get(REVISION_LABEL).map(String::as_str), Some("1-29"));
+        assert_eq!(labels.get(REVISION).map(String::as_str), Some("1-29"));
         assert!(
             stable
                 .webhooks
@@ -392,24 +387,20 @@ mod tests {
         );
 
         assert_eq!(
-            tag_entry(stable, &[(REVISION_LABEL, "stable")], &[]).as_deref(),
+            tag_entry(stable, &[(REVISION, "stable")], &[]).as_deref(),
             Some("rev.namespace.sidecar-injector.ferrimesh.io")
         );
         assert_eq!(
-            tag_entry(stable, &[], &[(REVISION_LABEL, "stable")]).as_deref(),
+            tag_entry(stable, &[], &[(REVISION, "stable")]).as_deref(),
             Some("rev.object.sidecar-injector.ferrimesh.io")
         );
-        assert_eq!(tag_entry(stable, &[(REVISION_LABEL, "1-29")], &[]), None);
+        assert_eq!(tag_entry(stable, &[(REVISION, "1-29")], &[]), None);
         assert_eq!(
             tag_entry(stable, &[(INJECTION_LABEL, "enabled")], &[]),
             None
         );
         assert_eq!(
-            tag_entry(
-                stable,
-                &[(REVISION_LABEL, "stable")],
-                &[(INJECT_LABEL, "false")]
-            ),
+            tag_entry(stable, &[(REVISION, "stable")], &[(INJECT, "false")]),
             None
         );
 
@@ -419,11 +410,11 @@ mod tests {
             "the default tag takes over istio-injection=enabled"
         );
         assert_eq!(
-            tag_entry(default, &[], &[(INJECT_LABEL, "true")]).as_deref(),
+            tag_entry(default, &[], &[(INJECT, "true")]).as_deref(),
             Some("object.sidecar-injector.ferrimesh.io")
         );
         assert_eq!(
-            tag_entry(default, &[(REVISION_LABEL, "default")], &[]).as_deref(),
+            tag_entry(default, &[(REVISION, "default")], &[]).as_deref(),
             Some("rev.namespace.sidecar-injector.ferrimesh.io")
         );
         assert_eq!(

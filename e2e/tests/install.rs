@@ -23,7 +23,7 @@ use ferrimesh_e2e::fixtures::{
     wait_for_crds,
 };
 use ferrimesh_e2e::{ControlPlane, eventually, kubectl, repo_root, workspace_binary};
-use ferrimesh_operator::certificate_store::SERVING_SECRET;
+use ferrimesh_operator::cluster::certificate_store::SERVING_SECRET;
 use k8s_openapi::api::admissionregistration::v1::{
     ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
 };

@@ -60,7 +60,9 @@ async fn operator_configures_injection_and_registers_workloads() -> anyhow::Resu
     .await?;
     let events: Api<Event> = Api::namespaced(client.clone(), "default");
     event_about(&events, "NamespaceLabelled", |about, note| {
-        about.kind.as_deref() == Some("Mesh") && note.contains("apps")
+        about.kind.as_deref() == Some("Namespace")
+            && about.name.as_deref() == Some("apps")
+            && note.contains("apps")
     })
     .await?;
     assert_eq!(

@@ -9,7 +9,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use ferrimesh_crds::selection::{SYSTEM_NAMESPACES, webhook_configuration};
+use ferrimesh_crds::istio::SYSTEM_NAMESPACES;
+use ferrimesh_crds::selection::webhook_configuration;
 use ferrimesh_crds::{Mesh, MeshSpec};
 use ferrimesh_e2e::fixtures::{self, create_until_injected, namespace};
 use ferrimesh_e2e::{ControlPlane, Process, ServingCertificate, eventually, free_port};

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use ferrimesh_crds::selection::{SYSTEM_NAMESPACES, webhook_configuration};
+use ferrimesh_crds::istio::SYSTEM_NAMESPACES;
+use ferrimesh_crds::selection::webhook_configuration;
 use ferrimesh_crds::{Mesh, MeshSpec};
 use ferrimesh_e2e::fixtures::{namespace, wait_for_crds};
 use ferrimesh_e2e::{

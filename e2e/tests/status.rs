@@ -9,7 +9,8 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, bail};
-use ferrimesh_crds::selection::{SYSTEM_NAMESPACES, webhook_configuration};
+use ferrimesh_crds::istio::SYSTEM_NAMESPACES;
+use ferrimesh_crds::selection::webhook_configuration;
 use ferrimesh_crds::{Mesh, MeshSpec, ProxyProfile};
 use ferrimesh_e2e::fixtures::{self, create_until_injected, namespace, wait_for_crds};
 use ferrimesh_e2e::{ControlPlane, ServingCertificate, free_port, workspace_binary};

@@ -1,26 +1,27 @@
-//! ferrimesh's operator: the only writer of cluster state (operator.md).
+//! ferrimesh's operator: the only writer of cluster state. [`run`] starts
+//! it; docs/operator.md says what it reconciles.
+//!
+//! Folders by feature:
+//! - [`cluster`]: what every Mesh shares, the webhook's certificate and the
+//!   namespace labels;
+//! - [`mesh`]: each Mesh's MutatingWebhookConfiguration and status;
+//! - [`workloads`]: a WorkloadEntry for every injected pod;
+//! - [`runtime`]: caches, triggers, the leader Lease and the admin server.
 //!
 //! The desired state is computed by pure functions, tested with plain
-//! objects: which labels a namespace gets ([`namespaces`]), when the
-//! webhook's certificate renews ([`certificates`]), and the WorkloadEntry of
-//! an injected pod ([`workloads`]). The MutatingWebhookConfiguration itself
-//! comes from `ferrimesh_crds::selection`, shared with `ferrimesh
-//! check-inject`.
+//! objects; the MutatingWebhookConfiguration itself comes from
+//! `ferrimesh_crds::selection`, shared with `ferrimesh check-inject`.
 
-pub mod cert_manager;
-pub mod certificate_store;
-pub mod certificates;
-pub mod injected_pod;
-pub mod mesh_controller;
-pub mod namespaces;
-pub mod reduced;
-pub mod registered_entry;
-pub mod synced;
+pub mod cluster;
+pub mod mesh;
+mod run;
+pub mod runtime;
 #[cfg(test)]
 mod test_api;
-pub mod triggers;
-pub mod workload_controller;
 pub mod workloads;
+
+pub use run::{Config, run};
+pub use runtime::lease::LeaderElection;
 
 /// The field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "ferrimesh-operator";
@@ -31,12 +32,39 @@ pub enum Error {
     /// Making or reading a certificate failed.
     #[error("certificate: {0}")]
     Certificate(String),
+    /// The certificate's issuer (cert-manager) has not issued it yet.
+    #[error("{0}")]
+    WaitingForIssuer(String),
     /// Adding or removing the Mesh finalizer, or the cleanup, failed.
     #[error("finalizer: {0}")]
     Finalizer(String),
+    /// The admin server could not start.
+    #[error("admin server: {0}")]
+    Admin(String),
+    /// Leader election failed.
+    #[error("lease: {0}")]
+    Lease(String),
     /// A Kubernetes API call failed.
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+}
+
+impl Error {
+    /// A short CamelCase word for a status condition's `reason`: the API
+    /// server's own (`Forbidden`, `Invalid`, ...) for a call it refused.
+    pub fn reason(&self) -> String {
+        match self {
+            Self::Certificate(_) => "CertificateInvalid".into(),
+            Self::WaitingForIssuer(_) => "WaitingForIssuer".into(),
+            Self::Finalizer(_) => "FinalizerFailed".into(),
+            Self::Admin(_) => "AdminServerFailed".into(),
+            Self::Lease(_) => "LeaseFailed".into(),
+            Self::Kube(kube::Error::Api(status)) if !status.reason.is_empty() => {
+                status.reason.clone()
+            }
+            Self::Kube(_) => "APIServerUnavailable".into(),
+        }
+    }
 }
 
 /// The operator's result type.

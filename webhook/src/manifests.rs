@@ -17,8 +17,9 @@ use std::sync::Arc;
 
 use ferrimesh_crds::ProxyProfile;
 use ferrimesh_crds::ambient::{ambient_request, injected_ambient_warning};
+use ferrimesh_crds::istio::SYSTEM_NAMESPACES;
 use ferrimesh_crds::mesh::MeshSpec;
-use ferrimesh_crds::selection::{SYSTEM_NAMESPACES, selecting_entry};
+use ferrimesh_crds::selection::selecting_entry;
 use k8s_openapi::api::core::v1::{Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
@@ -349,9 +350,10 @@ fn not_selected_reason(
     namespace_labels: &BTreeMap<String, String>,
     pod_labels: &BTreeMap<String, String>,
 ) -> Option<String> {
-    use ferrimesh_crds::selection::{
-        INJECT_LABEL, INJECTION_LABEL, NAMESPACE_NAME_LABEL, REVISION_LABEL,
+    use ferrimesh_crds::istio::{
+        INJECT as INJECT_LABEL, INJECTION_LABEL, REVISION as REVISION_LABEL,
     };
+    use ferrimesh_crds::selection::NAMESPACE_NAME_LABEL;
     let mut ns_labels = namespace_labels.clone();
     ns_labels.insert(NAMESPACE_NAME_LABEL.to_owned(), namespace.to_owned());
     if selecting_entry(revision, &SYSTEM_NAMESPACES, &ns_labels, pod_labels).is_some() {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use ferrimesh_crds::drift::{Configuration, Drift, classify, serving_mesh};
-use ferrimesh_crds::selection::{INJECTION_LABEL, REVISION_LABEL};
+use ferrimesh_crds::istio::{INJECTION_LABEL, REVISION as REVISION_LABEL};
 use ferrimesh_crds::{Mesh, ProxyProfile};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::ListParams;
@@ -255,7 +255,7 @@ pub fn to_table(report: &[NamespaceStatus]) -> String {
 #[cfg(test)]
 mod tests {
     use ferrimesh_crds::MeshSpec;
-    use ferrimesh_crds::selection::SYSTEM_NAMESPACES;
+    use ferrimesh_crds::istio::SYSTEM_NAMESPACES;
     use serde_json::json;
 
     use super::*;

@@ -100,7 +100,7 @@ async fn status(args: StatusArgs) -> Result<String> {
     let snapshot = ferrimesh_webhook::status::Snapshot::fetch(&client)
         .await
         .context("reading namespaces, pods, Meshes and ProxyProfiles")?;
-    let mut excluded: Vec<&str> = ferrimesh_crds::selection::SYSTEM_NAMESPACES.to_vec();
+    let mut excluded: Vec<&str> = ferrimesh_crds::istio::SYSTEM_NAMESPACES.to_vec();
     excluded.push(&args.operator_namespace);
     let report = ferrimesh_webhook::status::report(&snapshot, &excluded, args.pods);
     Ok(match args.output {

@@ -3,10 +3,9 @@
 
 use std::net::IpAddr;
 
-/// Label or annotation: `"true"` / `"false"`, the pod's own injection choice.
-pub const INJECT: &str = "sidecar.istio.io/inject";
-/// What the injection added; present on every injected pod.
-pub const STATUS: &str = "sidecar.istio.io/status";
+pub use ferrimesh_crds::istio::{
+    INJECT, REVISION, SIDECAR_STATUS as STATUS, TLS_MODE as TLS_MODE_LABEL,
+};
 /// `"false"` selects the classic layout; any other non-empty value native.
 pub const NATIVE_SIDECAR: &str = "sidecar.istio.io/nativeSidecar";
 /// Replaces both injected images (only when the value contains `/`).
@@ -72,15 +71,11 @@ pub const MERGE_METRICS: &str = "prometheus.istio.io/merge-metrics";
 pub const SCRAPE_TARGETS: &str = "prometheus.istio.io/scrape-targets";
 /// Secure merged metrics port, set when the proxy exposes one.
 pub const SECURE_PORT: &str = "prometheus.istio.io/secure-port";
-/// The control-plane revision that injected the pod.
-pub const REVISION: &str = "istio.io/rev";
 /// The container `kubectl exec` and `logs` pick by default.
 pub const DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
 /// The container `kubectl logs` picks by default.
 pub const DEFAULT_LOGS_CONTAINER: &str = "kubectl.kubernetes.io/default-logs-container";
 
-/// Label: mTLS mode of the workload.
-pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 /// Label: canonical service name.
 pub const CANONICAL_NAME_LABEL: &str = "service.istio.io/canonical-name";
 /// Label: canonical service revision.

@@ -17,7 +17,7 @@ use super::settings::Settings;
 use super::workload::Workload;
 
 /// Name of the injected proxy container.
-pub const PROXY: &str = "istio-proxy";
+pub const PROXY: &str = ferrimesh_crds::istio::PROXY_CONTAINER;
 /// Name of the injected init container.
 pub const INIT: &str = "istio-init";
 /// Envoy's Prometheus port.

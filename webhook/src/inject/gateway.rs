@@ -16,10 +16,10 @@ use super::containers::{
 };
 use super::overrides::{Overrides, canonicalize_resources, overlay};
 use super::settings::Settings;
-use super::status::SidecarStatus;
 use super::templates::spire;
 use super::workload::Workload;
 use super::{Request, merge_pull_secrets, merge_volumes, post_process, set_common_metadata};
+use ferrimesh_crds::istio::SidecarStatus;
 
 use crate::{Error, Result};
 

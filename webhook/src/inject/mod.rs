@@ -16,7 +16,6 @@ pub mod prometheus;
 pub mod proxy_config;
 pub mod quantity;
 pub mod settings;
-pub mod status;
 pub mod templates;
 pub mod volumes;
 pub mod workload;
@@ -35,10 +34,10 @@ use self::containers::{INIT, PROXY, PodFacts};
 use self::decision::{Decision, decide};
 use self::overrides::{Overrides, canonicalize_resources, merge_json, overlay};
 use self::settings::{MeshSettings, Settings, select_profiles};
-use self::status::SidecarStatus;
 use self::templates::{Base, spire};
 use self::workload::Workload;
 use crate::{Error, Result};
+use ferrimesh_crds::istio::SidecarStatus;
 
 /// What the engine knows about where the pod will run, beyond the Mesh.
 #[derive(Clone, Debug, PartialEq, Eq)]

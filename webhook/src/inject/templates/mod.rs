@@ -22,9 +22,9 @@ use super::annotations::{self as ann, Invalid};
 use super::containers::PROXY;
 use super::overrides::{Overrides, canonicalize_resources, merge_containers, merge_named, overlay};
 use super::settings::Settings;
-use super::status::SidecarStatus;
 use super::{Request, merge_volumes, post_process};
 use crate::{Error, Result};
+use ferrimesh_crds::istio::SidecarStatus;
 
 /// The template that builds what a pod gets: a proxy, or for `grpc-simple`
 /// a bootstrap file.

@@ -1,4 +1,4 @@
-//! The workload controller (operator.md section 4): a WorkloadEntry for
+//! The workload controller (docs/operator.md, "What it does"): a WorkloadEntry for
 //! every injected pod while it lives, deleted with the pod, and a sweep that
 //! removes entries whose pod is gone (also ones missed while the operator
 //! was down). Only injected pods are watched (`security.istio.io/tlsMode`).
@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferrimesh_crds::istio::{SIDECAR_STATUS, TLS_MODE};
 use ferrimesh_crds::mesh::DEFAULT_REVISION;
 use ferrimesh_crds::{Mesh, WorkloadEntry};
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -18,13 +19,16 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::injected_pod::{InjectedPod, SIDECAR_STATUS};
-use crate::registered_entry::{RegisteredEntry, up_to_date};
-use crate::workloads::{POD_UID_ANNOTATION, desired_entry, is_orphan, is_ours};
+use super::entry::desired_entry;
+use super::injected_pod::InjectedPod;
+use super::registered_entry::{RegisteredEntry, up_to_date};
+use super::{POD_UID_ANNOTATION, is_ours};
 use crate::{FIELD_MANAGER, Result};
 
-/// The label selector of the pods the controller watches.
-pub const INJECTED_PODS: &str = "security.istio.io/tlsMode=istio";
+/// The label selector of the pods the controller watches: the injected ones.
+pub fn injected_pods() -> String {
+    format!("{TLS_MODE}=istio")
+}
 
 /// What the workload controller needs.
 pub struct Context {
@@ -257,7 +261,7 @@ pub async fn sweep_orphans(
     };
     let mut deleted = 0;
     for entry in entries.state() {
-        if !is_orphan(&entry, &is_live) {
+        if !entry.is_orphan(&is_live) {
             continue;
         }
         let (namespace, name) = (entry.namespace().unwrap_or_default(), entry.name_any());
@@ -287,25 +291,11 @@ mod tests {
 
     use ferrimesh_crds::MeshSpec;
     use http::StatusCode;
-    use kube::runtime::reflector;
-    use kube::runtime::watcher;
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::test_api::{self, Handle, answer, failure};
+    use crate::test_api::{self, Handle, answer, failure, store, within};
     use crate::workloads::{MANAGED_BY, MANAGED_BY_LABEL};
-
-    fn store<K>(objects: &[K]) -> Store<K>
-    where
-        K: kube::Resource + Clone + 'static,
-        K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-    {
-        let (store, mut writer) = reflector::store();
-        for object in objects {
-            writer.apply_watcher_event(&watcher::Event::Apply(object.clone()));
-        }
-        store
-    }
 
     fn context_with(meshes: &[Mesh], entries: &[WorkloadEntry]) -> (Arc<Context>, Handle) {
         let (client, handle) = test_api::client();
@@ -537,14 +527,6 @@ mod tests {
         let result = within(reconcile(pod, ctx)).await;
         server.await.expect("scripted requests");
         result
-    }
-
-    /// Runs a reconcile; an unexpected API call leaves it waiting for an
-    /// answer that never comes, and the test fails here.
-    async fn within<T>(reconcile: impl std::future::Future<Output = T>) -> T {
-        tokio::time::timeout(Duration::from_secs(5), reconcile)
-            .await
-            .expect("no unexpected API call")
     }
 
     #[tokio::test]

@@ -1,5 +1,5 @@
 //! cert-manager as the issuer of the webhook's serving certificate
-//! (operator.md section 3, `config/components/cert-manager`).
+//! (docs/operator.md, "What it does"; `config/components/cert-manager`).
 //!
 //! cert-manager's Certificate writes the Secret `ferrimesh-webhook-tls`
 //! (`ca.crt`, `tls.crt`, `tls.key`) that the webhook mounts; the operator
@@ -13,8 +13,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use x509_parser::pem::parse_x509_pem;
 
-use crate::certificate_store::{Current, SERVING_SECRET};
-use crate::certificates::Renewal;
+use super::certificate_store::{Current, SERVING_SECRET};
+use super::certificates::Renewal;
 use crate::{Error, Result};
 
 /// One certificate of a PEM bundle: its text and what it says.
@@ -54,16 +54,18 @@ fn certificates<'a>(bundle: &'a str, what: &str) -> Result<Vec<Pem<'a>>> {
 }
 
 /// The `caBundle` to publish: the CA cert-manager issues from (`ca`), then
-/// every other certificate of the `published` bundle that is still valid at
-/// `now`. Fails when `ca` holds no readable certificate; an unreadable
+/// every other certificate of the `published` bundles (concatenated, one
+/// per webhook configuration) that is still valid at `now`, each once. Fails when `ca` holds no readable certificate; an unreadable
 /// published bundle is replaced.
 pub fn bundle(ca: &str, published: &str, now: i64) -> Result<String> {
     let current = certificates(ca, "ca.crt")?;
     let mut out: String = current.iter().map(|c| format!("{}\n", c.text)).collect();
+    let mut kept: Vec<Vec<u8>> = current.iter().map(|c| c.der.clone()).collect();
     for old in certificates(published, "published caBundle").unwrap_or_default() {
-        if old.not_after > now && current.iter().all(|c| c.der != old.der) {
+        if old.not_after > now && !kept.contains(&old.der) {
             out.push_str(old.text);
             out.push('\n');
+            kept.push(old.der);
         }
     }
     Ok(out)
@@ -78,7 +80,7 @@ pub async fn read(
     now: i64,
 ) -> Result<Current> {
     let waiting = |what: &str| {
-        Error::Certificate(format!(
+        Error::WaitingForIssuer(format!(
             "Secret {namespace}/{SERVING_SECRET} {what}: waiting for cert-manager to issue the Certificate"
         ))
     };
@@ -114,7 +116,7 @@ pub async fn read(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::certificates::issue_ca;
+    use crate::cluster::certificates::issue_ca;
 
     const DAY: i64 = 86_400;
     const NOW: i64 = 1_790_000_000;
@@ -139,9 +141,14 @@ mod tests {
             "the current CA comes first"
         );
 
-        // Publishing again changes nothing: the current CA is not repeated.
+        // Publishing again changes nothing: the current CA is not repeated,
+        // nor a previous one that several webhook configurations carry.
         assert_eq!(
             bundle(&new.cert_pem, &rotated, NOW).expect("bundle"),
+            rotated
+        );
+        assert_eq!(
+            bundle(&new.cert_pem, &format!("{rotated}{rotated}"), NOW).expect("bundle"),
             rotated
         );
 

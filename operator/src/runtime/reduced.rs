@@ -1,5 +1,6 @@
 //! Caches of reduced objects: the operator keeps of a watched kind only
-//! what it reads ([`crate::injected_pod`], [`crate::registered_entry`]).
+//! what it reads ([`crate::workloads::injected_pod`],
+//! [`crate::workloads::registered_entry`]).
 //! A reduced type stands for its kind to the API (`reduced_resource!`)
 //! and each watch event is mapped to it ([`reduce`]) before the reflector
 //! stores it.

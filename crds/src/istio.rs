@@ -1,6 +1,37 @@
-//! `sidecar.istio.io/status`: what an injection added to the pod.
+//! Istio's names, defined once for every crate: the labels and annotations
+//! ferrimesh reads and writes with Istio's meaning, the injection status
+//! the webhook writes on a pod and the operator reads back, and the system
+//! namespaces nothing of Istio's touches.
 
 use serde::{Deserialize, Serialize};
+
+/// Namespace label that turns injection by the default revision on
+/// (`enabled`) or off (`disabled`).
+pub const INJECTION_LABEL: &str = "istio-injection";
+/// Namespace or pod label, and pod annotation, naming a control-plane
+/// revision.
+pub const REVISION: &str = "istio.io/rev";
+/// Pod label or annotation with the pod's own injection choice (`"true"`,
+/// `"false"`).
+pub const INJECT: &str = "sidecar.istio.io/inject";
+/// Annotation on every injected pod: what the injection added
+/// ([`SidecarStatus`]).
+pub const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+/// Label on every injected pod: its mutual TLS mode (`istio`).
+pub const TLS_MODE: &str = "security.istio.io/tlsMode";
+/// The injected proxy container.
+pub const PROXY_CONTAINER: &str = "istio-proxy";
+
+/// Namespaces whose pods are never injected, which no webhook entry
+/// selects and the operator never labels: Istio's own list
+/// (`IgnoredNamespaces` in its injector, the `NotIn` of its chart's
+/// webhook), kind's `local-path-storage` included.
+pub const SYSTEM_NAMESPACES: [&str; 4] = [
+    "kube-system",
+    "kube-public",
+    "kube-node-lease",
+    "local-path-storage",
+];
 
 /// The status annotation, as Istio writes it: empty lists are `null`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

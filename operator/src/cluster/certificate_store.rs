@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 
-use crate::certificates::{self, Ca, Renewal, Serving};
+use super::certificates::{self, Ca, Renewal, Serving};
 use crate::{FIELD_MANAGER, Result};
 
 /// The Secret the webhook mounts.

@@ -1,5 +1,5 @@
-//! The WorkloadEntry that stands for an injected pod (operator.md section
-//! 4), as a pure function of the pod, its Mesh and its node.
+//! The WorkloadEntry that stands for an injected pod, as a pure function of
+//! the pod, its Mesh and its node (docs/operator.md, "What it does").
 
 use std::collections::BTreeMap;
 
@@ -7,30 +7,10 @@ use ferrimesh_crds::workload_entry::{WorkloadCondition, WorkloadPort};
 use ferrimesh_crds::{MeshSpec, WorkloadEntry, WorkloadEntrySpec, WorkloadEntryStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
-use crate::injected_pod::InjectedPod;
-use crate::registered_entry::RegisteredEntry;
-
-/// Label on every WorkloadEntry the operator writes; entries without it are
-/// never touched.
-pub const MANAGED_BY_LABEL: &str = "ferrimesh.io/managed-by";
-/// Value of [`MANAGED_BY_LABEL`].
-pub const MANAGED_BY: &str = "ferrimesh-operator";
-/// Label with the revision of the Mesh that registered the entry.
-pub const REVISION_LABEL: &str = "ferrimesh.io/revision";
-/// Annotation with the UID of the pod an entry stands for.
-pub const POD_UID_ANNOTATION: &str = "ferrimesh.io/pod-uid";
-/// istiod reads an entry's `Healthy` condition only when the entry carries
-/// this annotation set to `"true"`; without it the entry counts as healthy
-/// whatever its pod's state.
-pub const HEALTH_CHECKS_ANNOTATION: &str = "proxy.istio.io/health-checks-enabled";
-
-/// Whether an entry with these labels is the operator's (carries
-/// [`MANAGED_BY_LABEL`]=[`MANAGED_BY`]).
-pub fn is_ours(labels: &BTreeMap<String, String>) -> bool {
-    labels
-        .get(MANAGED_BY_LABEL)
-        .is_some_and(|v| v == MANAGED_BY)
-}
+use super::injected_pod::InjectedPod;
+use super::{
+    HEALTH_CHECKS_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, POD_UID_ANNOTATION, REVISION_LABEL,
+};
 
 /// `<region>/<zone>` from the node's topology labels.
 fn locality(node_labels: Option<&BTreeMap<String, String>>) -> Option<String> {
@@ -108,22 +88,6 @@ pub fn desired_entry(
         conditions: vec![healthy(pod)],
     });
     Some(entry)
-}
-
-/// Whether a cached entry is an orphan of ours: its pod is not among `live`
-/// (namespace, name, uid) triples.
-pub fn is_orphan(entry: &RegisteredEntry, live: &dyn Fn(&str, &str, &str) -> bool) -> bool {
-    let meta = &entry.metadata;
-    match (
-        entry.ours,
-        meta.namespace.as_deref(),
-        meta.name.as_deref(),
-        entry.pod_uid.as_deref(),
-    ) {
-        (true, Some(ns), Some(name), Some(uid)) => !live(ns, name, uid),
-        (true, ..) => true,
-        (false, ..) => false,
-    }
 }
 
 #[cfg(test)]
@@ -213,23 +177,5 @@ mod tests {
             "Unknown"
         );
         assert!(entry.spec.locality.is_none() && entry.spec.network.is_none());
-    }
-
-    #[test]
-    fn finds_orphans_among_its_own_entries_only() {
-        let entry = desired_entry(&pod(), &MeshSpec::default(), None).expect("entry");
-        let cached = RegisteredEntry::from(entry.clone());
-        assert!(!is_orphan(&cached, &|ns, name, uid| (ns, name, uid)
-            == ("shop", "web-1", "pod-uid-1")));
-        assert!(
-            is_orphan(&cached, &|_, _, uid| uid == "another-uid"),
-            "a new pod of the same name"
-        );
-        let mut foreign = entry;
-        foreign.metadata.labels = None;
-        assert!(
-            !is_orphan(&foreign.into(), &|_, _, _| false),
-            "entries without our label are never touched"
-        );
     }
 }

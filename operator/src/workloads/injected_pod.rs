@@ -10,16 +10,12 @@
 
 use std::collections::BTreeMap;
 
+use ferrimesh_crds::istio::{REVISION, SIDECAR_STATUS, SidecarStatus};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde::{Deserialize, Serialize};
 
-use crate::reduced::reduced_resource;
-
-/// Annotation present on every injected pod: its injection status.
-pub const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
-/// Annotation naming the revision that injected the pod.
-pub const REVISION_ANNOTATION: &str = "istio.io/rev";
+use crate::runtime::reduced::reduced_resource;
 
 /// An injected pod as the operator sees it. A [`kube::Resource`] of kind `Pod`,
 /// so that a reflector and a controller can hold it.
@@ -61,16 +57,10 @@ impl InjectedPod {
 
 /// The containers the injection added, as its status annotation lists them.
 fn injected_containers(status: Option<&String>) -> Vec<String> {
-    let Some(status) = status.and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
-    else {
-        return Vec::new();
-    };
-    ["containers", "initContainers"]
-        .iter()
-        .filter_map(|k| status.get(*k).and_then(|v| v.as_array()))
-        .flatten()
-        .filter_map(|v| v.as_str().map(str::to_owned))
-        .collect()
+    status
+        .and_then(|s| serde_json::from_str::<SidecarStatus>(s).ok())
+        .map(|s| s.container_names().map(str::to_owned).collect())
+        .unwrap_or_default()
 }
 
 impl From<Pod> for InjectedPod {
@@ -119,7 +109,7 @@ impl From<Pod> for InjectedPod {
                 ..ObjectMeta::default()
             },
             injected: annotations.contains_key(SIDECAR_STATUS),
-            revision: annotations.get(REVISION_ANNOTATION).cloned(),
+            revision: annotations.get(REVISION).cloned(),
             ports,
             service_account,
             node_name,
@@ -140,7 +130,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::reduced::reduce;
+    use crate::runtime::reduced::reduce;
 
     fn rich_pod() -> Pod {
         serde_json::from_value(json!({

@@ -15,10 +15,10 @@ use ferrimesh_crds::WorkloadEntry;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 
-use crate::reduced::reduced_resource;
-use crate::workloads::{
+use super::{
     HEALTH_CHECKS_ANNOTATION, MANAGED_BY_LABEL, POD_UID_ANNOTATION, REVISION_LABEL, is_ours,
 };
+use crate::runtime::reduced::reduced_resource;
 
 /// A WorkloadEntry as the operator's cache keeps it. A [`kube::Resource`] of kind
 /// WorkloadEntry, so that a reflector can hold it.
@@ -75,6 +75,24 @@ pub fn up_to_date(existing: &RegisteredEntry, desired: &WorkloadEntry) -> bool {
     existing.written == written(desired)
 }
 
+impl RegisteredEntry {
+    /// Whether a cached entry is an orphan of ours: its pod is not among `live`
+    /// (namespace, name, uid) triples.
+    pub fn is_orphan(&self, live: &dyn Fn(&str, &str, &str) -> bool) -> bool {
+        let meta = &self.metadata;
+        match (
+            self.ours,
+            meta.namespace.as_deref(),
+            meta.name.as_deref(),
+            self.pod_uid.as_deref(),
+        ) {
+            (true, Some(ns), Some(name), Some(uid)) => !live(ns, name, uid),
+            (true, ..) => true,
+            (false, ..) => false,
+        }
+    }
+}
+
 impl From<WorkloadEntry> for RegisteredEntry {
     fn from(entry: WorkloadEntry) -> Self {
         let written = written(&entry);
@@ -111,9 +129,9 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::injected_pod::InjectedPod;
-    use crate::reduced::reduce;
-    use crate::workloads::desired_entry;
+    use crate::runtime::reduced::reduce;
+    use crate::workloads::entry::desired_entry;
+    use crate::workloads::injected_pod::InjectedPod;
 
     fn desired() -> WorkloadEntry {
         let pod: Pod = serde_json::from_value(json!({
@@ -213,5 +231,24 @@ mod tests {
             }
             other => panic!("not a Delete: {other:?}"),
         }
+    }
+
+    #[test]
+    fn finds_orphans_among_its_own_entries_only() {
+        let entry = desired();
+        let cached = RegisteredEntry::from(entry.clone());
+        assert!(
+            !cached.is_orphan(&|ns, name, uid| (ns, name, uid) == ("shop", "web-1", "pod-uid-1"))
+        );
+        assert!(
+            cached.is_orphan(&|_, _, uid| uid == "another-uid"),
+            "a new pod of the same name"
+        );
+        let mut foreign = entry;
+        foreign.metadata.labels = None;
+        assert!(
+            !RegisteredEntry::from(foreign).is_orphan(&|_, _, _| false),
+            "entries without our label are never touched"
+        );
     }
 }

@@ -1,5 +1,6 @@
-//! Which injection labels the operator wants on a namespace (operator.md
-//! section 1), as a pure function of the namespace and the Meshes.
+//! Which injection labels the operator wants on a namespace
+//! (docs/operator.md, "What it does"), as a pure function of the namespace
+//! and the Meshes.
 //!
 //! The operator writes labels with server-side apply under its own field
 //! manager. Applying a smaller set later releases only the labels it owns:
@@ -9,8 +10,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ferrimesh_crds::Mesh;
+use ferrimesh_crds::istio::{INJECTION_LABEL, REVISION, SYSTEM_NAMESPACES};
 use ferrimesh_crds::mesh::DEFAULT_REVISION;
-use ferrimesh_crds::selection::{INJECTION_LABEL, REVISION_LABEL, SYSTEM_NAMESPACES, matches};
+use ferrimesh_crds::selection::matches;
 use k8s_openapi::api::core::v1::Namespace;
 
 use crate::FIELD_MANAGER;
@@ -21,7 +23,7 @@ pub fn injection_label(revision: &str) -> (&'static str, String) {
     if revision == DEFAULT_REVISION {
         (INJECTION_LABEL, "enabled".to_owned())
     } else {
-        (REVISION_LABEL, revision.to_owned())
+        (REVISION, revision.to_owned())
     }
 }
 
@@ -207,6 +209,7 @@ mod tests {
             "kube-system",
             "kube-public",
             "kube-node-lease",
+            "local-path-storage",
             "ferrimesh-system",
         ] {
             assert!(

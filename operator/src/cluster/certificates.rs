@@ -1,4 +1,4 @@
-//! The webhook's serving certificate (operator.md section 3): a CA and a
+//! The webhook's serving certificate (docs/operator.md, "What it does"): a CA and a
 //! serving certificate made in-process with rcgen, when each is due for
 //! renewal, and the `caBundle` that keeps the old CA trusted while replicas
 //! move to a certificate from the new one.
@@ -13,6 +13,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use time::OffsetDateTime;
+use x509_parser::pem::parse_x509_pem;
 
 use crate::{Error, Result};
 
@@ -137,6 +138,22 @@ pub fn due(now: i64, not_before: i64, not_after: i64) -> bool {
     now >= not_before + lifetime * 2 / 3
 }
 
+/// Whether the certificate `cert_pem` was signed by the key of the CA
+/// `ca_pem`: what a client trusting that CA checks. False when either does
+/// not parse.
+pub fn signed_by(cert_pem: &str, ca_pem: &str) -> bool {
+    let (Ok((_, cert)), Ok((_, ca))) = (
+        parse_x509_pem(cert_pem.as_bytes()),
+        parse_x509_pem(ca_pem.as_bytes()),
+    ) else {
+        return false;
+    };
+    let (Ok(cert), Ok(ca)) = (cert.parse_x509(), ca.parse_x509()) else {
+        return false;
+    };
+    cert.issuer() == ca.subject() && cert.verify_signature(Some(ca.public_key())).is_ok()
+}
+
 /// What the certificate reconciler must do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Renewal {
@@ -149,7 +166,8 @@ pub enum Renewal {
 }
 
 /// Decides renewals: a missing or due CA renews both; a missing or due
-/// serving certificate, or one that does not cover `names`, renews it.
+/// serving certificate, one that does not cover `names`, or one the CA did
+/// not sign (so the `caBundle` would not verify it) renews it.
 pub fn plan(now: i64, ca: Option<&Ca>, serving: Option<&Serving>, names: &[String]) -> Renewal {
     let Some(ca) = ca.filter(|ca| !due(now, ca.not_before, ca.not_after)) else {
         return Renewal::CaAndServing;
@@ -161,7 +179,8 @@ pub fn plan(now: i64, ca: Option<&Ca>, serving: Option<&Serving>, names: &[Strin
         Some(s)
             if !due(now, s.not_before, s.not_after)
                 && s.names == wanted
-                && s.not_after <= ca.not_after =>
+                && s.not_after <= ca.not_after
+                && signed_by(&s.cert_pem, &ca.cert_pem) =>
         {
             Renewal::Nothing
         }
@@ -247,6 +266,26 @@ mod tests {
         assert_eq!(
             plan(NOW + 201 * DAY, Some(&ca), Some(&serving), &names()),
             Renewal::CaAndServing
+        );
+    }
+
+    #[test]
+    fn renews_a_serving_certificate_another_ca_signed() {
+        let ca = issue_ca(NOW, 300 * DAY).expect("ca");
+        let other = issue_ca(NOW, 300 * DAY).expect("another ca, same subject");
+        let foreign = issue_serving(&other, &names(), NOW, 30 * DAY).expect("serving");
+        assert!(signed_by(&foreign.cert_pem, &other.cert_pem));
+        assert!(!signed_by(&foreign.cert_pem, &ca.cert_pem));
+        assert_eq!(
+            plan(NOW + DAY, Some(&ca), Some(&foreign), &names()),
+            Renewal::Serving,
+            "the caBundle would not verify it"
+        );
+        let mut garbled = issue_serving(&ca, &names(), NOW, 30 * DAY).expect("serving");
+        garbled.cert_pem = "not a certificate".into();
+        assert_eq!(
+            plan(NOW + DAY, Some(&ca), Some(&garbled), &names()),
+            Renewal::Serving
         );
     }
 

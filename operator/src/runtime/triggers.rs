@@ -1,12 +1,15 @@
-//! Turning a busy watch into few reconciles: at ten thousand pods, the
+//! Streams that trigger reconciles, and turning a busy watch into few
+//! reconciles: at ten thousand pods, the
 //! WorkloadEntry watch brings thousands of events a minute, and each used
 //! to reconcile every Mesh. [`throttle`] passes the first event at once and
 //! then at most one per period, so a burst costs a reconcile or two while
 //! the last change is never lost.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
 /// At most one `()` per `period` while `events` has events: the first at
@@ -44,6 +47,38 @@ where
             }
         },
     )
+}
+
+/// A stream of the items an unbounded channel receives.
+pub fn received<T>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// A stream that yields once every `period`, the first time after one period.
+pub fn every(period: Duration) -> impl futures::Stream<Item = ()> + Send {
+    futures::stream::unfold((), move |()| async move {
+        tokio::time::sleep(period).await;
+        Some(((), ()))
+    })
+}
+
+/// A stream that yields each time `notify` is notified.
+pub fn notified(notify: Arc<Notify>) -> futures::stream::BoxStream<'static, ()> {
+    futures::stream::unfold(notify, |notify| async move {
+        notify.notified().await;
+        Some(((), notify))
+    })
+    .boxed()
+}
+
+/// A stream that yields each time the value behind `rx` changes.
+pub fn changes<T: Send + Sync + 'static>(
+    rx: watch::Receiver<T>,
+) -> impl futures::Stream<Item = ()> + Send {
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,588 @@
+//! Running the operator: the caches, the controllers fed by them, and the
+//! lease that decides which replica runs them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ferrimesh_crds::{Mesh, WorkloadEntry};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{self, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector;
+use kube::runtime::{Predicate, PredicateConfig, WatchStreamExt, predicates, watcher};
+use kube::{Api, Client};
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::cluster::certificate_store::{CA_SECRET, SERVING_SECRET};
+use crate::cluster::{self, CertificateIssuer};
+use crate::mesh::{self, WebhookTarget};
+use crate::runtime::admin::{self, Metrics};
+use crate::runtime::lease::{self, LeaderElection};
+use crate::runtime::reduced::reduce;
+use crate::runtime::synced::{self, synced};
+use crate::runtime::triggers::{changes, every, notified, received, throttle};
+use crate::workloads::controller::{self as workload_controller, injected_pods};
+use crate::workloads::injected_pod::InjectedPod;
+use crate::workloads::registered_entry::RegisteredEntry;
+use crate::workloads::{MANAGED_BY, MANAGED_BY_LABEL};
+use crate::{Error, Result};
+
+/// How the operator runs (`ferrimesh-operator`'s flags).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The operator's own namespace: never labelled, holds the certificate
+    /// Secrets and the Lease.
+    pub namespace: String,
+    /// Where the API server reaches the webhook.
+    pub webhook: WebhookTarget,
+    /// Who issues the webhook's serving certificate.
+    pub issuer: CertificateIssuer,
+    /// Time between sweeps for WorkloadEntries whose pod is gone.
+    pub sweep_interval: Duration,
+    /// Time between resyncs of every injected pod against its cached entry.
+    pub resync_interval: Duration,
+    /// Pods reconciled at once.
+    pub workload_concurrency: u16,
+    /// Address of the admin server (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_listen: SocketAddr,
+    /// The Lease that elects the replica that reconciles; `None` for a
+    /// single replica that always does.
+    pub leader_election: Option<LeaderElection>,
+    /// This replica's name (the pod's): the Lease holder's identity and the
+    /// instance of the Events it publishes.
+    pub instance: Option<String>,
+}
+
+/// Runs the operator until SIGTERM or SIGINT: serves the admin endpoints,
+/// and reconciles while holding the lease (always, without leader
+/// election); the lease is released on the way out.
+pub async fn run(config: Config) -> Result<()> {
+    let client = Client::try_default().await?;
+    let metrics = Metrics::default();
+    let ready = Arc::new(AtomicBool::new(false));
+    admin::serve(config.admin_listen, &metrics, Arc::clone(&ready))
+        .await
+        .map_err(|e| Error::Admin(e.to_string()))?;
+
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let Some(election) = &config.leader_election else {
+        tokio::select! {
+            () = controllers(&config, client, metrics, ready) => {},
+            () = &mut shutdown => {},
+        }
+        tracing::info!("stopped");
+        return Ok(());
+    };
+
+    let identity = config
+        .instance
+        .clone()
+        .unwrap_or_else(|| format!("ferrimesh-operator-{}", std::process::id()));
+    let term = || controllers(&config, client.clone(), metrics.clone(), Arc::clone(&ready));
+    lease::lead(
+        client.clone(),
+        &config.namespace,
+        election,
+        &identity,
+        &ready,
+        shutdown,
+        term,
+    )
+    .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = terminate => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// Runs the controllers until they stop (or the future is dropped).
+///
+/// One watch per kind, each feeding a cache: injected pods (pruned to what
+/// a WorkloadEntry needs before they are stored), our WorkloadEntries,
+/// Namespaces, Nodes (metadata only) and Meshes; the two certificate
+/// Secrets of the operator's namespace (each by name) and the webhook
+/// configurations are watched, not cached. Three reconcilers read them: the
+/// cluster reconciler (certificate, namespace labels) runs at most twice a
+/// second whatever the cluster's churn; each Mesh's reconciler runs when the
+/// Mesh or its webhook configuration changes, when the cluster reconciler
+/// publishes something new, and at most every five seconds for entry
+/// changes; the workload reconciler runs per injected pod.
+pub(crate) async fn controllers(
+    config: &Config,
+    client: Client,
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+) {
+    let watch_config = watcher::Config::default();
+
+    // Every cache is filled by a watch driven here and marked synced when
+    // its first list ends. A controller starts only once the caches it reads
+    // are synced: a pod reconciled before the Meshes are known would lose
+    // its entry, and one reconciled before the Nodes would get no locality.
+    // Mesh, Namespace and certificate Secret changes run the cluster
+    // reconciler; entry changes only move the Meshes' registeredWorkloads
+    // counts: each has its own throttle.
+    let changed = Arc::new(Notify::new());
+    let entries_changed = Arc::new(Notify::new());
+    let (meshes, mesh_writer) = reflector::store();
+    let (mark_meshes, meshes_synced) = synced();
+    let mesh_events = watcher(Api::<Mesh>::all(client.clone()), watch_config.clone())
+        .default_backoff()
+        .reflect(mesh_writer)
+        .inspect(move |event| mark_meshes.observe(event))
+        .touched_objects()
+        // Not on its own status writes: each reconcile wrote a new
+        // registeredWorkloads while entries came, and so triggered the next.
+        // The finalizers count: the first reconcile only adds its own and
+        // relies on seeing it (deletion bumps the generation).
+        .predicate_filter(
+            predicates::generation.combine(predicates::finalizers),
+            PredicateConfig::default(),
+        )
+        .inspect({
+            let changed = Arc::clone(&changed);
+            move |_| changed.notify_one()
+        });
+
+    let (entries, entry_writer) = reflector::store();
+    let (mark_entries, entries_synced) = synced();
+    let (deleted_entries_tx, deleted_entries_rx) = mpsc::unbounded_channel();
+    let entry_cache = {
+        let changed = Arc::clone(&entries_changed);
+        watcher(
+            Api::<WorkloadEntry>::all(client.clone()),
+            watch_config
+                .clone()
+                .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
+        )
+        .default_backoff()
+        .map_ok(reduce::<WorkloadEntry, RegisteredEntry>)
+        .reflect(entry_writer)
+        .for_each(move |event| {
+            mark_entries.observe(&event);
+            match event {
+                Ok(watcher::Event::Delete(entry)) => {
+                    let _ = deleted_entries_tx.send(Ok(entry));
+                }
+                Err(e) => tracing::warn!(error = %e, "WorkloadEntry watch failed; retrying"),
+                Ok(_) => {}
+            }
+            changed.notify_one();
+            async {}
+        })
+    };
+
+    let (namespaces, namespace_writer) = reflector::store();
+    let (mark_namespaces, namespaces_synced) = synced();
+    let namespace_cache = {
+        let changed = Arc::clone(&changed);
+        watcher(Api::<Namespace>::all(client.clone()), watch_config.clone())
+            .default_backoff()
+            .reflect(namespace_writer)
+            .for_each(move |event| {
+                mark_namespaces.observe(&event);
+                if let Err(e) = event {
+                    tracing::warn!(error = %e, "Namespace watch failed; retrying");
+                }
+                changed.notify_one();
+                async {}
+            })
+    };
+
+    let (nodes, node_writer) = reflector::store();
+    let (mark_nodes, nodes_synced) = synced();
+    let node_cache = watcher(
+        Api::<PartialObjectMeta<Node>>::all(client.clone()),
+        watch_config.clone(),
+    )
+    .default_backoff()
+    .reflect(node_writer)
+    .for_each(move |event| {
+        mark_nodes.observe(&event);
+        if let Err(e) = event {
+            tracing::warn!(error = %e, "Node watch failed; retrying");
+        }
+        async {}
+    });
+
+    // Pods go into the cache reduced to what their entries are made of; a
+    // deleted pod's entry goes at once.
+    let (pods, pod_writer) = reflector::store();
+    let (mark_pods, pods_synced) = synced();
+    let (deleted_pods_tx, deleted_pods_rx) = mpsc::unbounded_channel();
+    let pod_events = watcher(
+        Api::<Pod>::all(client.clone()),
+        // Small pages: a page of pods is parsed whole before it is reduced.
+        watcher::Config::default()
+            .labels(&injected_pods())
+            .page_size(100),
+    )
+    .default_backoff()
+    .map_ok(reduce::<Pod, InjectedPod>)
+    .reflect(pod_writer)
+    .inspect(move |event| {
+        mark_pods.observe(event);
+        if let Ok(watcher::Event::Delete(pod)) = event {
+            let _ = deleted_pods_tx.send(pod.clone());
+        }
+    })
+    .touched_objects();
+
+    // Each Secret by name: the operator's Role lets it read these two and
+    // no other Secret of its namespace.
+    let secret_watch = {
+        let changed = Arc::clone(&changed);
+        let secrets = Api::<Secret>::namespaced(client.clone(), &config.namespace);
+        let by_name = |name: &str| {
+            watcher(
+                secrets.clone(),
+                watcher::Config::default().fields(&format!("metadata.name={name}")),
+            )
+            .default_backoff()
+            .touched_objects()
+        };
+        futures::stream::select(by_name(SERVING_SECRET), by_name(CA_SECRET)).for_each(
+            move |secret| {
+                match secret {
+                    Ok(_) => changed.notify_one(),
+                    Err(e) => tracing::warn!(error = %e, "Secret watch failed; retrying"),
+                }
+                async {}
+            },
+        )
+    };
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "ferrimesh-operator".into(),
+            instance: config.instance.clone(),
+        },
+    );
+
+    let (publish, published) = watch::channel(None);
+    let cluster_loop = {
+        let context = cluster::Context {
+            client: client.clone(),
+            namespace: config.namespace.clone(),
+            webhook: config.webhook.clone(),
+            issuer: config.issuer,
+            meshes: meshes.clone(),
+            namespaces,
+            recorder: recorder.clone(),
+        };
+        let caches = (meshes_synced.clone(), namespaces_synced.clone());
+        let metrics = metrics.clone();
+        async move {
+            // Before both lists, a namespace would look selected by no Mesh.
+            if !synced::all(&[&caches.0, &caches.1]).await {
+                return;
+            }
+            let triggers = throttle(notified(changed), Duration::from_millis(500));
+            cluster::run(context, triggers, publish, metrics).await;
+        }
+    };
+
+    let mesh_context = Arc::new(mesh::Context {
+        client: client.clone(),
+        namespace: config.namespace.clone(),
+        webhook: config.webhook.clone(),
+        entries: entries.clone(),
+        cluster: published.clone(),
+        recorder: recorder.clone(),
+    });
+    let mesh_loop = {
+        let (metrics, client) = (metrics.clone(), client.clone());
+        let entries_synced = entries_synced.clone();
+        let meshes = meshes.clone();
+        let triggers = futures::stream::select(
+            changes(published),
+            throttle(notified(entries_changed), Duration::from_secs(5)),
+        );
+        async move {
+            if !entries_synced.wait().await {
+                return;
+            }
+            Controller::for_stream(mesh_events, meshes)
+                .owns(
+                    Api::<MutatingWebhookConfiguration>::all(client),
+                    watcher::Config::default(),
+                )
+                .reconcile_all_on(triggers)
+                .run(mesh::reconcile, mesh::error_policy, mesh_context)
+                .for_each(move |result| {
+                    metrics.count("mesh", result.is_ok());
+                    async {}
+                })
+                .await;
+        }
+    };
+
+    let workload_context = Arc::new(workload_controller::Context {
+        client: client.clone(),
+        meshes,
+        entries: entries.clone(),
+        nodes,
+        recorder,
+    });
+    let workload_loop = {
+        let concurrency = config.workload_concurrency.max(1);
+        let caches = (
+            meshes_synced.clone(),
+            entries_synced.clone(),
+            nodes_synced.clone(),
+        );
+        let pods = pods.clone();
+        // Every resync interval each pod is checked against its cached
+        // entry (no API call when it matches): an entry someone else edited
+        // is written back. A deleted one comes back at once. Not more
+        // often: a pod whose write the cache has not seen yet is written
+        // again (to no effect but the API server's work).
+        let resync = every(config.resync_interval.max(Duration::from_secs(1)));
+        async move {
+            if !synced::all(&[&caches.0, &caches.1, &caches.2]).await {
+                return;
+            }
+            Controller::for_stream(pod_events, pods)
+                .owns_stream(received(deleted_entries_rx))
+                .reconcile_all_on(resync)
+                .with_config(controller::Config::default().concurrency(concurrency))
+                .run(
+                    workload_controller::reconcile,
+                    workload_controller::error_policy,
+                    workload_context,
+                )
+                .for_each(move |result| {
+                    metrics.count("workload", result.is_ok());
+                    async {}
+                })
+                .await;
+        }
+    };
+    let deletions = {
+        let client = client.clone();
+        received(deleted_pods_rx).for_each_concurrent(16, move |pod| {
+            let client = client.clone();
+            async move {
+                if let Err(e) = workload_controller::on_pod_deleted(&client, &pod).await {
+                    tracing::warn!(error = %e, "deleting a WorkloadEntry failed; the sweep will retry");
+                }
+            }
+        })
+    };
+    let sweep = {
+        let client = client.clone();
+        let interval = config.sweep_interval.max(Duration::from_secs(1));
+        let caches = (pods_synced.clone(), entries_synced.clone());
+        async move {
+            if !synced::all(&[&caches.0, &caches.1]).await {
+                return;
+            }
+            loop {
+                match workload_controller::sweep_orphans(&client, &pods, &entries).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(deleted = n, "removed WorkloadEntries whose pods are gone")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "sweep failed"),
+                }
+                tokio::time::sleep(interval).await;
+            }
+        }
+    };
+    // Ready once every cache is synced, the controllers with them.
+    let ready_when_synced = async move {
+        let caches = [
+            &meshes_synced,
+            &namespaces_synced,
+            &entries_synced,
+            &nodes_synced,
+            &pods_synced,
+        ];
+        if synced::all(&caches).await {
+            ready.store(true, Ordering::Release);
+        }
+    };
+    tracing::info!(namespace = %config.namespace, "reconciling");
+    futures::join!(
+        cluster_loop,
+        mesh_loop,
+        secret_watch,
+        workload_loop,
+        entry_cache,
+        namespace_cache,
+        node_cache,
+        deletions,
+        sweep,
+        ready_when_synced
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    //! The wiring against a scripted API server that answers whatever comes:
+    //! lists from a fixed cluster, watches held open, writes echoed.
+
+    use std::collections::BTreeSet;
+
+    use http::StatusCode;
+    use k8s_openapi::ByteString;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::cluster::certificate_store::Lifetimes;
+    use crate::test_api::{self, failure, respond};
+
+    fn config() -> Config {
+        Config {
+            namespace: "ferrimesh-system".into(),
+            webhook: WebhookTarget::Url("https://127.0.0.1:9443/inject".into()),
+            issuer: CertificateIssuer::Operator(Lifetimes {
+                ca: 3600,
+                serving: 600,
+            }),
+            sweep_interval: Duration::from_secs(60),
+            resync_interval: Duration::from_secs(300),
+            workload_concurrency: 4,
+            admin_listen: ([127, 0, 0, 1], 0).into(),
+            leader_election: None,
+            instance: None,
+        }
+    }
+
+    /// The cluster's objects of the collection at `path`.
+    fn items(path: &str) -> Value {
+        match path.rsplit('/').next() {
+            Some("meshes") => json!([{
+                "apiVersion": "mesh.ferrimesh.io/v1alpha1", "kind": "Mesh",
+                "metadata": {"name": "default", "uid": "mesh-uid", "generation": 1,
+                             "finalizers": [mesh::FINALIZER]},
+                "spec": {"namespaceSelector": {"matchLabels": {"mesh": "on"}}}
+            }]),
+            Some("namespaces") => json!([{
+                "apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": "apps", "labels": {"mesh": "on"}}
+            }]),
+            _ => json!([]),
+        }
+    }
+
+    const COLLECTIONS: [&str; 7] = [
+        "meshes",
+        "namespaces",
+        "nodes",
+        "pods",
+        "workloadentries",
+        "secrets",
+        "mutatingwebhookconfigurations",
+    ];
+
+    #[tokio::test]
+    async fn a_mesh_in_the_first_list_gets_one_ca_its_namespace_and_a_webhook_configuration_trusting_it()
+     {
+        let (client, mut handle) = test_api::client();
+        let ready = Arc::new(AtomicBool::new(false));
+        let operator = tokio::spawn({
+            let ready = Arc::clone(&ready);
+            async move { controllers(&config(), client, Metrics::default(), ready).await }
+        });
+        let mut listed = BTreeSet::new();
+        let mut held = Vec::new();
+        let mut ca = None;
+        let mut labelled = Vec::new();
+        let mut stored = std::collections::BTreeMap::new();
+        let configured = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let (request, send) = handle.next_request().await.expect("a request");
+                let method = request.method().as_str().to_owned();
+                let path = request.uri().path().to_owned();
+                let query = request.uri().query().unwrap_or_default().to_owned();
+                let bytes = request.into_body().collect_bytes().await.expect("body");
+                let sent: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let collection = path.rsplit('/').next().is_some_and(|last| COLLECTIONS.contains(&last));
+                match method.as_str() {
+                    "GET" if query.contains("watch=true") => held.push(send),
+                    "GET" if collection => {
+                        listed.insert(format!("{path}?{query}").replace("&limit=500", ""));
+                        let list = json!({"apiVersion": "v1", "kind": "List",
+                                          "metadata": {"resourceVersion": "1"}, "items": items(&path)});
+                        respond(send, StatusCode::OK, &list);
+                    }
+                    "GET" => match stored.get(&path) {
+                        Some(object) => respond(send, StatusCode::OK, object),
+                        None => respond(send, StatusCode::NOT_FOUND, &failure(404, "NotFound")),
+                    },
+                    "PATCH" if path.ends_with("/mutatingwebhookconfigurations/ferrimesh-sidecar-injector") => {
+                        respond(send, StatusCode::OK, &sent);
+                        return sent;
+                    }
+                    "PATCH" if path.ends_with("/secrets/ferrimesh-webhook-ca") => {
+                        assert!(ca.is_none(), "one CA");
+                        ca = Some(sent["data"]["ca.crt"].clone());
+                        respond(send, StatusCode::OK, &sent);
+                        stored.insert(path, sent);
+                    }
+                    "PATCH" if path.starts_with("/api/v1/namespaces/") && !path.contains("/secrets/") => {
+                        labelled.push(path.clone());
+                        respond(send, StatusCode::OK, &sent);
+                    }
+                    "POST" => respond(send, StatusCode::CREATED, &sent),
+                    _ => {
+                        respond(send, StatusCode::OK, &sent);
+                        stored.insert(path, sent);
+                    }
+                }
+            }
+        })
+        .await
+        .expect("the webhook configuration applied");
+        operator.abort();
+        let ca: ByteString = serde_json::from_value(ca.expect("a CA written")).expect("base64");
+        let webhooks = configured["webhooks"].as_array().expect("webhooks");
+        assert_eq!(webhooks.len(), 4);
+        for webhook in webhooks {
+            let bundle: ByteString =
+                serde_json::from_value(webhook["clientConfig"]["caBundle"].clone())
+                    .expect("caBundle");
+            assert_eq!(
+                bundle, ca,
+                "the bundle is the CA the cluster reconciler wrote"
+            );
+        }
+        assert_eq!(
+            labelled,
+            ["/api/v1/namespaces/apps"],
+            "labelled once, though its watch never delivers the change"
+        );
+        let expected = [
+            "/apis/mesh.ferrimesh.io/v1alpha1/meshes?",
+            "/api/v1/namespaces?",
+            "/api/v1/nodes?",
+            "/api/v1/pods?&labelSelector=security.istio.io%2FtlsMode%3Distio&limit=100",
+            "/apis/networking.istio.io/v1/workloadentries?&labelSelector=ferrimesh.io%2Fmanaged-by%3Dferrimesh-operator",
+            "/api/v1/namespaces/ferrimesh-system/secrets?&fieldSelector=metadata.name%3Dferrimesh-webhook-tls",
+            "/api/v1/namespaces/ferrimesh-system/secrets?&fieldSelector=metadata.name%3Dferrimesh-webhook-ca",
+            "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations?",
+        ];
+        let expected: BTreeSet<String> = expected.iter().map(|s| (*s).to_owned()).collect();
+        assert_eq!(listed, expected, "one watch per kind, each Secret by name");
+    }
+}
