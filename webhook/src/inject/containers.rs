@@ -1,5 +1,5 @@
 //! The injected containers, `istio-init` and `istio-proxy`, built fresh from
-//! the effective settings (injection.md section 2).
+//! the effective settings (docs/injection.md, sections 3 and 4).
 
 use std::collections::BTreeMap;
 

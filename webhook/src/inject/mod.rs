@@ -1,5 +1,5 @@
 //! The injection engine: a pure function from a pod and the mesh settings to
-//! the injected pod, a skip decision, or a rejection (injection.md).
+//! the injected pod, a skip decision, or a rejection (docs/injection.md).
 //!
 //! The webhook server and the `ferrimesh` CLI both call [`inject`], so the
 //! two can never disagree.

@@ -1,6 +1,6 @@
 //! Probe rewriting: application probes and lifecycle hooks are sent through
 //! the agent's status port, and the originals handed to the agent in
-//! `ISTIO_KUBE_APP_PROBERS` (injection.md section 3).
+//! `ISTIO_KUBE_APP_PROBERS` (docs/injection.md, section 7).
 
 use std::collections::BTreeMap;
 

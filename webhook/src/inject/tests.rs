@@ -1,4 +1,4 @@
-//! Behaviour of the whole engine, one rule of injection.md per test.
+//! Behaviour of the whole engine, one rule of docs/injection.md per test.
 
 use std::collections::BTreeMap;
 

@@ -1,5 +1,5 @@
 //! One admission review: read it, run the engine, answer with the same
-//! `uid` and API version, a JSONPatch and warnings (injection.md section 5).
+//! `uid` and API version, a JSONPatch and warnings (docs/injection.md, section 10).
 //!
 //! This is plain code over bytes, tested without a server; `server::mod`
 //! only moves bytes in and out over HTTPS.
