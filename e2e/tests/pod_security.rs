@@ -4,7 +4,8 @@
 //! pod is injected and admitted by a Mesh in Istio CNI mode (with the
 //! `RuntimeDefault` seccomp profile), and the same pod is refused with the
 //! API server's Pod Security message when a Mesh in iptables mode injects
-//! `istio-init`.
+//! `istio-init`, after the webhook (watching the cluster, so it knows the
+//! namespace's level) warned that it would be.
 
 use std::path::Path;
 use std::time::Duration;
@@ -12,8 +13,8 @@ use std::time::Duration;
 use ferrimesh_crds::istio::SYSTEM_NAMESPACES;
 use ferrimesh_crds::selection::webhook_configuration;
 use ferrimesh_crds::{Mesh, MeshSpec};
-use ferrimesh_e2e::fixtures::{self, create_until_injected, namespace};
-use ferrimesh_e2e::{ControlPlane, Process, ServingCertificate, eventually, free_port};
+use ferrimesh_e2e::fixtures::{self, create_until_injected, namespace, wait_for_crds};
+use ferrimesh_e2e::{ControlPlane, Process, ServingCertificate, eventually, free_port, kubectl};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, WebhookClientConfig,
@@ -40,24 +41,34 @@ fn restricted_pod() -> Pod {
     .expect("pod")
 }
 
-/// Starts a webhook serving `mesh` (from a file) and points the API server
-/// at it for the Mesh's revision.
+/// Starts a webhook serving `mesh` and points the API server at it for the
+/// Mesh's revision: from a file, or (`in_cluster`) created in the cluster
+/// and watched there, namespaces included.
 async fn serve(
     plane: &ControlPlane,
     client: &Client,
     cert: &ServingCertificate,
     mesh: Mesh,
+    in_cluster: bool,
 ) -> anyhow::Result<Process> {
     let revision = mesh.spec.revision.clone();
     let file = plane.scratch().path(&format!("mesh-{revision}.yaml"));
-    std::fs::write(&file, serde_yaml::to_string(&mesh)?)?;
+    let source = if in_cluster {
+        Api::<Mesh>::all(client.clone())
+            .create(&PostParams::default(), &mesh)
+            .await?;
+        vec!["--revision", revision.as_str()]
+    } else {
+        std::fs::write(&file, serde_yaml::to_string(&mesh)?)?;
+        vec!["--mesh-file", path(&file)?]
+    };
     let port = free_port()?;
     let process = fixtures::start_webhook_with(
         plane,
         &plane.kubeconfig,
         port,
         (&cert.cert, &cert.key),
-        &["--mesh-file", path(&file)?],
+        &source,
     )
     .await?;
     let client_config = WebhookClientConfig {
@@ -96,6 +107,8 @@ async fn api_server_pod_security_admits_cni_mode_and_refuses_istio_init_under_re
 -> anyhow::Result<()> {
     let plane = ControlPlane::start().await?;
     let client = plane.client().await?;
+    plane.apply_kustomization("config/overlays/local")?;
+    wait_for_crds(&client).await?;
     let cert = ServingCertificate::issue(plane.scratch().path("").as_path())?;
 
     let mut cni = MeshSpec::default();
@@ -104,12 +117,19 @@ async fn api_server_pod_security_admits_cni_mode_and_refuses_istio_init_under_re
         type_: "RuntimeDefault".to_owned(),
         localhost_profile: None,
     });
-    let _cni_webhook = serve(&plane, &client, &cert, Mesh::new("default", cni)).await?;
+    let _cni_webhook = serve(&plane, &client, &cert, Mesh::new("default", cni), false).await?;
     let iptables = MeshSpec {
         revision: "iptables".to_owned(),
         ..MeshSpec::default()
     };
-    let _iptables_webhook = serve(&plane, &client, &cert, Mesh::new("iptables", iptables)).await?;
+    let _iptables_webhook = serve(
+        &plane,
+        &client,
+        &cert,
+        Mesh::new("iptables", iptables),
+        true,
+    )
+    .await?;
 
     let enforce = ("pod-security.kubernetes.io/enforce", "restricted");
     namespace(&client, "cni", &[("istio-injection", "enabled"), enforce]).await?;
@@ -136,28 +156,30 @@ async fn api_server_pod_security_admits_cni_mode_and_refuses_istio_init_under_re
     assert!(!names.contains(&"istio-init".to_owned()), "{names:?}");
 
     // iptables mode: the API server refuses the injected pod (once the
-    // webhook configuration has reached the admission chain).
+    // webhook configuration has reached the admission chain), and the
+    // response carries the webhook's warning (kubectl prints it).
+    let manifest = plane.scratch().path("restricted-pod.yaml");
+    std::fs::write(&manifest, serde_yaml::to_string(&restricted_pod())?)?;
     let iptables_pods = Api::<Pod>::namespaced(client.clone(), "iptables");
     let refusal = eventually(
         "a Pod Security refusal",
         Duration::from_secs(30),
         || async {
-            match iptables_pods
-                .create(&PostParams::default(), &restricted_pod())
-                .await
-            {
-                Err(kube::Error::Api(status)) => Ok(Some(status.message)),
-                Err(other) => Err(other.into()),
-                Ok(created) => {
+            let output = std::process::Command::new(kubectl()?)
+                .arg("--kubeconfig")
+                .arg(&plane.kubeconfig)
+                .args(["create", "-n", "iptables", "-o", "name", "-f"])
+                .arg(&manifest)
+                .output()?;
+            if output.status.success() {
+                for pod in iptables_pods.list(&Default::default()).await? {
                     iptables_pods
-                        .delete(
-                            &created.name_any(),
-                            &DeleteParams::default().grace_period(0),
-                        )
+                        .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
                         .await?;
-                    Ok(None)
                 }
+                return Ok(None);
             }
+            Ok(Some(String::from_utf8(output.stderr)?))
         },
     )
     .await?;
@@ -166,6 +188,11 @@ async fn api_server_pod_security_admits_cni_mode_and_refuses_istio_init_under_re
             && refusal.contains("istio-init")
             && refusal.contains("NET_ADMIN"),
         "{refusal}"
+    );
+    assert!(
+        refusal.contains("Warning: the namespace enforces Pod Security restricted")
+            && refusal.contains("traffic.cni.enabled"),
+        "the webhook's warning: {refusal}"
     );
     Ok(())
 }

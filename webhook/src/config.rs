@@ -1,10 +1,12 @@
 //! Where the webhook's mesh configuration comes from: a Mesh file (local runs
-//! and tests) or the cluster (watches on Mesh, ProxyProfile and Node).
+//! and tests) or the cluster (watches on Mesh, ProxyProfile, Node and
+//! Namespace).
 //! Either way the admission path reads precomputed indexes ([`index`]): no
 //! API call and no scan of a cache per request.
 
 pub mod index;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -12,12 +14,15 @@ use std::time::Duration;
 use ferrimesh_crds::ProxyProfile;
 use ferrimesh_crds::mesh::MeshSpec;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::runtime::watcher::Event;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
-use self::index::{Feed, Index, MeshIndex, NodeFacts, NodeIndex, ProfileIndex, ServedMesh, Shared};
+use self::index::{
+    Feed, Index, MeshIndex, NamespaceFacts, NamespaceIndex, NodeFacts, NodeIndex, ProfileIndex,
+    ServedMesh, Shared,
+};
 use crate::inject::settings::MeshSettings;
 use crate::mesh_file;
 
@@ -33,6 +38,9 @@ pub struct View {
     pub profiles: Arc<Vec<ProxyProfile>>,
     /// What `nativeSidecars: Auto` resolves to for the pod.
     pub native_sidecars_supported: bool,
+    /// The Pod Security level the pod's namespace enforces, as its label
+    /// (empty when none is known: files carry no namespaces).
+    pub pod_security_labels: Arc<BTreeMap<String, String>>,
     /// A note for the admission response, when the configuration is not what
     /// the operator intended (no Mesh for the revision, say).
     pub warning: Option<String>,
@@ -138,6 +146,7 @@ impl ConfigSource for FileSource {
             mesh_settings: state.mesh.settings.clone(),
             profiles: state.profiles.in_namespace(namespace),
             native_sidecars_supported: self.native_sidecars_supported,
+            pod_security_labels: Arc::default(),
             warning: None,
         }
     }
@@ -171,6 +180,7 @@ impl ConfigSource for FixedSource {
             mesh_settings: self.mesh.settings.clone(),
             profiles: Arc::clone(&self.profiles),
             native_sidecars_supported: true,
+            pod_security_labels: Arc::default(),
             warning: None,
         }
     }
@@ -186,6 +196,7 @@ pub struct ClusterSource {
     meshes: Arc<Shared<MeshIndex>>,
     profiles: Arc<Shared<ProfileIndex>>,
     nodes: Arc<Shared<NodeIndex>>,
+    namespaces: Arc<Shared<NamespaceIndex>>,
 }
 
 /// Runs a watch for good, feeding its events (as `reduce` makes them) to
@@ -235,6 +246,7 @@ impl ClusterSource {
             meshes: Shared::new(MeshIndex::new(revision)),
             profiles: Shared::new(ProfileIndex::default()),
             nodes: Shared::new(NodeIndex::default()),
+            namespaces: Shared::new(NamespaceIndex::default()),
         });
         spawn_feed("Mesh", Api::all(client.clone()), &source.meshes, |m| m);
         spawn_feed(
@@ -244,9 +256,19 @@ impl ClusterSource {
             |p| p,
         );
         // A Node is reduced to its name and kubelet support as it arrives.
-        spawn_feed("Node", Api::<Node>::all(client), &source.nodes, |n| {
-            NodeFacts::from(&n)
-        });
+        spawn_feed(
+            "Node",
+            Api::<Node>::all(client.clone()),
+            &source.nodes,
+            |n| NodeFacts::from(&n),
+        );
+        // A Namespace is reduced to the Pod Security level it enforces.
+        spawn_feed(
+            "Namespace",
+            Api::<Namespace>::all(client),
+            &source.namespaces,
+            |n| NamespaceFacts::from(&n),
+        );
         source
     }
 }
@@ -259,12 +281,16 @@ impl ConfigSource for ClusterSource {
             mesh_settings: mesh.settings.clone(),
             profiles: self.profiles.read().in_namespace(namespace),
             native_sidecars_supported: self.nodes.read().native_sidecars_supported(node),
+            pod_security_labels: self.namespaces.read().pod_security_labels(namespace),
             warning: mesh.warning.clone(),
         }
     }
 
     fn is_ready(&self) -> bool {
-        self.meshes.is_synced() && self.profiles.is_synced() && self.nodes.is_synced()
+        self.meshes.is_synced()
+            && self.profiles.is_synced()
+            && self.nodes.is_synced()
+            && self.namespaces.is_synced()
     }
 }
 

@@ -9,7 +9,8 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use ferrimesh_crds::ProxyProfile;
 use ferrimesh_crds::mesh::MeshSpec;
-use k8s_openapi::api::core::v1::Node;
+use ferrimesh_crds::pod_security::ENFORCE_LABEL;
+use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::watcher::Event;
 
@@ -447,6 +448,78 @@ impl Index for NodeIndex {
     }
 }
 
+/// What the webhook keeps of a Namespace: its name and the Pod Security
+/// level it enforces (the label's value), if any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceFacts {
+    /// The Namespace's name.
+    pub name: String,
+    /// Its `pod-security.kubernetes.io/enforce` label.
+    pub enforce: Option<String>,
+}
+
+impl From<&Namespace> for NamespaceFacts {
+    fn from(namespace: &Namespace) -> Self {
+        Self {
+            name: namespace.metadata.name.clone().unwrap_or_default(),
+            enforce: namespace
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(ENFORCE_LABEL))
+                .cloned(),
+        }
+    }
+}
+
+/// The Pod Security labels of the namespaces that enforce a level, each as
+/// the one-label map the engine's Pod Security check reads.
+#[derive(Clone, Debug, Default)]
+pub struct NamespaceIndex {
+    enforcing: HashMap<String, Arc<BTreeMap<String, String>>>,
+    none: Arc<BTreeMap<String, String>>,
+}
+
+impl NamespaceIndex {
+    /// The Pod Security label of `namespace` (empty when it enforces none
+    /// or is unknown).
+    pub fn pod_security_labels(&self, namespace: &str) -> Arc<BTreeMap<String, String>> {
+        Arc::clone(self.enforcing.get(namespace).unwrap_or(&self.none))
+    }
+}
+
+impl Index for NamespaceIndex {
+    type Object = NamespaceFacts;
+
+    fn empty(&self) -> Self {
+        Self::default()
+    }
+
+    fn apply(&mut self, namespace: NamespaceFacts) {
+        match namespace.enforce {
+            Some(level) => {
+                let labels = BTreeMap::from([(ENFORCE_LABEL.to_owned(), level)]);
+                self.enforcing.insert(namespace.name, Arc::new(labels));
+            }
+            None => {
+                self.enforcing.remove(&namespace.name);
+            }
+        }
+    }
+
+    fn delete(&mut self, namespace: &NamespaceFacts) {
+        self.enforcing.remove(&namespace.name);
+    }
+
+    fn unchanged_by(&self, namespace: &NamespaceFacts) -> bool {
+        self.enforcing
+            .get(&namespace.name)
+            .map(|labels| labels.get(ENFORCE_LABEL))
+            == Some(namespace.enforce.as_ref())
+            || (namespace.enforce.is_none() && !self.enforcing.contains_key(&namespace.name))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use ferrimesh_crds::Mesh;
@@ -793,5 +866,49 @@ mod tests {
         assert!(kubelet_supports_native_sidecars("v2.0.0"));
         assert!(!kubelet_supports_native_sidecars("v1.32.9"));
         assert!(!kubelet_supports_native_sidecars("garbage"));
+    }
+
+    fn namespace(name: &str, enforce: Option<&str>) -> NamespaceFacts {
+        NamespaceFacts {
+            name: name.to_owned(),
+            enforce: enforce.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn namespace_index_follows_the_enforced_pod_security_label() {
+        let shared = Shared::new(NamespaceIndex::default());
+        let mut feed = Feed::new(Arc::clone(&shared));
+        feed.handle(Event::Init);
+        feed.handle(Event::InitApply(namespace("shop", Some("restricted"))));
+        feed.handle(Event::InitApply(namespace("open", None)));
+        feed.handle(Event::InitDone);
+        let level = |ns: &str| {
+            shared
+                .read()
+                .pod_security_labels(ns)
+                .get(ENFORCE_LABEL)
+                .cloned()
+        };
+        assert_eq!(level("shop").as_deref(), Some("restricted"));
+        assert_eq!(level("open"), None);
+        assert_eq!(level("unknown"), None);
+        assert!(
+            shared
+                .read()
+                .unchanged_by(&namespace("shop", Some("restricted")))
+        );
+        assert!(shared.read().unchanged_by(&namespace("open", None)));
+        assert!(
+            !shared
+                .read()
+                .unchanged_by(&namespace("open", Some("baseline")))
+        );
+        feed.handle(Event::Apply(namespace("open", Some("baseline"))));
+        assert_eq!(level("open").as_deref(), Some("baseline"));
+        feed.handle(Event::Apply(namespace("shop", None)));
+        assert_eq!(level("shop"), None);
+        feed.handle(Event::Delete(namespace("open", Some("baseline"))));
+        assert_eq!(level("open"), None);
     }
 }

@@ -331,6 +331,12 @@ fn answer(
         }
         Ok(injection) => {
             warnings.extend(injection.warnings);
+            if let Some(privileges) = &injection.pod_security {
+                warnings.extend(crate::inject::cni::pod_security_warnings(
+                    privileges,
+                    &view.pod_security_labels,
+                ));
+            }
             let reason = injection.decision.reason.to_string();
             match injection.pod {
                 None => {
