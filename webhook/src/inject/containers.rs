@@ -212,18 +212,7 @@ pub fn proxy_container(settings: &Settings, facts: &PodFacts<'_>) -> Container {
         name: PROXY.to_owned(),
         image: Some(settings.proxy_image.clone()),
         image_pull_policy: settings.image_pull_policy.clone(),
-        args: Some(
-            [
-                "proxy".to_owned(),
-                "sidecar".to_owned(),
-                "--domain".to_owned(),
-                "$(POD_NAMESPACE).svc.cluster.local".to_owned(),
-                format!("--proxyLogLevel={}", settings.log_level),
-                format!("--proxyComponentLogLevel={}", settings.component_log_level),
-                format!("--log_output_level={}", settings.agent_log_level),
-            ]
-            .into(),
-        ),
+        args: Some(proxy_args("sidecar", settings)),
         ports: Some(vec![ContainerPort {
             container_port: ENVOY_PROMETHEUS_PORT,
             name: Some("http-envoy-prom".to_owned()),
@@ -373,13 +362,41 @@ fn proxy_env(settings: &Settings, facts: &PodFacts<'_>) -> Vec<EnvVar> {
         "ISTIO_META_INTERCEPTION_MODE",
         settings.interception_mode.as_str(),
     ));
-    let workload_name = facts.workload.display_name(facts.pod);
+    push_identity_env(
+        &mut vars,
+        facts.workload.display_name(facts.pod),
+        || facts.workload.owner(facts.namespace),
+        settings,
+    );
+    vars
+}
+
+/// The arguments of the agent for a proxy of `mode` (`sidecar`, `router`),
+/// as every proxy template writes them.
+pub(super) fn proxy_args(mode: &str, settings: &Settings) -> Vec<String> {
+    vec![
+        "proxy".to_owned(),
+        mode.to_owned(),
+        "--domain".to_owned(),
+        "$(POD_NAMESPACE).svc.cluster.local".to_owned(),
+        format!("--proxyLogLevel={}", settings.log_level),
+        format!("--proxyComponentLogLevel={}", settings.component_log_level),
+        format!("--log_output_level={}", settings.agent_log_level),
+    ]
+}
+
+/// The identity part of a proxy's env, as every proxy template writes it:
+/// the workload's name and owner (when it has a name), the mesh ID, the
+/// trust domain, then the proxy metadata in name order.
+pub(super) fn push_identity_env(
+    vars: &mut Vec<EnvVar>,
+    workload_name: &str,
+    owner: impl FnOnce() -> String,
+    settings: &Settings,
+) {
     if !workload_name.is_empty() {
         vars.push(env("ISTIO_META_WORKLOAD_NAME", workload_name));
-        vars.push(env(
-            "ISTIO_META_OWNER",
-            facts.workload.owner(facts.namespace),
-        ));
+        vars.push(env("ISTIO_META_OWNER", owner()));
     }
     vars.push(env("ISTIO_META_MESH_ID", settings.mesh_id.clone()));
     vars.push(env("TRUST_DOMAIN", settings.trust_domain.clone()));
@@ -389,7 +406,6 @@ fn proxy_env(settings: &Settings, facts: &PodFacts<'_>) -> Vec<EnvVar> {
             .iter()
             .map(|(k, v)| env(k, v.clone())),
     );
-    vars
 }
 
 /// The cluster, network and webhook-URL env (`trailing_env`), set as Istio

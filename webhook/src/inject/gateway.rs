@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{
 use super::annotations as ann;
 use super::containers::{
     ENVOY_PROMETHEUS_PORT, PROXY, env, field_env, health_check, leading_env, mount, pod_ports,
-    resource_env, set_trailing_env,
+    proxy_args, push_identity_env, resource_env, set_trailing_env,
 };
 use super::overrides::{Overrides, canonicalize_resources, overlay};
 use super::settings::Settings;
@@ -57,18 +57,11 @@ fn template_container(settings: &Settings, request: &Request<'_>, pod: &Pod) -> 
             settings.proxy_config_mode.as_str(),
         ),
     ]);
-    let workload_name = workload.display_name(request.pod);
-    if !workload_name.is_empty() {
-        vars.push(env("ISTIO_META_WORKLOAD_NAME", workload_name));
-        vars.push(env("ISTIO_META_OWNER", workload.owner(request.namespace)));
-    }
-    vars.push(env("ISTIO_META_MESH_ID", settings.mesh_id.clone()));
-    vars.push(env("TRUST_DOMAIN", settings.trust_domain.clone()));
-    vars.extend(
-        settings
-            .proxy_metadata
-            .iter()
-            .map(|(k, v)| env(k, v.clone())),
+    push_identity_env(
+        &mut vars,
+        workload.display_name(request.pod),
+        || workload.owner(request.namespace),
+        settings,
     );
     let readiness = &request.mesh.proxy;
     Container {
@@ -81,15 +74,7 @@ fn template_container(settings: &Settings, request: &Request<'_>, pod: &Pod) -> 
             protocol: Some("TCP".to_owned()),
             ..Default::default()
         }]),
-        args: Some(vec![
-            "proxy".to_owned(),
-            "router".to_owned(),
-            "--domain".to_owned(),
-            "$(POD_NAMESPACE).svc.cluster.local".to_owned(),
-            format!("--proxyLogLevel={}", settings.log_level),
-            format!("--proxyComponentLogLevel={}", settings.component_log_level),
-            format!("--log_output_level={}", settings.agent_log_level),
-        ]),
+        args: Some(proxy_args("router", settings)),
         security_context: Some(SecurityContext {
             run_as_user: Some(settings.uid),
             run_as_group: Some(settings.uid),

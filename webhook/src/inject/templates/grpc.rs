@@ -14,7 +14,9 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::super::annotations as ann;
-use super::super::containers::{PROXY, env, field_env, mount, pod_ports};
+use super::super::containers::{
+    PROXY, env, field_env, mount, pod_ports, proxy_args, push_identity_env,
+};
 use super::super::settings::Settings;
 use super::super::volumes::injected_volumes;
 use super::super::workload::Workload;
@@ -164,17 +166,11 @@ fn agent_env(
     if let Some(network) = &settings.network {
         vars.push(env("ISTIO_META_NETWORK", network.clone()));
     }
-    if !workload.name.is_empty() {
-        vars.push(env("ISTIO_META_WORKLOAD_NAME", workload.name.clone()));
-        vars.push(env("ISTIO_META_OWNER", workload.owner(namespace)));
-    }
-    vars.push(env("ISTIO_META_MESH_ID", settings.mesh_id.clone()));
-    vars.push(env("TRUST_DOMAIN", settings.trust_domain.clone()));
-    vars.extend(
-        settings
-            .proxy_metadata
-            .iter()
-            .map(|(k, v)| env(k, v.clone())),
+    push_identity_env(
+        &mut vars,
+        &workload.name,
+        || workload.owner(namespace),
+        settings,
     );
     vars.push(env("ISTIO_META_DNS_CAPTURE", "false"));
     vars.push(env("DISABLE_ENVOY", "true"));
@@ -195,15 +191,7 @@ fn agent_container(settings: &Settings, vars: Vec<EnvVar>) -> Container {
             name: Some("mesh-metrics".to_owned()),
             ..Default::default()
         }]),
-        args: Some(vec![
-            "proxy".to_owned(),
-            "sidecar".to_owned(),
-            "--domain".to_owned(),
-            "$(POD_NAMESPACE).svc.cluster.local".to_owned(),
-            format!("--proxyLogLevel={}", settings.log_level),
-            format!("--proxyComponentLogLevel={}", settings.component_log_level),
-            format!("--log_output_level={}", settings.agent_log_level),
-        ]),
+        args: Some(proxy_args("sidecar", settings)),
         lifecycle: Some(Lifecycle {
             post_start: Some(LifecycleHandler {
                 exec: Some(ExecAction {
