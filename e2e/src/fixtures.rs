@@ -15,6 +15,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
+use crate::webhook_process::{loopback, webhook_command};
 use crate::{
     ControlPlane, Process, eventually, free_port, http_get, workspace_binary, write_private,
 };
@@ -126,26 +127,43 @@ pub async fn start_webhook_with(
     plane: &ControlPlane,
     kubeconfig: &Path,
     port: u16,
-    (cert, key): (&Path, &Path),
+    tls: (&Path, &Path),
     extra: &[&str],
 ) -> anyhow::Result<Process> {
-    let admin = free_port()?;
+    start_webhook_named(
+        plane,
+        "webhook",
+        kubeconfig,
+        (port, free_port()?),
+        tls,
+        extra,
+    )
+    .await
+}
+
+/// [`start_webhook_with`] for one of several webhooks: `name` names its log
+/// (`<name>.log` in the control plane's scratch directory), `ports` are its
+/// serving and admin ports.
+pub async fn start_webhook_named(
+    plane: &ControlPlane,
+    name: &str,
+    kubeconfig: &Path,
+    (port, admin): (u16, u16),
+    tls: (&Path, &Path),
+    extra: &[&str],
+) -> anyhow::Result<Process> {
+    let log = format!("{name}.log");
     let mut process = Process::spawn(
-        "ferrimesh-webhook",
-        Command::new(workspace_binary("ferrimesh-webhook")?)
-            .env("KUBECONFIG", kubeconfig)
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--admin-listen",
-                &format!("127.0.0.1:{admin}"),
-            ])
-            .arg("--tls-cert-file")
-            .arg(cert)
-            .arg("--tls-key-file")
-            .arg(key)
-            .args(extra),
-        &plane.scratch().path("webhook.log"),
+        name,
+        webhook_command(
+            &workspace_binary("ferrimesh-webhook")?,
+            tls,
+            loopback(port),
+            loopback(admin),
+        )
+        .env("KUBECONFIG", kubeconfig)
+        .args(extra),
+        &plane.scratch().path(&log),
     )?;
     let deadline = std::time::Instant::now() + WAIT;
     while http_get(&format!("http://127.0.0.1:{admin}/readyz"), None)
@@ -155,8 +173,8 @@ pub async fn start_webhook_with(
         process.check_running()?;
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
-            "webhook not ready; {}",
-            plane.log_tail("webhook.log")
+            "{name} not ready; {}",
+            plane.log_tail(&log)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -12,6 +12,8 @@ pub mod generated_pods;
 pub mod istio_config;
 pub mod istiod;
 pub mod metrics;
+pub mod tls;
+pub mod webhook_process;
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -27,7 +29,7 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use kube::Client;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+use rcgen::KeyPair;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -706,23 +708,13 @@ pub struct ServingCertificate {
 impl ServingCertificate {
     /// Issues a new CA and a certificate for 127.0.0.1 and localhost into `dir`.
     pub fn issue(dir: &Path) -> anyhow::Result<Self> {
-        let mut ca = CertificateParams::new(Vec::<String>::new())?;
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(rcgen::DnType::CommonName, "ferrimesh e2e CA");
-        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
-        let mut leaf = CertificateParams::new(vec!["localhost".to_owned()])?;
-        leaf.subject_alt_names
-            .push(SanType::IpAddress("127.0.0.1".parse()?));
-        let key = KeyPair::generate()?;
-        let cert = leaf.signed_by(&key, &ca)?;
-        let (cert_path, key_path) = (dir.join("webhook.crt"), dir.join("webhook.key"));
-        std::fs::write(&cert_path, cert.pem())?;
-        write_private(&key_path, key.serialize_pem())?;
+        let authority = tls::Authority::new()?;
+        let (cert, key) = (dir.join("webhook.crt"), dir.join("webhook.key"));
+        authority.write_loopback(&cert, &key)?;
         Ok(Self {
-            ca_pem: ca.pem(),
-            cert: cert_path,
-            key: key_path,
+            ca_pem: authority.ca_pem().to_owned(),
+            cert,
+            key,
         })
     }
 }

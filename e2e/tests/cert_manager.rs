@@ -32,12 +32,12 @@ use ferrimesh_crds::Mesh;
 use ferrimesh_e2e::fixtures::{
     self, WAIT, namespace, start_operator_with, start_webhook, wait_for_crds,
 };
+use ferrimesh_e2e::tls::Authority;
 use ferrimesh_e2e::{ControlPlane, cert_manager_crds, eventually, free_port, write_private};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use serde_json::json;
@@ -49,21 +49,14 @@ struct Issued {
     key: String,
 }
 
-fn issue(ca_name: &str) -> anyhow::Result<Issued> {
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, ca_name);
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
-    let mut leaf = CertificateParams::new(Vec::<String>::new())?;
-    leaf.subject_alt_names
-        .push(SanType::IpAddress("127.0.0.1".parse()?));
-    let key = KeyPair::generate()?;
-    let cert = leaf.signed_by(&key, &ca)?;
+/// A new CA and a loopback certificate it signed.
+fn issue() -> anyhow::Result<Issued> {
+    let authority = Authority::new()?;
+    let serving = authority.loopback()?;
     Ok(Issued {
-        ca: ca.pem(),
-        cert: cert.pem(),
-        key: key.serialize_pem(),
+        ca: authority.ca_pem().to_owned(),
+        cert: serving.cert_pem,
+        key: serving.key_pem,
     })
 }
 
@@ -266,7 +259,7 @@ async fn cert_manager_issues_and_the_operator_publishes_its_ca() -> anyhow::Resu
     );
 
     let files = plane.scratch().path("");
-    let first = issue("cert-manager CA 1")?;
+    let first = issue()?;
     write_secret(&client, &first).await?;
     write_files(&first, &files)?;
     let webhook = start_webhook(
@@ -297,7 +290,7 @@ async fn cert_manager_issues_and_the_operator_publishes_its_ca() -> anyhow::Resu
     let stop = Arc::new(AtomicBool::new(false));
     let admissions = admit_continuously(client.clone(), "secret-first", Arc::clone(&stop));
     let trust = sample_trust(client.clone(), port, Arc::clone(&stop));
-    let second = issue("cert-manager CA 2")?;
+    let second = issue()?;
     write_secret(&client, &second).await?;
     let bundle = eventually("the caBundle holds both CAs", WAIT, || async {
         Ok(fixtures::ca_bundle(&client)
@@ -338,7 +331,7 @@ async fn cert_manager_issues_and_the_operator_publishes_its_ca() -> anyhow::Resu
     let admissions = admit_continuously(client.clone(), "files-first", Arc::clone(&stop));
     let trust = sample_trust(client.clone(), port, Arc::clone(&stop));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let third = issue("cert-manager CA 3")?;
+    let third = issue()?;
     let opened = Instant::now();
     write_files(&third, &files)?;
     served(port, &third).await?;

@@ -11,33 +11,20 @@ use ferrimesh_e2e::fixtures::{
     WAIT, create_until_injected, mesh_selecting_mesh_on, namespace, namespace_label,
     start_operator_and_webhook_with, wait_for_crds,
 };
+use ferrimesh_e2e::tls::Authority;
 use ferrimesh_e2e::{ControlPlane, Scratch, eventually, free_port, write_private};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair,
-};
 use serde_json::json;
 
 /// A CA and a client certificate it signed for the API server, as files in
 /// `scratch`: `client-ca.crt`, `apiserver-client.crt`, `apiserver-client.key`.
 fn issue_client_certificate(scratch: &Scratch) -> anyhow::Result<()> {
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "webhook client CA");
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
-    let mut client = CertificateParams::new(Vec::<String>::new())?;
-    client
-        .distinguished_name
-        .push(DnType::CommonName, "kube-apiserver");
-    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let key = KeyPair::generate()?;
-    let cert = client.signed_by(&key, &ca)?;
-    std::fs::write(scratch.path("client-ca.crt"), ca.pem())?;
-    std::fs::write(scratch.path("apiserver-client.crt"), cert.pem())?;
-    write_private(&scratch.path("apiserver-client.key"), key.serialize_pem())
+    let authority = Authority::new()?;
+    let client = authority.client("kube-apiserver")?;
+    std::fs::write(scratch.path("client-ca.crt"), authority.ca_pem())?;
+    std::fs::write(scratch.path("apiserver-client.crt"), &client.cert_pem)?;
+    write_private(&scratch.path("apiserver-client.key"), &client.key_pem)
 }
 
 /// The admission configuration that makes the API server present its

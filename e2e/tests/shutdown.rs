@@ -12,10 +12,8 @@ use std::time::{Duration, Instant};
 use ferrimesh_crds::istio::SYSTEM_NAMESPACES;
 use ferrimesh_crds::selection::webhook_configuration;
 use ferrimesh_crds::{Mesh, MeshSpec};
-use ferrimesh_e2e::fixtures::{namespace, wait_for_crds};
-use ferrimesh_e2e::{
-    ControlPlane, Process, ServingCertificate, free_port, http_get, workspace_binary,
-};
+use ferrimesh_e2e::fixtures::{namespace, start_webhook_named, wait_for_crds};
+use ferrimesh_e2e::{ControlPlane, Process, ServingCertificate, free_port, http_get};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, WebhookClientConfig,
@@ -41,35 +39,21 @@ async fn replica(
     name: &str,
 ) -> anyhow::Result<Replica> {
     let (port, admin_port) = (free_port()?, free_port()?);
-    let process = Process::spawn(
+    let process = start_webhook_named(
+        plane,
         name,
-        std::process::Command::new(workspace_binary("ferrimesh-webhook")?)
-            .env("KUBECONFIG", plane.kubeconfig_for("ferrimesh-webhook")?)
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--admin-listen",
-                &format!("127.0.0.1:{admin_port}"),
-                "--shutdown-delay-seconds",
-                "3",
-                "--shutdown-grace-seconds",
-                "10",
-            ])
-            .arg("--tls-cert-file")
-            .arg(&cert.cert)
-            .arg("--tls-key-file")
-            .arg(&cert.key),
-        &plane.scratch().path(&format!("{name}.log")),
-    )?;
+        &plane.kubeconfig_for("ferrimesh-webhook")?,
+        (port, admin_port),
+        (&cert.cert, &cert.key),
+        &[
+            "--shutdown-delay-seconds",
+            "3",
+            "--shutdown-grace-seconds",
+            "10",
+        ],
+    )
+    .await?;
     let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http_get(&format!("http://{admin}/readyz"), None)
-        .await
-        .is_none()
-    {
-        anyhow::ensure!(Instant::now() < deadline, "{name} not ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     Ok(Replica {
         process,
         addr: SocketAddr::from(([127, 0, 0, 1], port)),

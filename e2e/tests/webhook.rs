@@ -64,7 +64,10 @@ struct Webhook {
 }
 
 /// Starts `ferrimesh-webhook` in cluster mode, as its ServiceAccount, and waits until it is ready.
-async fn start_webhook(plane: &ControlPlane, cert: &ServingCertificate) -> anyhow::Result<Webhook> {
+async fn serve_as_service_account(
+    plane: &ControlPlane,
+    cert: &ServingCertificate,
+) -> anyhow::Result<Webhook> {
     let port = free_port()?;
     let process = fixtures::start_webhook(
         plane,
@@ -123,7 +126,7 @@ async fn real_api_server_calls_the_webhook_over_tls() -> anyhow::Result<()> {
         )
         .await?;
     let cert = ServingCertificate::issue(plane.scratch().path("").as_path())?;
-    let webhook = start_webhook(&plane, &cert).await?;
+    let webhook = serve_as_service_account(&plane, &cert).await?;
     configure_webhook(&client, &MeshSpec::default(), &webhook, &cert.ca_pem).await?;
 
     namespace(&client, "enabled", &[("istio-injection", "enabled")]).await?;
@@ -359,7 +362,7 @@ async fn webhook_down_fails_or_ignores_as_the_mesh_says() -> anyhow::Result<()> 
     plane.apply_kustomization("config/overlays/local")?;
     wait_for_crds(&client).await?;
     let cert = ServingCertificate::issue(plane.scratch().path("").as_path())?;
-    let webhook = start_webhook(&plane, &cert).await?;
+    let webhook = serve_as_service_account(&plane, &cert).await?;
     namespace(&client, "enabled", &[("istio-injection", "enabled")]).await?;
     let url = webhook.url.clone();
     drop(webhook); // killed: nothing listens on its port any more

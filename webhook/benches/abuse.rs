@@ -15,17 +15,19 @@
 //! webhook: the machine's own noise.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferrimesh_e2e::Scratch;
+use ferrimesh_e2e::tls::Authority;
+use ferrimesh_e2e::webhook_process::{bound_addresses, loopback, webhook_command};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::{Request, header};
 use hyper_util::rt::TokioIo;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
@@ -116,65 +118,30 @@ fn many_containers(n: usize) -> Vec<u8> {
 struct Server {
     child: std::process::Child,
     addr: SocketAddr,
-    dir: std::path::PathBuf,
+    _scratch: Scratch,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-struct Authority {
-    ca_pem: String,
-    cert_pem: String,
-    key_pem: String,
-}
-
-fn authority() -> Authority {
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("ca");
-    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
-    leaf.subject_alt_names
-        .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
-    let key = KeyPair::generate().expect("key");
-    let cert = leaf.signed_by(&key, &ca).expect("leaf");
-    Authority {
-        ca_pem: ca.pem(),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
     }
 }
 
 /// Starts the webhook on a free loopback port and waits for it to listen.
 fn start_server(authority: &Authority, name: &str) -> Server {
-    let dir = std::env::temp_dir().join(format!("ferrimesh-abuse-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    std::fs::write(dir.join("tls.crt"), &authority.cert_pem).expect("cert");
-    std::fs::write(dir.join("tls.key"), &authority.key_pem).expect("key");
+    let scratch = Scratch::new(&format!("abuse-{name}")).expect("scratch dir");
+    let (cert, key) = (scratch.path("tls.crt"), scratch.path("tls.key"));
+    authority.write_loopback(&cert, &key).expect("certificate");
     std::fs::write(
-        dir.join("mesh.yaml"),
+        scratch.path("mesh.yaml"),
         "apiVersion: mesh.ferrimesh.io/v1alpha1\nkind: Mesh\nmetadata: {name: default}\nspec: {}\n",
     )
     .expect("mesh");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ferrimesh-webhook"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .arg("--tls-cert-file")
-        .arg(dir.join("tls.crt"))
-        .arg("--tls-key-file")
-        .arg(dir.join("tls.key"))
+    let binary = Path::new(env!("CARGO_BIN_EXE_ferrimesh-webhook"));
+    let mut child = webhook_command(binary, (&cert, &key), loopback(0), loopback(0))
         .arg("--mesh-file")
-        .arg(dir.join("mesh.yaml"))
+        .arg(scratch.path("mesh.yaml"))
         // As the Deployment sets it (config/webhook/webhook.yaml).
         .env("MIMALLOC_PURGE_DELAY", "0")
         .env(
@@ -184,22 +151,12 @@ fn start_server(authority: &Authority, name: &str) -> Server {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("webhook binary");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let started = lines
-        .by_ref()
-        .take(100)
-        .map_while(Result::ok)
-        .filter_map(|line| serde_json::from_str::<Value>(&line).ok())
-        .find(|log| log["message"] == "serving admission reviews")
-        .expect("the webhook logs its address");
-    // Keep draining the log so the webhook never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-    let addr = started["addr"]
-        .as_str()
-        .and_then(|a| a.parse().ok())
-        .expect("address");
-    Server { child, addr, dir }
+    let (addr, _) = bound_addresses(&mut child).expect("the webhook logs its address");
+    Server {
+        child,
+        addr,
+        _scratch: scratch,
+    }
 }
 
 /// CPU seconds (user + system) the process `pid` has used so far.
@@ -655,8 +612,8 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .expect("runtime");
-    let authority = authority();
-    let config = tls_config(&authority.ca_pem);
+    let authority = Authority::new().expect("test CA");
+    let config = tls_config(authority.ca_pem());
     println!(
         "each attack {seconds} s against a fresh release webhook; client: {CLIENT_RATE} typical reviews/s; bounds: p99 < {} ms, 0 failures, peak RSS < {} MiB",
         P99_LIMIT.as_millis(),

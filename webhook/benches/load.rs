@@ -36,7 +36,9 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+use ferrimesh_e2e::Scratch;
+use ferrimesh_e2e::tls::Authority;
+use ferrimesh_e2e::webhook_process::{loopback, webhook_command};
 use serde_json::json;
 
 fn env_or(name: &str, default: u64) -> u64 {
@@ -85,17 +87,7 @@ struct Server {
     child: std::process::Child,
     addr: SocketAddr,
     ca_pem: String,
-    _dir: tempdir::Dir,
-}
-
-mod tempdir {
-    /// A directory removed on drop.
-    pub struct Dir(pub std::path::PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    _scratch: Scratch,
 }
 
 impl Drop for Server {
@@ -123,36 +115,22 @@ fn webhook_binary() -> std::path::PathBuf {
 }
 
 fn start_server(port: u16, source: &Source<'_>) -> Server {
-    let dir = std::env::temp_dir().join(format!("ferrimesh-load-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("ca");
-    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
-    leaf.subject_alt_names
-        .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
-    let key = KeyPair::generate().expect("key");
-    let cert = leaf.signed_by(&key, &ca).expect("leaf");
-    std::fs::write(dir.join("tls.crt"), cert.pem()).expect("cert");
-    std::fs::write(dir.join("tls.key"), key.serialize_pem()).expect("key");
-    let mut command = std::process::Command::new(webhook_binary());
-    command
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--admin-listen",
-            &format!("127.0.0.1:{}", port + 1),
-        ])
-        .arg("--tls-cert-file")
-        .arg(dir.join("tls.crt"))
-        .arg("--tls-key-file")
-        .arg(dir.join("tls.key"));
+    let scratch = Scratch::new(&format!("load-{port}")).expect("scratch dir");
+    let authority = Authority::new().expect("test CA");
+    let (cert, key) = (scratch.path("tls.crt"), scratch.path("tls.key"));
+    authority.write_loopback(&cert, &key).expect("certificate");
+    let mut command = webhook_command(
+        &webhook_binary(),
+        (&cert, &key),
+        loopback(port),
+        loopback(port + 1),
+    );
     match source {
         Source::Files { profiles } => {
-            std::fs::write(dir.join("mesh.yaml"), MESH).expect("mesh");
-            command.arg("--mesh-file").arg(dir.join("mesh.yaml"));
+            std::fs::write(scratch.path("mesh.yaml"), MESH).expect("mesh");
+            command.arg("--mesh-file").arg(scratch.path("mesh.yaml"));
             for (i, profile) in profiles.iter().enumerate() {
-                let path = dir.join(format!("profile-{i}.yaml"));
+                let path = scratch.path(&format!("profile-{i}.yaml"));
                 std::fs::write(&path, profile).expect("profile");
                 command.arg("--profile-file").arg(path);
             }
@@ -168,9 +146,9 @@ fn start_server(port: u16, source: &Source<'_>) -> Server {
         .expect("webhook binary");
     Server {
         child,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        ca_pem: ca.pem(),
-        _dir: tempdir::Dir(dir),
+        addr: loopback(port),
+        ca_pem: authority.ca_pem().to_owned(),
+        _scratch: scratch,
     }
 }
 

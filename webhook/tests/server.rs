@@ -304,7 +304,7 @@ async fn serves_a_rotated_certificate_without_failing_a_request() {
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let new = server.authority.leaf();
+    let new = server.authority.loopback().expect("serving certificate");
     write_atomic(&server.scratch.path("tls.key"), &new.key_pem);
     write_atomic(&server.scratch.path("tls.crt"), &new.cert_pem);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -328,7 +328,7 @@ async fn serves_a_rotated_certificate_without_failing_a_request() {
         .expect("tls info");
     assert_eq!(
         info.peer_certificate(),
-        Some(new.der.as_slice()),
+        Some(new.der().expect("der").as_slice()),
         "the new certificate is served"
     );
 }
@@ -449,10 +449,12 @@ async fn requires_client_certificates_when_given_a_client_ca() {
         "no client certificate: refused"
     );
 
-    let leaf = server.authority.leaf();
+    let certificate = server
+        .authority
+        .client("kube-apiserver")
+        .expect("client certificate");
     let identity =
-        reqwest::Identity::from_pem(format!("{}{}", leaf.cert_pem, leaf.key_pem).as_bytes())
-            .expect("identity");
+        reqwest::Identity::from_pem(certificate.identity_pem().as_bytes()).expect("identity");
     let ca = reqwest::Certificate::from_pem(server.authority.ca_pem().as_bytes()).expect("ca");
     let client = reqwest::Client::builder()
         .use_rustls_tls()

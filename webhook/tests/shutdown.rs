@@ -5,12 +5,15 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-use support::{Authority, MESH, Scratch, pod, request_head, review, tls_stream};
+use ferrimesh_e2e::Scratch;
+use ferrimesh_e2e::tls::Authority;
+use ferrimesh_e2e::webhook_process::{bound_addresses, loopback, webhook_command};
+use serde_json::json;
+use support::{MESH, pod, request_head, review, tls_stream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Webhook {
@@ -29,19 +32,9 @@ impl Drop for Webhook {
 /// Starts the binary on free loopback ports and reads its bound addresses
 /// from its JSON log.
 fn spawn(scratch: &Scratch) -> Webhook {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrimesh-webhook"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .arg("--tls-cert-file")
-        .arg(scratch.path("tls.crt"))
-        .arg("--tls-key-file")
-        .arg(scratch.path("tls.key"))
+    let binary = Path::new(env!("CARGO_BIN_EXE_ferrimesh-webhook"));
+    let tls = (scratch.path("tls.crt"), scratch.path("tls.key"));
+    let mut child = webhook_command(binary, (&tls.0, &tls.1), loopback(0), loopback(0))
         .arg("--mesh-file")
         .arg(scratch.path("mesh.yaml"))
         .args(["--shutdown-grace-seconds", "10"])
@@ -49,23 +42,11 @@ fn spawn(scratch: &Scratch) -> Webhook {
         .stderr(Stdio::piped())
         .spawn()
         .expect("webhook starts");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let started = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .filter_map(|line| serde_json::from_str::<Value>(&line).ok())
-        .find(|log| log["message"] == "serving admission reviews")
-        .expect("the webhook logs its addresses");
-    // Keep draining the log so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+    let (addr, admin) = bound_addresses(&mut child).expect("the webhook logs its addresses");
     Webhook {
         child,
-        addr: started["addr"].as_str().expect("addr").to_owned(),
-        admin: started["admin_addr"]
-            .as_str()
-            .expect("admin addr")
-            .to_owned(),
+        addr: addr.to_string(),
+        admin: admin.to_string(),
     }
 }
 
@@ -89,9 +70,9 @@ async fn read_answer<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, uid: &str)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_keeps_serving_during_the_delay_then_drains_and_exits() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let scratch = Scratch::new("sigterm");
-    let authority = Authority::new();
-    let leaf = authority.leaf();
+    let scratch = Scratch::new("sigterm").expect("scratch dir");
+    let authority = Authority::new().expect("test CA");
+    let leaf = authority.loopback().expect("serving certificate");
     std::fs::write(scratch.path("tls.crt"), &leaf.cert_pem).expect("cert");
     std::fs::write(scratch.path("tls.key"), &leaf.key_pem).expect("key");
     std::fs::write(scratch.path("mesh.yaml"), MESH).expect("mesh");

@@ -87,12 +87,17 @@ pub fn issue_ca(now: i64, lifetime: i64) -> Result<Ca> {
     })
 }
 
+/// `ca` as the signer of the certificates it issues.
+pub fn issuer(ca: &Ca) -> Result<Issuer<'static, KeyPair>> {
+    let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(cert_error)?;
+    Ok(Issuer::new(ca_params(ca.not_before, ca.not_after)?, ca_key))
+}
+
 /// Issues a serving certificate for `names` (DNS names or IP addresses),
 /// signed by `ca`, valid from `now` for `lifetime` seconds (never past the
 /// CA's own end).
 pub fn issue_serving(ca: &Ca, names: &[String], now: i64, lifetime: i64) -> Result<Serving> {
-    let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(cert_error)?;
-    let issuer = Issuer::new(ca_params(ca.not_before, ca.not_after)?, ca_key);
+    let issuer = issuer(ca)?;
     let mut names: Vec<String> = names.to_vec();
     names.sort();
     names.dedup();

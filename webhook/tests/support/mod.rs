@@ -1,86 +1,18 @@
-//! Test support: certificates made in the test (rcgen), a webhook server
-//! started in-process on loopback, and AdmissionReview bodies.
+//! Test support: a webhook server started in-process on loopback (with
+//! certificates from the e2e crate's test authority), and AdmissionReview
+//! bodies.
 
 #![allow(dead_code)] // each test binary uses a different part
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferrimesh_e2e::Scratch;
+use ferrimesh_e2e::tls::Authority;
 use ferrimesh_webhook::config::FileSource;
 use ferrimesh_webhook::server::{self, Running, Settings, tls};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
 use serde_json::{Value, json};
-
-/// A CA and the means to issue serving certificates from it.
-pub struct Authority {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-/// A serving certificate and key, PEM.
-pub struct Leaf {
-    pub cert_pem: String,
-    pub key_pem: String,
-    pub der: Vec<u8>,
-}
-
-impl Authority {
-    pub fn new() -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "ferrimesh test CA");
-        let issuer =
-            CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA");
-        Self { issuer }
-    }
-
-    pub fn ca_pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// A certificate for 127.0.0.1 and localhost.
-    pub fn leaf(&self) -> Leaf {
-        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
-        let key = KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &self.issuer).expect("leaf");
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().to_vec(),
-        }
-    }
-}
-
-/// A scratch directory removed on drop.
-pub struct Scratch(pub PathBuf);
-
-impl Scratch {
-    pub fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "ferrimesh-{name}-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Self(dir)
-    }
-
-    pub fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Writes a file atomically (write then rename), as a Secret volume swaps.
 pub fn write_atomic(path: &Path, contents: &str) {
@@ -119,9 +51,9 @@ impl TestServer {
         configure: impl FnOnce(&mut Settings),
     ) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let scratch = Scratch::new(name);
-        let authority = Authority::new();
-        let leaf = authority.leaf();
+        let scratch = Scratch::new(name).expect("scratch dir");
+        let authority = Authority::new().expect("test CA");
+        let leaf = authority.loopback().expect("serving certificate");
         std::fs::write(scratch.path("tls.crt"), &leaf.cert_pem).expect("cert");
         std::fs::write(scratch.path("tls.key"), &leaf.key_pem).expect("key");
         std::fs::write(scratch.path("mesh.yaml"), mesh).expect("mesh");
