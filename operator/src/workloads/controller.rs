@@ -434,6 +434,12 @@ mod tests {
         json!({"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]})
     }
 
+    /// Answers the read and the delete of the pod's entry beside it.
+    async fn expect_entry_deleted(handle: &mut Handle) {
+        answer(handle, "GET", ENTRY, StatusCode::OK, entry_json("uid-1")).await;
+        answer(handle, "DELETE", ENTRY, StatusCode::OK, entry_json("uid-1")).await;
+    }
+
     /// Answers the status write and checks it is a merge patch of `Healthy`.
     async fn expect_status(handle: &mut Handle) {
         let status = answer(
@@ -664,22 +670,7 @@ mod tests {
             ctx,
             handle,
             |mut handle| async move {
-                answer(
-                    &mut handle,
-                    "GET",
-                    ENTRY,
-                    StatusCode::OK,
-                    entry_json("uid-1"),
-                )
-                .await;
-                answer(
-                    &mut handle,
-                    "DELETE",
-                    ENTRY,
-                    StatusCode::OK,
-                    entry_json("uid-1"),
-                )
-                .await;
+                expect_entry_deleted(&mut handle).await;
                 let pushed = "/apis/networking.istio.io/v1/namespaces/cluster-a/workloadentries";
                 let missing = failure(404, "NotFound");
                 let path = format!("{pushed}/east-web-1");
@@ -748,22 +739,7 @@ mod tests {
                 failure(404, "NotFound"),
             )
             .await;
-            answer(
-                &mut handle,
-                "GET",
-                ENTRY,
-                StatusCode::OK,
-                entry_json("uid-1"),
-            )
-            .await;
-            answer(
-                &mut handle,
-                "DELETE",
-                ENTRY,
-                StatusCode::OK,
-                entry_json("uid-1"),
-            )
-            .await;
+            expect_entry_deleted(&mut handle).await;
         });
         let swept = within(sweep_orphans(&ctx.client, &pods, &ctx.entries)).await;
         assert_eq!(swept.expect("sweep"), 1, "only the entry whose pod is gone");
