@@ -130,7 +130,8 @@ pub async fn reconcile(pod: Arc<InjectedPod>, ctx: Arc<Context>) -> Result<Actio
 /// Writes `pod`'s entry into the config cluster `target` when it differs
 /// from what is there (read first: the operator keeps no cache of another
 /// cluster), and deletes the entry it may have had beside it before the
-/// Mesh named a target.
+/// Mesh named a target. The pod's labels are read from the API server:
+/// the pod cache, sized for ten thousand pods, keeps none.
 async fn push(
     pod: &InjectedPod,
     mesh: &Mesh,
@@ -152,14 +153,25 @@ async fn push(
         )
         .await?;
     }
-    let Some(entry) = pushed_entry(pod, &mesh.spec, target, node_labels) else {
-        return Ok(Action::await_change()); // no IP yet
-    };
+    if pod.ip.is_none() {
+        return Ok(Action::await_change());
+    }
     let client = ctx
         .targets
         .client(target)
         .await
         .map_err(|f| Error::Target(f.message))?;
+    let current_pod = Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
+        .get_metadata_opt(&name)
+        .await?
+        .filter(|p| p.uid() == pod.uid());
+    let Some(current_pod) = current_pod else {
+        return Ok(Action::await_change()); // gone: its deletion removes the entry
+    };
+    let labels = current_pod.metadata.labels.unwrap_or_default();
+    let Some(entry) = pushed_entry(pod, labels, &mesh.spec, target, node_labels) else {
+        return Ok(Action::await_change());
+    };
     let api: Api<WorkloadEntry> =
         Api::namespaced(client.clone(), &entry.namespace().unwrap_or_default());
     let current = api.get_opt(&entry.name_any()).await?;
@@ -671,6 +683,11 @@ mod tests {
             handle,
             |mut handle| async move {
                 expect_entry_deleted(&mut handle).await;
+                let pod = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                                 "metadata": {"name": "web-1", "namespace": "shop", "uid": "uid-1",
+                                              "labels": {"app": "web"}}});
+                let pod_path = "/api/v1/namespaces/shop/pods/web-1";
+                answer(&mut handle, "GET", pod_path, StatusCode::OK, pod).await;
                 let pushed = "/apis/networking.istio.io/v1/namespaces/cluster-a/workloadentries";
                 let missing = failure(404, "NotFound");
                 let path = format!("{pushed}/east-web-1");

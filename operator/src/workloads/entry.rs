@@ -153,13 +153,15 @@ pub fn pushed_namespace(target: &RegistrationTarget, pod_namespace: &str) -> Str
         .unwrap_or_else(|| pod_namespace.to_owned())
 }
 
-/// The WorkloadEntry for `pod` in the config cluster `target`, or `None`
-/// while it has no IP. Unlike [`desired_entry`] it carries the pod's
-/// labels (istiod there does not see the pod, so a ServiceEntry must select
-/// the entry), no owner reference (the pod is in another cluster), and says
-/// whose it is with the cluster label and the pod annotation instead.
+/// The WorkloadEntry for `pod` (with `labels`) in the config cluster
+/// `target`, or `None` while it has no IP. Unlike [`desired_entry`] it
+/// carries the pod's labels (istiod there does not see the pod, so a
+/// ServiceEntry must select the entry), no owner reference (the pod is in
+/// another cluster), and says whose it is with the cluster label and the
+/// pod annotation instead.
 pub fn pushed_entry(
     pod: &InjectedPod,
+    labels: BTreeMap<String, String>,
     mesh: &MeshSpec,
     target: &RegistrationTarget,
     node_labels: Option<&BTreeMap<String, String>>,
@@ -178,7 +180,7 @@ pub fn pushed_entry(
         POD_ANNOTATION.to_owned(),
         format!("{pod_namespace}/{pod_name}"),
     );
-    entry.spec.labels = pod.labels.iter().cloned().collect();
+    entry.spec.labels = labels;
     Some(entry)
 }
 
@@ -282,13 +284,11 @@ mod tests {
             namespace: Some("cluster-a".into()),
             ..RegistrationTarget::default()
         };
-        let entry = pushed_entry(&pod(), &mesh, &target, None).expect("entry");
+        let labels = BTreeMap::from([("app".to_owned(), "web".to_owned())]);
+        let entry = pushed_entry(&pod(), labels.clone(), &mesh, &target, None).expect("entry");
         assert_eq!(entry.name_any(), "cluster-a-web-1");
         assert_eq!(entry.namespace().as_deref(), Some("cluster-a"));
-        assert_eq!(
-            entry.spec.labels,
-            BTreeMap::from([("app".to_owned(), "web".to_owned())])
-        );
+        assert_eq!(entry.spec.labels, labels);
         assert!(entry.metadata.owner_references.is_none());
         assert_eq!(
             entry.labels().get(CLUSTER_LABEL).map(String::as_str),
@@ -307,7 +307,13 @@ mod tests {
         );
         assert_eq!(entry.spec.network.as_deref(), Some("net-a"));
         assert_eq!(entry.spec.service_account.as_deref(), Some("web"));
-        let same_names = pushed_entry(&pod(), &mesh, &RegistrationTarget::default(), None);
+        let same_names = pushed_entry(
+            &pod(),
+            BTreeMap::new(),
+            &mesh,
+            &RegistrationTarget::default(),
+            None,
+        );
         assert_eq!(
             same_names.and_then(|e| e.namespace()).as_deref(),
             Some("shop"),

@@ -24,9 +24,6 @@ pub struct InjectedPod {
     /// Name, namespace, uid, resourceVersion and deletion timestamp (no
     /// labels, annotations, owners or managed fields).
     pub metadata: ObjectMeta,
-    /// The pod's labels, in key order: entries pushed into a config
-    /// cluster carry them, for its ServiceEntries to select.
-    pub labels: Vec<(String, String)>,
     /// Whether the pod carries the injector's status annotation.
     pub injected: bool,
     /// The revision that injected it (`istio.io/rev`), when named.
@@ -111,7 +108,6 @@ impl From<Pod> for InjectedPod {
                 deletion_timestamp: metadata.deletion_timestamp,
                 ..ObjectMeta::default()
             },
-            labels: metadata.labels.unwrap_or_default().into_iter().collect(),
             injected: annotations.contains_key(SIDECAR_STATUS),
             revision: annotations.get(REVISION).cloned(),
             ports,
@@ -163,7 +159,6 @@ mod tests {
         let pod = InjectedPod::from(rich_pod());
         let expected: InjectedPod = serde_json::from_value(json!({
             "metadata": {"name": "web-1", "namespace": "shop", "uid": "pod-uid-1", "resourceVersion": "42"},
-            "labels": [["app", "web"]],
             "injected": true,
             "revision": "canary",
             "ports": [["http", 8080]],
