@@ -373,7 +373,7 @@ pub(crate) async fn controllers(
                 .run(
                     workload_controller::reconcile,
                     workload_controller::error_policy,
-                    Arc::clone(&workload_context),
+                    workload_context,
                 )
                 .for_each(move |result| {
                     metrics.count("workload", result.is_ok());
