@@ -291,11 +291,53 @@ impl Default for WebhookSettings {
 pub struct WorkloadRegistration {
     /// Register every injected pod while it lives.
     pub enabled: bool,
+    /// Where the entries go: unset, beside each pod in this cluster;
+    /// set, into the config cluster whose kubeconfig the named Secret holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<RegistrationTarget>,
 }
 
 impl Default for WorkloadRegistration {
     fn default() -> Self {
-        Self { enabled: true }
+        Self {
+            enabled: true,
+            target: None,
+        }
+    }
+}
+
+/// The Secret the operator reads a config cluster's kubeconfig from, when
+/// a Mesh names none.
+pub const DEFAULT_TARGET_SECRET: &str = "ferrimesh-registration-target";
+
+/// The Secret key of the kubeconfig, when a Mesh names none.
+pub const DEFAULT_TARGET_KEY: &str = "kubeconfig";
+
+/// A config cluster the operator writes this cluster's WorkloadEntries into
+/// (istiod there serves them; it needs no access to this cluster).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RegistrationTarget {
+    /// The Secret, in the operator's namespace, holding the kubeconfig.
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"))]
+    pub secret_name: String,
+    /// The Secret's key holding the kubeconfig.
+    #[schemars(length(min = 1))]
+    pub secret_key: String,
+    /// The config cluster's namespace of every entry of this cluster;
+    /// unset, each entry goes to the namespace of its pod's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))]
+    pub namespace: Option<String>,
+}
+
+impl Default for RegistrationTarget {
+    fn default() -> Self {
+        Self {
+            secret_name: DEFAULT_TARGET_SECRET.to_owned(),
+            secret_key: DEFAULT_TARGET_KEY.to_owned(),
+            namespace: None,
+        }
     }
 }
 

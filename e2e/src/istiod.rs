@@ -246,3 +246,34 @@ async fn install_config(client: &Client, config: &IstioConfig) -> anyhow::Result
         .context("writing the injector ConfigMap")?;
     Ok(())
 }
+
+/// The endpoints with `ip` that istiod lists for `host` in its
+/// `/debug/endpointShardz` view, over all shards (EndpointSlices,
+/// ServiceEntry-selected pods, WorkloadEntries).
+pub fn endpoints_with<'a>(shardz: &'a Value, host: &str, ip: &str) -> Vec<&'a Value> {
+    fn collect<'a>(value: &'a Value, ip: &str, found: &mut Vec<&'a Value>) {
+        match value {
+            Value::Object(object) => {
+                if object
+                    .get("Addresses")
+                    .and_then(Value::as_array)
+                    .is_some_and(|a| a.iter().any(|x| x == ip))
+                {
+                    found.push(value);
+                }
+                for (key, inner) in object {
+                    if key != "Addresses" {
+                        collect(inner, ip, found);
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| collect(v, ip, found)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    if let Some(h) = shardz.get(host) {
+        collect(h, ip, &mut found);
+    }
+    found
+}

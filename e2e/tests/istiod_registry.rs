@@ -11,7 +11,7 @@ use ferrimesh_crds::{MeshSpec, WorkloadEntry};
 use ferrimesh_e2e::fixtures::{
     WAIT, injected_pod, mesh_selecting_mesh_on, namespace, start_operator, wait_for_crds,
 };
-use ferrimesh_e2e::istiod::{Istiod, post_review};
+use ferrimesh_e2e::istiod::{Istiod, endpoints_with, post_review};
 use ferrimesh_e2e::{ControlPlane, eventually, free_port};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -24,28 +24,9 @@ const IP: &str = "10.6.0.1";
 const SERVICE_HOST: &str = "hello.shop.svc.cluster.local";
 const SERVICE_ENTRY_HOST: &str = "hello.example.com";
 
-/// How many endpoints with `ip` istiod lists for `host`, over all shards
-/// (EndpointSlices, ServiceEntry-selected pods, WorkloadEntries).
+/// How many endpoints with `ip` istiod lists for `host`.
 fn endpoints_of(shardz: &Value, host: &str, ip: &str) -> usize {
-    fn count(value: &Value, ip: &str) -> usize {
-        match value {
-            Value::Object(object) => {
-                let here = object
-                    .get("Addresses")
-                    .and_then(Value::as_array)
-                    .is_some_and(|a| a.iter().any(|x| x == ip));
-                usize::from(here)
-                    + object
-                        .iter()
-                        .filter(|(k, _)| k.as_str() != "Addresses")
-                        .map(|(_, v)| count(v, ip))
-                        .sum::<usize>()
-            }
-            Value::Array(items) => items.iter().map(|v| count(v, ip)).sum(),
-            _ => 0,
-        }
-    }
-    shardz.get(host).map_or(0, |h| count(h, ip))
+    endpoints_with(shardz, host, ip).len()
 }
 
 async fn create(client: &Client, gvk: &GroupVersionKind, object: Value) -> anyhow::Result<()> {

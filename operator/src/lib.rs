@@ -44,6 +44,10 @@ pub enum Error {
     /// Leader election failed.
     #[error("lease: {0}")]
     Lease(String),
+    /// The config cluster entries are pushed into cannot be reached (its
+    /// Secret is missing or holds no usable kubeconfig).
+    #[error("registration target: {0}")]
+    Target(String),
     /// A Kubernetes API call failed.
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
@@ -59,6 +63,7 @@ impl Error {
             Self::Finalizer(_) => "FinalizerFailed".into(),
             Self::Admin(_) => "AdminServerFailed".into(),
             Self::Lease(_) => "LeaseFailed".into(),
+            Self::Target(_) => "TargetUnavailable".into(),
             Self::Kube(kube::Error::Api(status)) if !status.reason.is_empty() => {
                 status.reason.clone()
             }

@@ -29,6 +29,7 @@ use crate::runtime::triggers::{changes, every, notified, received, throttle};
 use crate::workloads::controller::{self as workload_controller, injected_pods};
 use crate::workloads::injected_pod::InjectedPod;
 use crate::workloads::registered_entry::RegisteredEntry;
+use crate::workloads::target::{self, Targets};
 use crate::workloads::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::{Error, Result};
 
@@ -286,7 +287,7 @@ pub(crate) async fn controllers(
             webhook: config.webhook.clone(),
             issuer: config.issuer,
             meshes: meshes.clone(),
-            namespaces,
+            namespaces: namespaces.clone(),
             recorder: recorder.clone(),
         };
         let caches = (meshes_synced.clone(), namespaces_synced.clone());
@@ -301,6 +302,7 @@ pub(crate) async fn controllers(
         }
     };
 
+    let (targets, registrations) = Targets::new(client.clone(), &config.namespace);
     let mesh_context = Arc::new(mesh::Context {
         client: client.clone(),
         namespace: config.namespace.clone(),
@@ -308,13 +310,14 @@ pub(crate) async fn controllers(
         entries: entries.clone(),
         cluster: published.clone(),
         recorder: recorder.clone(),
+        registrations: registrations.clone(),
     });
     let mesh_loop = {
         let (metrics, client) = (metrics.clone(), client.clone());
         let entries_synced = entries_synced.clone();
         let meshes = meshes.clone();
         let triggers = futures::stream::select(
-            changes(published),
+            futures::stream::select(changes(published), changes(registrations)),
             throttle(notified(entries_changed), Duration::from_secs(5)),
         );
         async move {
@@ -342,8 +345,10 @@ pub(crate) async fn controllers(
         entries: entries.clone(),
         nodes,
         recorder,
+        targets,
     });
     let workload_loop = {
+        let workload_context = Arc::clone(&workload_context);
         let concurrency = config.workload_concurrency.max(1);
         let caches = (
             meshes_synced.clone(),
@@ -378,11 +383,11 @@ pub(crate) async fn controllers(
         }
     };
     let deletions = {
-        let client = client.clone();
+        let workload_context = Arc::clone(&workload_context);
         received(deleted_pods_rx).for_each_concurrent(16, move |pod| {
-            let client = client.clone();
+            let workload_context = Arc::clone(&workload_context);
             async move {
-                if let Err(e) = workload_controller::on_pod_deleted(&client, &pod).await {
+                if let Err(e) = workload_controller::on_pod_deleted(&workload_context, &pod).await {
                     tracing::warn!(error = %e, "deleting a WorkloadEntry failed; the sweep will retry");
                 }
             }
@@ -391,9 +396,14 @@ pub(crate) async fn controllers(
     let sweep = {
         let client = client.clone();
         let interval = config.sweep_interval.max(Duration::from_secs(1));
-        let caches = (pods_synced.clone(), entries_synced.clone());
+        let caches = (
+            pods_synced.clone(),
+            entries_synced.clone(),
+            meshes_synced.clone(),
+            namespaces_synced.clone(),
+        );
         async move {
-            if !synced::all(&[&caches.0, &caches.1]).await {
+            if !synced::all(&[&caches.0, &caches.1, &caches.2, &caches.3]).await {
                 return;
             }
             loop {
@@ -404,6 +414,9 @@ pub(crate) async fn controllers(
                     }
                     Err(e) => tracing::warn!(error = %e, "sweep failed"),
                 }
+                // The config clusters' entries: swept, counted, the
+                // rotated kubeconfigs picked up.
+                target::sweep(&workload_context, &pods, &namespaces).await;
                 tokio::time::sleep(interval).await;
             }
         }

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 
 use crate::cluster::{ClusterState, Failure};
 use crate::workloads::registered_entry::RegisteredEntry;
+use crate::workloads::target::Registration;
 use crate::{Error, FIELD_MANAGER, Result};
 
 pub mod status;
@@ -53,6 +54,9 @@ pub struct Context {
     pub cluster: watch::Receiver<Option<ClusterState>>,
     /// Publishes an Event for every change the operator makes.
     pub recorder: Recorder,
+    /// The last sweep's registration of each Mesh revision that pushes its
+    /// entries into a config cluster.
+    pub registrations: watch::Receiver<std::collections::BTreeMap<String, Registration>>,
 }
 
 /// Reconciles one Mesh.
@@ -85,12 +89,18 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
         Err(_) => None,
     };
     let name = mesh.name_any();
-    let registered = ctx
-        .entries
-        .state()
-        .iter()
-        .filter(|e| e.ours && e.revision.as_ref() == Some(&mesh.spec.revision))
-        .count() as i32;
+    let registration = registration(mesh, ctx);
+    let registered = match &registration {
+        None => ctx
+            .entries
+            .state()
+            .iter()
+            .filter(|e| e.ours && e.revision.as_ref() == Some(&mesh.spec.revision))
+            .count() as i32,
+        Some(Ok(count)) => *count,
+        // Unknown while the config cluster cannot be read: the last count stays.
+        Some(Err(_)) => mesh.status.as_ref().map_or(0, |s| s.registered_workloads),
+    };
     let outcome = status::Outcome {
         certificate: &cluster.certificate,
         webhook: applied.as_ref().map(|r| match r {
@@ -100,6 +110,7 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
         labelling: cluster.labelling.as_ref(),
         labelled: cluster.labelled.get(&name).copied().unwrap_or(0),
         registered,
+        registration,
     };
     let status = status::status(mesh, &outcome);
     if mesh.status.as_ref() != Some(&status) {
@@ -113,6 +124,21 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
         return Err(error);
     }
     Ok(Action::requeue(RESYNC))
+}
+
+/// The registration of a Mesh that pushes its entries into a config
+/// cluster, as the last sweep found it; `None` for one that registers them
+/// beside its pods.
+fn registration(mesh: &Mesh, ctx: &Context) -> Option<Registration> {
+    let settings = &mesh.spec.workload_registration;
+    settings.target.as_ref().filter(|_| settings.enabled)?;
+    let swept = ctx.registrations.borrow().get(&mesh.spec.revision).cloned();
+    Some(swept.unwrap_or_else(|| {
+        Err(Failure {
+            reason: "TargetPending".into(),
+            message: "the config cluster has not been reached yet".into(),
+        })
+    }))
 }
 
 /// Applies the Mesh's webhook configuration trusting `ca_bundle`, with an

@@ -1,7 +1,8 @@
 //! A Mesh's status as a pure function of what its reconcile found: the
 //! conditions `CertificateReady`, `WebhookConfigured`, `NamespacesLabelled`,
-//! and `Ready` (True when the three are; otherwise False with the reason and
-//! message of the first that is not).
+//! `WorkloadsRegistered` (only for a Mesh that pushes its entries into a
+//! config cluster), and `Ready` (True when the others are; otherwise False
+//! with the reason and message of the first that is not).
 
 use ferrimesh_crds::{Mesh, MeshStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -23,6 +24,9 @@ pub struct Outcome<'a> {
     pub labelled: i32,
     /// WorkloadEntries registered for the Mesh's pods.
     pub registered: i32,
+    /// For a Mesh that pushes its entries into a config cluster: how many
+    /// are there, or why the operator cannot reach them.
+    pub registration: Option<Result<i32, Failure>>,
 }
 
 /// A condition: `Ok((reason, message))` is True, `Err` False.
@@ -93,11 +97,21 @@ pub fn status(mesh: &Mesh, outcome: &Outcome) -> MeshStatus {
             format!("{} namespaces labelled", outcome.labelled),
         )),
     };
-    let parts = [
+    let mut parts = vec![
         ("CertificateReady", certificate, "CertificateNotReady"),
         ("WebhookConfigured", webhook, "WebhookNotConfigured"),
         ("NamespacesLabelled", labelling, "NamespacesNotLabelled"),
     ];
+    if let Some(registration) = &outcome.registration {
+        let verdict = match registration {
+            Ok(count) => Ok((
+                "Pushed".into(),
+                format!("{count} WorkloadEntries in the config cluster"),
+            )),
+            Err(failure) => Err(failure.clone()),
+        };
+        parts.push(("WorkloadsRegistered", verdict, "WorkloadsNotRegistered"));
+    }
     let ready: Verdict = match parts
         .iter()
         .find_map(|(_, v, why)| v.as_ref().err().map(|f| (f, why)))
@@ -149,6 +163,7 @@ mod tests {
             labelling: None,
             labelled: 0,
             registered: 0,
+            registration: None,
         }
     }
 
@@ -172,6 +187,7 @@ mod tests {
             labelling: None,
             labelled: 2,
             registered: 5,
+            registration: None,
         };
         let status = status(&mesh, &outcome);
         assert_eq!(get(&status, "Ready").0, "True");
@@ -207,6 +223,7 @@ mod tests {
             labelling: None,
             labelled: 1,
             registered: 0,
+            registration: None,
         };
         let status = status(&mesh, &outcome);
         let (ready, reason, message) = get(&status, "Ready");
@@ -229,6 +246,7 @@ mod tests {
             labelling: Some(&denied),
             labelled: 1,
             registered: 0,
+            registration: None,
         };
         assert_eq!(
             get(&status(&mesh, &outcome), "Ready").1,
@@ -244,6 +262,48 @@ mod tests {
         assert_eq!(
             get(&status, "WebhookConfigured"),
             ("False", "Forbidden", denied.message.as_str())
+        );
+    }
+
+    #[test]
+    fn a_config_cluster_that_refuses_the_operator_turns_ready_false() {
+        let mesh = Mesh::new("default", MeshSpec::default());
+        let certificate = certificate();
+        let refused = Failure {
+            reason: "TargetUnauthorized".into(),
+            message: "config cluster: Unauthorized".into(),
+        };
+        let outcome = Outcome {
+            registration: Some(Err(refused)),
+            ..configured(&certificate)
+        };
+        let status = status(&mesh, &outcome);
+        assert_eq!(get(&status, "Ready").1, "WorkloadsNotRegistered");
+        assert_eq!(
+            get(&status, "WorkloadsRegistered"),
+            (
+                "False",
+                "TargetUnauthorized",
+                "config cluster: Unauthorized"
+            )
+        );
+        let outcome = Outcome {
+            registration: Some(Ok(3)),
+            ..configured(&certificate)
+        };
+        let status = self::status(&mesh, &outcome);
+        assert_eq!(get(&status, "Ready").0, "True");
+        assert_eq!(
+            get(&status, "WorkloadsRegistered").2,
+            "3 WorkloadEntries in the config cluster"
+        );
+        let local = self::status(&mesh, &configured(&certificate));
+        assert!(
+            local
+                .conditions
+                .iter()
+                .all(|c| c.type_ != "WorkloadsRegistered"),
+            "no such condition without a target"
         );
     }
 

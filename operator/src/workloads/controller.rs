@@ -2,13 +2,15 @@
 //! every injected pod while it lives, deleted with the pod, and a sweep that
 //! removes entries whose pod is gone (also ones missed while the operator
 //! was down). Only injected pods are watched (`security.istio.io/tlsMode`).
+//! A Mesh with `workloadRegistration.target` has its pods' entries pushed
+//! into a config cluster instead ([`super::target`]).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferrimesh_crds::istio::{SIDECAR_STATUS, TLS_MODE};
-use ferrimesh_crds::mesh::DEFAULT_REVISION;
+use ferrimesh_crds::mesh::{DEFAULT_REVISION, RegistrationTarget};
 use ferrimesh_crds::{Mesh, WorkloadEntry};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
@@ -19,11 +21,12 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
-use super::entry::desired_entry;
+use super::entry::{desired_entry, pushed_entry, pushed_name, pushed_namespace};
 use super::injected_pod::InjectedPod;
-use super::registered_entry::{RegisteredEntry, up_to_date};
+use super::registered_entry::{RegisteredEntry, up_to_date, written};
+use super::target::Targets;
 use super::{POD_UID_ANNOTATION, is_ours};
-use crate::{FIELD_MANAGER, Result};
+use crate::{Error, FIELD_MANAGER, Result};
 
 /// The label selector of the pods the controller watches: the injected ones.
 pub fn injected_pods() -> String {
@@ -42,9 +45,12 @@ pub struct Context {
     pub nodes: Store<PartialObjectMeta<Node>>,
     /// Publishes an Event on a pod that cannot be registered.
     pub recorder: Recorder,
+    /// The config clusters entries are pushed into.
+    pub targets: Arc<Targets>,
 }
 
-fn mesh_for(pod: &InjectedPod, meshes: &Store<Mesh>) -> Option<Arc<Mesh>> {
+/// The Mesh that serves `pod` (by its revision), unless being deleted.
+pub(crate) fn mesh_for(pod: &InjectedPod, meshes: &Store<Mesh>) -> Option<Arc<Mesh>> {
     let revision = pod.revision.as_deref().unwrap_or(DEFAULT_REVISION);
     meshes
         .state()
@@ -52,8 +58,13 @@ fn mesh_for(pod: &InjectedPod, meshes: &Store<Mesh>) -> Option<Arc<Mesh>> {
         .find(|m| m.spec.revision == revision && m.metadata.deletion_timestamp.is_none())
 }
 
-/// Deletes the entry standing for `pod`, if it is ours and for this pod.
-async fn delete_entry(client: &Client, namespace: &str, name: &str, uid: &str) -> Result<()> {
+/// Deletes the entry `namespace/name`, if it is ours and for the pod `uid`.
+pub(crate) async fn delete_entry(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    uid: &str,
+) -> Result<()> {
     let api: Api<WorkloadEntry> = Api::namespaced(client.clone(), namespace);
     let Some(entry) = api.get_opt(name).await? else {
         return Ok(());
@@ -87,10 +98,9 @@ async fn delete_entry(client: &Client, namespace: &str, name: &str, uid: &str) -
 pub async fn reconcile(pod: Arc<InjectedPod>, ctx: Arc<Context>) -> Result<Action> {
     let namespace = pod.namespace().unwrap_or_default();
     let name = pod.name_any();
-    let uid = pod.uid().unwrap_or_default();
     let mesh = mesh_for(&pod, &ctx.meshes).filter(|m| m.spec.workload_registration.enabled);
     let Some(mesh) = mesh.filter(|_| pod.injected && !pod.is_gone()) else {
-        delete_entry(&ctx.client, &namespace, &name, &uid).await?;
+        on_pod_deleted(&ctx, &pod).await?;
         return Ok(Action::await_change());
     };
     let node = pod
@@ -98,6 +108,9 @@ pub async fn reconcile(pod: Arc<InjectedPod>, ctx: Arc<Context>) -> Result<Actio
         .as_deref()
         .and_then(|node| ctx.nodes.get(&ObjectRef::new(node)));
     let node_labels = node.as_ref().and_then(|n| n.metadata.labels.as_ref());
+    if let Some(target) = &mesh.spec.workload_registration.target {
+        return push(&pod, &mesh, target, node_labels, &ctx).await;
+    }
     let Some(entry) = desired_entry(&pod, &mesh.spec, node_labels) else {
         return Ok(Action::await_change()); // no IP yet
     };
@@ -110,6 +123,66 @@ pub async fn reconcile(pod: Arc<InjectedPod>, ctx: Arc<Context>) -> Result<Actio
     }
     if let Written::NotOurs = write_entry(&ctx.client, entry, existing.is_some()).await? {
         report_not_ours(&ctx.recorder, &pod).await;
+    }
+    Ok(Action::await_change())
+}
+
+/// Writes `pod`'s entry into the config cluster `target` when it differs
+/// from what is there (read first: the operator keeps no cache of another
+/// cluster), and deletes the entry it may have had beside it before the
+/// Mesh named a target. The pod's labels are read from the API server:
+/// the pod cache, sized for ten thousand pods, keeps none.
+async fn push(
+    pod: &InjectedPod,
+    mesh: &Mesh,
+    target: &RegistrationTarget,
+    node_labels: Option<&std::collections::BTreeMap<String, String>>,
+    ctx: &Context,
+) -> Result<Action> {
+    let (namespace, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
+    if ctx
+        .entries
+        .get(&ObjectRef::new(&name).within(&namespace))
+        .is_some()
+    {
+        delete_entry(
+            &ctx.client,
+            &namespace,
+            &name,
+            &pod.uid().unwrap_or_default(),
+        )
+        .await?;
+    }
+    if pod.ip.is_none() {
+        return Ok(Action::await_change());
+    }
+    let client = ctx
+        .targets
+        .client(target)
+        .await
+        .map_err(|f| Error::Target(f.message))?;
+    let current_pod = Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
+        .get_metadata_opt(&name)
+        .await?
+        .filter(|p| p.uid() == pod.uid());
+    let Some(current_pod) = current_pod else {
+        return Ok(Action::await_change()); // gone: its deletion removes the entry
+    };
+    let labels = current_pod.metadata.labels.unwrap_or_default();
+    let Some(entry) = pushed_entry(pod, labels, &mesh.spec, target, node_labels) else {
+        return Ok(Action::await_change());
+    };
+    let api: Api<WorkloadEntry> =
+        Api::namespaced(client.clone(), &entry.namespace().unwrap_or_default());
+    let current = api.get_opt(&entry.name_any()).await?;
+    if current
+        .as_ref()
+        .is_some_and(|current| written(current) == written(&entry))
+    {
+        return Ok(Action::await_change());
+    }
+    if let Written::NotOurs = write_entry(&client, entry, current.is_some()).await? {
+        report_not_ours(&ctx.recorder, pod).await;
     }
     Ok(Action::await_change())
 }
@@ -225,13 +298,29 @@ pub fn error_policy(pod: Arc<InjectedPod>, error: &crate::Error, _ctx: Arc<Conte
     Action::requeue(Duration::from_secs(5))
 }
 
-/// Deletes the entry of a pod that was deleted.
-pub async fn on_pod_deleted(client: &Client, pod: &InjectedPod) -> Result<()> {
+/// Deletes the entry of a pod that was deleted (or finished): beside it,
+/// and in the config cluster its Mesh pushes into.
+pub async fn on_pod_deleted(ctx: &Context, pod: &InjectedPod) -> Result<()> {
+    let (namespace, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
+    let uid = pod.uid().unwrap_or_default();
+    delete_entry(&ctx.client, &namespace, &name, &uid).await?;
+    let Some(mesh) = mesh_for(pod, &ctx.meshes) else {
+        return Ok(());
+    };
+    let Some(target) = &mesh.spec.workload_registration.target else {
+        return Ok(());
+    };
+    let client = ctx
+        .targets
+        .client(target)
+        .await
+        .map_err(|f| Error::Target(f.message))?;
+    let pushed = pushed_name(&mesh.spec.cluster_id, &name);
     delete_entry(
-        client,
-        &pod.namespace().unwrap_or_default(),
-        &pod.name_any(),
-        &pod.uid().unwrap_or_default(),
+        &client,
+        &pushed_namespace(target, &namespace),
+        &pushed,
+        &uid,
     )
     .await
 }
@@ -278,7 +367,10 @@ pub async fn sweep_orphans(
     Ok(deleted)
 }
 
-fn is_injected_meta(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+/// Whether a pod's metadata says the webhook injected it.
+pub(crate) fn is_injected_meta(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> bool {
     meta.annotations
         .as_ref()
         .is_some_and(|a| a.contains_key(SIDECAR_STATUS))
@@ -312,12 +404,13 @@ mod tests {
                 ),
                 nodes: store(&[]),
                 recorder: Recorder::new(
-                    client,
+                    client.clone(),
                     kube::runtime::events::Reporter {
                         controller: "test".into(),
                         instance: None,
                     },
                 ),
+                targets: Targets::new(client, "ferrimesh-system").0,
             }),
             handle,
         )
@@ -351,6 +444,12 @@ mod tests {
 
     fn ready_with_ip(ip: &str) -> Value {
         json!({"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]})
+    }
+
+    /// Answers the read and the delete of the pod's entry beside it.
+    async fn expect_entry_deleted(handle: &mut Handle) {
+        answer(handle, "GET", ENTRY, StatusCode::OK, entry_json("uid-1")).await;
+        answer(handle, "DELETE", ENTRY, StatusCode::OK, entry_json("uid-1")).await;
     }
 
     /// Answers the status write and checks it is a merge patch of `Healthy`.
@@ -529,6 +628,104 @@ mod tests {
         result
     }
 
+    /// The default Mesh pushing into the config cluster of the Secret
+    /// `ferrimesh-registration-target`, namespace `cluster-a`, as cluster `east`.
+    fn pushing_mesh() -> Mesh {
+        let mut spec = MeshSpec {
+            cluster_id: "east".into(),
+            ..MeshSpec::default()
+        };
+        spec.workload_registration.target = Some(RegistrationTarget {
+            namespace: Some("cluster-a".into()),
+            ..RegistrationTarget::default()
+        });
+        Mesh::new("default", spec)
+    }
+
+    const SECRET: &str =
+        "/api/v1/namespaces/ferrimesh-system/secrets/ferrimesh-registration-target";
+
+    #[tokio::test]
+    async fn a_pod_of_a_pushing_mesh_is_not_registered_without_the_target_secret() {
+        let (ctx, handle) = context(&[pushing_mesh()]);
+        let result = reconcile_scripted(
+            pod(ready_with_ip("10.0.0.1")),
+            ctx,
+            handle,
+            |mut handle| async move {
+                let missing = failure(404, "NotFound");
+                answer(&mut handle, "GET", SECRET, StatusCode::NOT_FOUND, missing).await;
+            },
+        )
+        .await;
+        assert!(
+            matches!(&result, Err(Error::Target(m)) if m.contains("ferrimesh-registration-target")),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pod_of_a_pushing_mesh_is_pushed_with_its_labels_and_its_local_entry_goes() {
+        let mesh = pushing_mesh();
+        let target = mesh
+            .spec
+            .workload_registration
+            .target
+            .clone()
+            .expect("target");
+        let local =
+            desired_entry(&pod(ready_with_ip("10.0.0.1")), &mesh.spec, None).expect("entry");
+        let (ctx, handle) = context_with(&[mesh], &[local]);
+        ctx.targets.insert(&target, ctx.client.clone());
+        reconcile_scripted(
+            pod(ready_with_ip("10.0.0.1")),
+            ctx,
+            handle,
+            |mut handle| async move {
+                expect_entry_deleted(&mut handle).await;
+                let pod = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                                 "metadata": {"name": "web-1", "namespace": "shop", "uid": "uid-1",
+                                              "labels": {"app": "web"}}});
+                let pod_path = "/api/v1/namespaces/shop/pods/web-1";
+                answer(&mut handle, "GET", pod_path, StatusCode::OK, pod).await;
+                let pushed = "/apis/networking.istio.io/v1/namespaces/cluster-a/workloadentries";
+                let missing = failure(404, "NotFound");
+                let path = format!("{pushed}/east-web-1");
+                answer(&mut handle, "GET", &path, StatusCode::NOT_FOUND, missing).await;
+                let created = answer(
+                    &mut handle,
+                    "POST",
+                    pushed,
+                    StatusCode::CREATED,
+                    entry_json("uid-1"),
+                )
+                .await;
+                assert_eq!(created["metadata"]["name"], "east-web-1");
+                assert_eq!(created["spec"]["labels"]["app"], "web");
+                assert_eq!(
+                    created["metadata"]["labels"]["ferrimesh.io/cluster"],
+                    "east"
+                );
+                assert_eq!(
+                    created["metadata"]["annotations"]["ferrimesh.io/pod"],
+                    "shop/web-1"
+                );
+                assert!(created["metadata"].get("ownerReferences").is_none());
+                let status = answer(
+                    &mut handle,
+                    "PATCH",
+                    &format!("{path}/status"),
+                    StatusCode::OK,
+                    entry_json("uid-1"),
+                )
+                .await;
+                assert_eq!(status["status"]["conditions"][0]["status"], "True");
+            },
+        )
+        .await
+        .expect("reconcile");
+    }
+
     #[tokio::test]
     async fn writes_nothing_when_the_cached_entry_is_up_to_date() {
         let mesh = Mesh::new("default", MeshSpec::default());
@@ -559,22 +756,7 @@ mod tests {
                 failure(404, "NotFound"),
             )
             .await;
-            answer(
-                &mut handle,
-                "GET",
-                ENTRY,
-                StatusCode::OK,
-                entry_json("uid-1"),
-            )
-            .await;
-            answer(
-                &mut handle,
-                "DELETE",
-                ENTRY,
-                StatusCode::OK,
-                entry_json("uid-1"),
-            )
-            .await;
+            expect_entry_deleted(&mut handle).await;
         });
         let swept = within(sweep_orphans(&ctx.client, &pods, &ctx.entries)).await;
         assert_eq!(swept.expect("sweep"), 1, "only the entry whose pod is gone");

@@ -1,15 +1,20 @@
 //! The WorkloadEntry that stands for an injected pod, as a pure function of
-//! the pod, its Mesh and its node (docs/operator.md, "What it does").
+//! the pod, its Mesh and its node (docs/operator.md, "What it does"): the
+//! one written beside the pod ([`desired_entry`]) and the one pushed into a
+//! config cluster ([`pushed_entry`]).
 
 use std::collections::BTreeMap;
+use std::hash::{DefaultHasher, Hasher};
 
+use ferrimesh_crds::mesh::RegistrationTarget;
 use ferrimesh_crds::workload_entry::{WorkloadCondition, WorkloadPort};
 use ferrimesh_crds::{MeshSpec, WorkloadEntry, WorkloadEntrySpec, WorkloadEntryStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
 use super::injected_pod::InjectedPod;
 use super::{
-    HEALTH_CHECKS_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, POD_UID_ANNOTATION, REVISION_LABEL,
+    CLUSTER_LABEL, HEALTH_CHECKS_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, POD_ANNOTATION,
+    POD_UID_ANNOTATION, REVISION_LABEL,
 };
 
 /// `<region>/<zone>` from the node's topology labels.
@@ -87,6 +92,95 @@ pub fn desired_entry(
     entry.status = Some(WorkloadEntryStatus {
         conditions: vec![healthy(pod)],
     });
+    Some(entry)
+}
+
+/// A cluster ID as a label value and name prefix: lower case, characters
+/// other than letters, digits, `-` and `.` turned into `-`, at most 63
+/// characters, starting and ending with a letter or digit.
+pub fn cluster_label(cluster_id: &str) -> String {
+    let mapped: String = cluster_id
+        .to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    let trimmed = mapped.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+    if trimmed.is_empty() {
+        "cluster".to_owned()
+    } else {
+        trimmed.to_owned()
+    }
+}
+
+/// The longest object name the API server accepts.
+const MAX_NAME: usize = 253;
+
+/// The name of a pod's entry in a config cluster: `<cluster>-<pod>`, so that
+/// pods of the same name in several clusters pushing into one namespace do
+/// not collide. A name that would be too long keeps its start and ends with
+/// a digest of the whole.
+pub fn pushed_name(cluster_id: &str, pod: &str) -> String {
+    let name = format!("{}-{pod}", cluster_label(cluster_id));
+    if name.len() <= MAX_NAME {
+        return name;
+    }
+    let mut hasher = DefaultHasher::new();
+    hasher.write(name.as_bytes());
+    let digest = format!("{:016x}", hasher.finish());
+    let keep = name
+        .char_indices()
+        .map(|(i, _)| i)
+        .take_while(|i| *i < MAX_NAME - digest.len())
+        .last()
+        .unwrap_or(0);
+    let start = name[..keep].trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    format!("{start}-{digest}")
+}
+
+/// The namespace of a pod's entry in a config cluster: the target's, or
+/// the pod's own namespace name.
+pub fn pushed_namespace(target: &RegistrationTarget, pod_namespace: &str) -> String {
+    target
+        .namespace
+        .clone()
+        .unwrap_or_else(|| pod_namespace.to_owned())
+}
+
+/// The WorkloadEntry for `pod` (with `labels`) in the config cluster
+/// `target`, or `None` while it has no IP. Unlike [`desired_entry`] it
+/// carries the pod's labels (istiod there does not see the pod, so a
+/// ServiceEntry must select the entry), no owner reference (the pod is in
+/// another cluster), and says whose it is with the cluster label and the
+/// pod annotation instead.
+pub fn pushed_entry(
+    pod: &InjectedPod,
+    labels: BTreeMap<String, String>,
+    mesh: &MeshSpec,
+    target: &RegistrationTarget,
+    node_labels: Option<&BTreeMap<String, String>>,
+) -> Option<WorkloadEntry> {
+    let mut entry = desired_entry(pod, mesh, node_labels)?;
+    let pod_namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    let pod_name = entry.metadata.name.take().unwrap_or_default();
+    let meta = &mut entry.metadata;
+    meta.name = Some(pushed_name(&mesh.cluster_id, &pod_name));
+    meta.namespace = Some(pushed_namespace(target, &pod_namespace));
+    meta.owner_references = None;
+    meta.labels
+        .get_or_insert_default()
+        .insert(CLUSTER_LABEL.to_owned(), cluster_label(&mesh.cluster_id));
+    meta.annotations.get_or_insert_default().insert(
+        POD_ANNOTATION.to_owned(),
+        format!("{pod_namespace}/{pod_name}"),
+    );
+    entry.spec.labels = labels;
     Some(entry)
 }
 
@@ -177,5 +271,66 @@ mod tests {
             "Unknown"
         );
         assert!(entry.spec.locality.is_none() && entry.spec.network.is_none());
+    }
+
+    #[test]
+    fn a_pushed_entry_carries_the_pod_labels_and_says_whose_it_is_without_an_owner() {
+        let mesh = MeshSpec {
+            cluster_id: "Cluster_A".into(),
+            network: "net-a".into(),
+            ..MeshSpec::default()
+        };
+        let target = RegistrationTarget {
+            namespace: Some("cluster-a".into()),
+            ..RegistrationTarget::default()
+        };
+        let labels = BTreeMap::from([("app".to_owned(), "web".to_owned())]);
+        let entry = pushed_entry(&pod(), labels.clone(), &mesh, &target, None).expect("entry");
+        assert_eq!(entry.name_any(), "cluster-a-web-1");
+        assert_eq!(entry.namespace().as_deref(), Some("cluster-a"));
+        assert_eq!(entry.spec.labels, labels);
+        assert!(entry.metadata.owner_references.is_none());
+        assert_eq!(
+            entry.labels().get(CLUSTER_LABEL).map(String::as_str),
+            Some("cluster-a")
+        );
+        assert_eq!(
+            entry.annotations().get(POD_ANNOTATION).map(String::as_str),
+            Some("shop/web-1")
+        );
+        assert_eq!(
+            entry
+                .annotations()
+                .get(POD_UID_ANNOTATION)
+                .map(String::as_str),
+            Some("pod-uid-1")
+        );
+        assert_eq!(entry.spec.network.as_deref(), Some("net-a"));
+        assert_eq!(entry.spec.service_account.as_deref(), Some("web"));
+        let same_names = pushed_entry(
+            &pod(),
+            BTreeMap::new(),
+            &mesh,
+            &RegistrationTarget::default(),
+            None,
+        );
+        assert_eq!(
+            same_names.and_then(|e| e.namespace()).as_deref(),
+            Some("shop"),
+            "without a target namespace: the pod's namespace name"
+        );
+    }
+
+    #[test]
+    fn pushed_names_stay_valid_and_distinct_per_cluster() {
+        assert_eq!(cluster_label("Kubernetes"), "kubernetes");
+        assert_eq!(cluster_label("__"), "cluster");
+        assert_eq!(cluster_label(&"x".repeat(100)).len(), 63);
+        assert_ne!(pushed_name("east", "web-1"), pushed_name("west", "web-1"));
+        let long = "p".repeat(253);
+        let (a, b) = (pushed_name("east", &long), pushed_name("west", &long));
+        assert!(a.len() <= 253 && b.len() <= 253, "{a}");
+        assert_ne!(a, b);
+        assert!(a.starts_with("east-ppp"));
     }
 }

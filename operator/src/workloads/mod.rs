@@ -2,7 +2,7 @@
 //! ([`entry`]), what the caches keep of pods and entries
 //! ([`injected_pod`], [`registered_entry`]), and the controller that writes
 //! entries and sweeps orphans ([`controller`]). Entries are written into the
-//! pods' own cluster.
+//! pods' own cluster, or pushed into a config cluster ([`target`]).
 
 use std::collections::BTreeMap;
 
@@ -10,6 +10,7 @@ pub mod controller;
 pub mod entry;
 pub mod injected_pod;
 pub mod registered_entry;
+pub mod target;
 
 /// Label on every WorkloadEntry the operator writes; entries without it are
 /// never touched.
@@ -20,6 +21,12 @@ pub const MANAGED_BY: &str = "ferrimesh-operator";
 pub const REVISION_LABEL: &str = "ferrimesh.io/revision";
 /// Annotation with the UID of the pod an entry stands for.
 pub const POD_UID_ANNOTATION: &str = "ferrimesh.io/pod-uid";
+/// Label on an entry pushed into a config cluster: the Mesh's `clusterID`
+/// of the cluster whose pod it stands for (as a label value).
+pub const CLUSTER_LABEL: &str = "ferrimesh.io/cluster";
+/// Annotation on an entry pushed into a config cluster: `<namespace>/<name>`
+/// of its pod, which the entry's own name and namespace do not say.
+pub const POD_ANNOTATION: &str = "ferrimesh.io/pod";
 /// istiod reads an entry's `Healthy` condition only when the entry carries
 /// this annotation set to `"true"`; without it the entry counts as healthy
 /// whatever its pod's state.
