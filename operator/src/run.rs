@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use ferrimesh_crds::{Mesh, WorkloadEntry};
+use ferrimesh_crds::{Mesh, ProxyProfile, WorkloadEntry};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
@@ -208,6 +208,28 @@ pub(crate) async fn controllers(
             })
     };
 
+    // ProxyProfiles: the Pod Security report layers a namespace's over its
+    // Mesh.
+    let (profiles, profile_writer) = reflector::store();
+    let (mark_profiles, profiles_synced) = synced();
+    let profile_cache = {
+        let changed = Arc::clone(&changed);
+        watcher(
+            Api::<ProxyProfile>::all(client.clone()),
+            watch_config.clone(),
+        )
+        .default_backoff()
+        .reflect(profile_writer)
+        .for_each(move |event| {
+            mark_profiles.observe(&event);
+            if let Err(e) = event {
+                tracing::warn!(error = %e, "ProxyProfile watch failed; retrying");
+            }
+            changed.notify_one();
+            async {}
+        })
+    };
+
     let (nodes, node_writer) = reflector::store();
     let (mark_nodes, nodes_synced) = synced();
     let node_cache = watcher(
@@ -287,13 +309,19 @@ pub(crate) async fn controllers(
             issuer: config.issuer,
             meshes: meshes.clone(),
             namespaces,
+            profiles,
             recorder: recorder.clone(),
         };
-        let caches = (meshes_synced.clone(), namespaces_synced.clone());
+        let caches = (
+            meshes_synced.clone(),
+            namespaces_synced.clone(),
+            profiles_synced.clone(),
+        );
         let metrics = metrics.clone();
         async move {
-            // Before both lists, a namespace would look selected by no Mesh.
-            if !synced::all(&[&caches.0, &caches.1]).await {
+            // Before both lists, a namespace would look selected by no Mesh;
+            // before the profiles, its Pod Security report could be wrong.
+            if !synced::all(&[&caches.0, &caches.1, &caches.2]).await {
                 return;
             }
             let triggers = throttle(notified(changed), Duration::from_millis(500));
@@ -413,6 +441,7 @@ pub(crate) async fn controllers(
         let caches = [
             &meshes_synced,
             &namespaces_synced,
+            &profiles_synced,
             &entries_synced,
             &nodes_synced,
             &pods_synced,
@@ -429,6 +458,7 @@ pub(crate) async fn controllers(
         workload_loop,
         entry_cache,
         namespace_cache,
+        profile_cache,
         node_cache,
         deletions,
         sweep,
@@ -485,9 +515,10 @@ mod tests {
         }
     }
 
-    const COLLECTIONS: [&str; 7] = [
+    const COLLECTIONS: [&str; 8] = [
         "meshes",
         "namespaces",
+        "proxyprofiles",
         "nodes",
         "pods",
         "workloadentries",
@@ -575,6 +606,7 @@ mod tests {
         let expected = [
             "/apis/mesh.ferrimesh.io/v1alpha1/meshes?",
             "/api/v1/namespaces?",
+            "/apis/mesh.ferrimesh.io/v1alpha1/proxyprofiles?",
             "/api/v1/nodes?",
             "/api/v1/pods?&labelSelector=security.istio.io%2FtlsMode%3Distio&limit=100",
             "/apis/networking.istio.io/v1/workloadentries?&labelSelector=ferrimesh.io%2Fmanaged-by%3Dferrimesh-operator",

@@ -99,6 +99,8 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
         }),
         labelling: cluster.labelling.as_ref(),
         labelled: cluster.labelled.get(&name).copied().unwrap_or(0),
+        ambient: cluster.ambient.get(&name).map_or(&[], Vec::as_slice),
+        pod_security: cluster.pod_security.get(&name).map_or(&[], Vec::as_slice),
         registered,
     };
     let status = status::status(mesh, &outcome);

@@ -1,8 +1,13 @@
 //! A Mesh's status as a pure function of what its reconcile found: the
 //! conditions `CertificateReady`, `WebhookConfigured`, `NamespacesLabelled`,
 //! and `Ready` (True when the three are; otherwise False with the reason and
-//! message of the first that is not).
+//! message of the first that is not), and the report
+//! `PodSecurityCompatible`, which `Ready` does not follow: the operator did
+//! its part, and the fix is a Mesh field or a namespace label.
 
+use ferrimesh_crds::ambient::AMBIENT;
+use ferrimesh_crds::istio::DATAPLANE_MODE;
+use ferrimesh_crds::pod_security::ENFORCE_LABEL;
 use ferrimesh_crds::{Mesh, MeshStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::core::Selector;
@@ -21,6 +26,11 @@ pub struct Outcome<'a> {
     pub labelling: Option<&'a Failure>,
     /// Namespaces labelled for the Mesh.
     pub labelled: i32,
+    /// Namespaces the Mesh selects and leaves unlabelled: in ambient mode.
+    pub ambient: &'a [String],
+    /// The labelled namespaces whose Pod Security level refuses what the
+    /// Mesh injects, each with its level and fixes.
+    pub pod_security: &'a [String],
     /// WorkloadEntries registered for the Mesh's pods.
     pub registered: i32,
 }
@@ -88,10 +98,32 @@ pub fn status(mesh: &Mesh, outcome: &Outcome) -> MeshStatus {
     let labelling: Verdict = match (invalid_selector(mesh), outcome.labelling) {
         (Some(failure), _) => Err(failure),
         (None, Some(failure)) => Err(failure.clone()),
-        (None, None) => Ok((
+        (None, None) if outcome.ambient.is_empty() => Ok((
             "Applied".into(),
             format!("{} namespaces labelled", outcome.labelled),
         )),
+        (None, None) => Ok((
+            "AmbientNamespacesSkipped".into(),
+            format!(
+                "{} namespaces labelled; not labelled, in ambient mode ({DATAPLANE_MODE}={AMBIENT}): {}",
+                outcome.labelled,
+                outcome.ambient.join(", ")
+            ),
+        )),
+    };
+    let pod_security: Verdict = if outcome.pod_security.is_empty() {
+        Ok((
+            "Compatible".into(),
+            "no labelled namespace's Pod Security level refuses the injected pods".into(),
+        ))
+    } else {
+        Err(Failure {
+            reason: "InjectedPodsRefused".into(),
+            message: format!(
+                "{ENFORCE_LABEL} refuses the injected pods in: {}",
+                outcome.pod_security.join(", ")
+            ),
+        })
     };
     let parts = [
         ("CertificateReady", certificate, "CertificateNotReady"),
@@ -113,6 +145,7 @@ pub fn status(mesh: &Mesh, outcome: &Outcome) -> MeshStatus {
     };
     let mut conditions = vec![condition("Ready", &ready, mesh)];
     conditions.extend(parts.iter().map(|(type_, v, _)| condition(type_, v, mesh)));
+    conditions.push(condition("PodSecurityCompatible", &pod_security, mesh));
     MeshStatus {
         observed_generation: mesh.metadata.generation,
         conditions,
@@ -148,6 +181,8 @@ mod tests {
             webhook: Some(Ok("ferrimesh-sidecar-injector".into())),
             labelling: None,
             labelled: 0,
+            ambient: &[],
+            pod_security: &[],
             registered: 0,
         }
     }
@@ -171,6 +206,8 @@ mod tests {
             webhook: Some(Ok("ferrimesh-sidecar-injector".into())),
             labelling: None,
             labelled: 2,
+            ambient: &[],
+            pod_security: &[],
             registered: 5,
         };
         let status = status(&mesh, &outcome);
@@ -206,6 +243,8 @@ mod tests {
             webhook: None,
             labelling: None,
             labelled: 1,
+            ambient: &[],
+            pod_security: &[],
             registered: 0,
         };
         let status = status(&mesh, &outcome);
@@ -228,6 +267,8 @@ mod tests {
             webhook: Some(Ok("ferrimesh-sidecar-injector".into())),
             labelling: Some(&denied),
             labelled: 1,
+            ambient: &[],
+            pod_security: &[],
             registered: 0,
         };
         assert_eq!(
@@ -262,6 +303,47 @@ mod tests {
         let (labelled, reason, message) = get(&status, "NamespacesLabelled");
         assert_eq!((labelled, reason), ("False", "InvalidNamespaceSelector"));
         assert!(message.contains("operator"), "{message}");
+    }
+
+    #[test]
+    fn ambient_namespaces_left_unlabelled_are_named_and_ready_stays_true() {
+        let mesh = Mesh::new("default", MeshSpec::default());
+        let certificate = certificate();
+        let ambient = ["mesh-a".to_owned(), "mesh-b".to_owned()];
+        let outcome = Outcome {
+            labelled: 1,
+            ambient: &ambient,
+            ..configured(&certificate)
+        };
+        let status = status(&mesh, &outcome);
+        let (labelled, reason, message) = get(&status, "NamespacesLabelled");
+        assert_eq!((labelled, reason), ("True", "AmbientNamespacesSkipped"));
+        assert_eq!(
+            message,
+            "1 namespaces labelled; not labelled, in ambient mode (istio.io/dataplane-mode=ambient): mesh-a, mesh-b"
+        );
+        assert_eq!(get(&status, "Ready").0, "True");
+    }
+
+    #[test]
+    fn pod_security_refusals_turn_pod_security_compatible_false_but_not_ready() {
+        let mesh = Mesh::new("default", MeshSpec::default());
+        let certificate = certificate();
+        let compatible = status(&mesh, &configured(&certificate));
+        assert_eq!(get(&compatible, "PodSecurityCompatible").0, "True");
+        let reports = ["shop (baseline: traffic.cni.enabled: true)".to_owned()];
+        let outcome = Outcome {
+            pod_security: &reports,
+            ..configured(&certificate)
+        };
+        let status = status(&mesh, &outcome);
+        let (compatible, reason, message) = get(&status, "PodSecurityCompatible");
+        assert_eq!((compatible, reason), ("False", "InjectedPodsRefused"));
+        assert!(
+            message.contains("shop (baseline: traffic.cni.enabled: true)"),
+            "{message}"
+        );
+        assert_eq!(get(&status, "Ready").0, "True");
     }
 
     #[test]
