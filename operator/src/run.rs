@@ -143,6 +143,9 @@ pub(crate) async fn controllers(
     // counts: each has its own throttle.
     let changed = Arc::new(Notify::new());
     let entries_changed = Arc::new(Notify::new());
+    // A Mesh's change can move a revision tag between Meshes (or make the
+    // default revision yield to the tag `default`): every Mesh looks again.
+    let meshes_changed = Arc::new(Notify::new());
     let (meshes, mesh_writer) = reflector::store();
     let (mark_meshes, meshes_synced) = synced();
     let mesh_events = watcher(Api::<Mesh>::all(client.clone()), watch_config.clone())
@@ -160,7 +163,11 @@ pub(crate) async fn controllers(
         )
         .inspect({
             let changed = Arc::clone(&changed);
-            move |_| changed.notify_one()
+            let meshes_changed = Arc::clone(&meshes_changed);
+            move |_| {
+                changed.notify_one();
+                meshes_changed.notify_one();
+            }
         });
 
     let (entries, entry_writer) = reflector::store();
@@ -334,6 +341,7 @@ pub(crate) async fn controllers(
         namespace: config.namespace.clone(),
         webhook: config.webhook.clone(),
         entries: entries.clone(),
+        meshes: meshes.clone(),
         cluster: published.clone(),
         recorder: recorder.clone(),
     });
@@ -342,7 +350,10 @@ pub(crate) async fn controllers(
         let entries_synced = entries_synced.clone();
         let meshes = meshes.clone();
         let triggers = futures::stream::select(
-            changes(published),
+            futures::stream::select(
+                changes(published),
+                throttle(notified(meshes_changed), Duration::from_millis(500)),
+            ),
             throttle(notified(entries_changed), Duration::from_secs(5)),
         );
         async move {

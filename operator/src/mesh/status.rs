@@ -1,7 +1,8 @@
 //! A Mesh's status as a pure function of what its reconcile found: the
 //! conditions `CertificateReady`, `WebhookConfigured`, `NamespacesLabelled`,
-//! and `Ready` (True when the three are; otherwise False with the reason and
-//! message of the first that is not), and the report
+//! `RevisionTagsConfigured`, and `Ready` (True when the four are; otherwise
+//! False with the reason and message of the first that is not), and the
+//! report
 //! `PodSecurityCompatible`, which `Ready` does not follow: the operator did
 //! its part, and the fix is a Mesh field or a namespace label.
 
@@ -12,6 +13,7 @@ use ferrimesh_crds::{Mesh, MeshStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::core::Selector;
 
+use super::tags::Tags;
 use crate::cluster::{Certificate, Failure};
 
 /// What a Mesh's reconcile found.
@@ -22,6 +24,9 @@ pub struct Outcome<'a> {
     /// Applying the webhook configuration; `None` when there was no
     /// certificate to configure it with.
     pub webhook: Option<Result<String, Failure>>,
+    /// Configuring the revision tags; `None` when there was no
+    /// certificate to configure them with.
+    pub tags: Option<Result<&'a Tags, Failure>>,
     /// Why labelling namespaces failed, if it did.
     pub labelling: Option<&'a Failure>,
     /// Namespaces labelled for the Mesh.
@@ -70,6 +75,38 @@ fn invalid_selector(mesh: &Mesh) -> Option<Failure> {
         reason: "InvalidNamespaceSelector".into(),
         message: format!("spec.namespaceSelector selects nothing: {e}"),
     })
+}
+
+/// The revision tags' verdict: True when every tag the Mesh lists has its
+/// webhook configuration (or it lists none); False naming the tags another
+/// Mesh holds or that name a revision (`TagRefused`), or the tag `default`
+/// waiting for the default revision's configuration to drop its entries
+/// (`WaitingForDefaultRevision`).
+fn tags(mesh: &Mesh, outcome: &Outcome) -> Verdict {
+    if mesh.spec.revision_tags.is_empty() {
+        return Ok(("NoTags".into(), "no revision tags".into()));
+    }
+    match &outcome.tags {
+        None => Err(Failure {
+            reason: "WaitingForCertificate".into(),
+            message: "no CA bundle to configure the revision tags with yet".into(),
+        }),
+        Some(Err(failure)) => Err(failure.clone()),
+        Some(Ok(tags)) if !tags.refused.is_empty() => Err(Failure {
+            reason: "TagRefused".into(),
+            message: format!("revision tags refused: {}", tags.refused.join("; ")),
+        }),
+        Some(Ok(Tags {
+            waiting: Some(why), ..
+        })) => Err(Failure {
+            reason: "WaitingForDefaultRevision".into(),
+            message: why.clone(),
+        }),
+        Some(Ok(tags)) => Ok((
+            "Applied".into(),
+            format!("revision tags configured: {}", tags.held.join(", ")),
+        )),
+    }
 }
 
 /// The status `mesh` should have after a reconcile that found `outcome`.
@@ -129,6 +166,11 @@ pub fn status(mesh: &Mesh, outcome: &Outcome) -> MeshStatus {
         ("CertificateReady", certificate, "CertificateNotReady"),
         ("WebhookConfigured", webhook, "WebhookNotConfigured"),
         ("NamespacesLabelled", labelling, "NamespacesNotLabelled"),
+        (
+            "RevisionTagsConfigured",
+            tags(mesh, outcome),
+            "RevisionTagsNotConfigured",
+        ),
     ];
     let ready: Verdict = match parts
         .iter()
@@ -179,6 +221,7 @@ mod tests {
         Outcome {
             certificate,
             webhook: Some(Ok("ferrimesh-sidecar-injector".into())),
+            tags: None,
             labelling: None,
             labelled: 0,
             ambient: &[],
@@ -204,6 +247,7 @@ mod tests {
         let outcome = Outcome {
             certificate: &certificate,
             webhook: Some(Ok("ferrimesh-sidecar-injector".into())),
+            tags: None,
             labelling: None,
             labelled: 2,
             ambient: &[],
@@ -241,6 +285,7 @@ mod tests {
         let outcome = Outcome {
             certificate: &failed,
             webhook: None,
+            tags: None,
             labelling: None,
             labelled: 1,
             ambient: &[],
@@ -265,6 +310,7 @@ mod tests {
         let outcome = Outcome {
             certificate: &certificate,
             webhook: Some(Ok("ferrimesh-sidecar-injector".into())),
+            tags: None,
             labelling: Some(&denied),
             labelled: 1,
             ambient: &[],
@@ -303,6 +349,44 @@ mod tests {
         let (labelled, reason, message) = get(&status, "NamespacesLabelled");
         assert_eq!((labelled, reason), ("False", "InvalidNamespaceSelector"));
         assert!(message.contains("operator"), "{message}");
+    }
+
+    #[test]
+    fn a_refused_revision_tag_turns_ready_false_and_held_tags_are_named() {
+        let mut mesh = Mesh::new("canary", MeshSpec::default());
+        mesh.spec.revision_tags = vec!["stable".into(), "prod".into()];
+        let certificate = certificate();
+        let refused = Tags {
+            held: vec!["prod".into()],
+            refused: vec!["stable: held by the older Mesh main".into()],
+            waiting: None,
+        };
+        let outcome = Outcome {
+            tags: Some(Ok(&refused)),
+            ..configured(&certificate)
+        };
+        let status = status(&mesh, &outcome);
+        let (configured_, reason, message) = get(&status, "RevisionTagsConfigured");
+        assert_eq!((configured_, reason), ("False", "TagRefused"));
+        assert!(
+            message.contains("stable: held by the older Mesh main"),
+            "{message}"
+        );
+        assert_eq!(get(&status, "Ready").1, "RevisionTagsNotConfigured");
+        let held = Tags {
+            held: vec!["stable".into(), "prod".into()],
+            ..Tags::default()
+        };
+        let outcome = Outcome {
+            tags: Some(Ok(&held)),
+            ..configured(&certificate)
+        };
+        let status = super::status(&mesh, &outcome);
+        assert_eq!(
+            get(&status, "RevisionTagsConfigured"),
+            ("True", "Applied", "revision tags configured: stable, prod")
+        );
+        assert_eq!(get(&status, "Ready").0, "True");
     }
 
     #[test]
