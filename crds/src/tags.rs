@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use crate::istio::{INJECT, REVISION};
 use crate::mesh::{DEFAULT_REVISION, Mesh};
 use crate::selection::{WebhookSelectors, matches, webhook_selectors};
 
@@ -132,13 +133,38 @@ pub fn selecting_mesh<'m>(
     })
 }
 
+/// The revision (or tag) whose webhook entries select a pod with
+/// `pod_labels` in a namespace whose `istio-injection` and `istio.io/rev`
+/// labels are `namespace_injection` and `namespace_revision`, by Istio's
+/// selector matrix (`selection`): `default` for `istio-injection=enabled`
+/// and the pod opt-in, else the namespace's `istio.io/rev`, else the pod's.
+/// `None` when no entry selects it. The webhook reads it from a label
+/// lookup, with no selector to evaluate.
+pub fn selected_revision<'a>(
+    namespace_injection: Option<&'a str>,
+    namespace_revision: Option<&'a str>,
+    pod_labels: &'a BTreeMap<String, String>,
+) -> Option<&'a str> {
+    let pod = |key: &str| pod_labels.get(key).map(String::as_str);
+    if pod(INJECT) == Some("false") {
+        return None;
+    }
+    match (namespace_injection, namespace_revision, pod(REVISION)) {
+        (Some("enabled"), _, _) => Some(DEFAULT_REVISION),
+        (Some(_), _, _) => None,
+        (None, Some(revision), _) | (None, None, Some(revision)) => Some(revision),
+        (None, None, None) => (pod(INJECT) == Some("true")).then_some(DEFAULT_REVISION),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     use super::*;
-    use crate::istio::{INJECT, INJECTION_LABEL, REVISION, SYSTEM_NAMESPACES};
+    use crate::istio::{INJECTION_LABEL, SYSTEM_NAMESPACES};
     use crate::mesh::MeshSpec;
+    use crate::selection::selecting_entry;
 
     fn mesh(name: &str, revision: &str, tags: &[&str], created: i64) -> Mesh {
         let mut mesh = Mesh::new(
@@ -164,6 +190,41 @@ mod tests {
     fn selected(meshes: &[Mesh], ns: &[(&str, &str)], pod: &[(&str, &str)]) -> Option<String> {
         selecting_mesh(meshes, &SYSTEM_NAMESPACES, &labels(ns), &labels(pod))
             .and_then(|m| m.metadata.name.clone())
+    }
+
+    #[test]
+    fn the_selected_revision_agrees_with_the_selector_matrix() {
+        let namespaces: [&[(&str, &str)]; 6] = [
+            &[],
+            &[(INJECTION_LABEL, "enabled")],
+            &[(INJECTION_LABEL, "disabled")],
+            &[(REVISION, "stable")],
+            &[(REVISION, "stable"), (INJECTION_LABEL, "enabled")],
+            &[(REVISION, "default")],
+        ];
+        let pods: [&[(&str, &str)]; 6] = [
+            &[],
+            &[(INJECT, "true")],
+            &[(INJECT, "false")],
+            &[(REVISION, "canary")],
+            &[(REVISION, "canary"), (INJECT, "true")],
+            &[(REVISION, "canary"), (INJECT, "false")],
+        ];
+        for ns in namespaces {
+            for pod in pods {
+                let (ns, pod) = (labels(ns), labels(pod));
+                let get = |key: &str| ns.get(key).map(String::as_str);
+                let selected = selected_revision(get(INJECTION_LABEL), get(REVISION), &pod);
+                for revision in ["default", "stable", "canary"] {
+                    let matrix = selecting_entry(revision, &SYSTEM_NAMESPACES, &ns, &pod);
+                    assert_eq!(
+                        matrix.is_some(),
+                        selected == Some(revision),
+                        "{ns:?} {pod:?}: {revision} matrix {matrix:?}, selected {selected:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
