@@ -9,31 +9,15 @@
 use ferrimesh_crds::selection::tag_configuration_name;
 use ferrimesh_crds::{Mesh, MeshSpec};
 use ferrimesh_e2e::fixtures::{
-    WAIT, create_until_injected, namespace, namespace_label, start_operator_and_webhook,
-    wait_for_crds,
+    WAIT, create_until_injected, events_about, mesh_condition, namespace, namespace_label,
+    start_operator_and_webhook, wait_for_crds,
 };
 use ferrimesh_e2e::{ControlPlane, eventually};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::api::events::v1::Event;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
-
-/// The condition `type_` of the Mesh `name`: (status, reason, message).
-async fn condition(
-    client: &Client,
-    name: &str,
-    type_: &str,
-) -> anyhow::Result<Option<(String, String, String)>> {
-    let mesh = Api::<Mesh>::all(client.clone()).get(name).await?;
-    Ok(mesh
-        .status
-        .iter()
-        .flat_map(|s| &s.conditions)
-        .find(|c| c.type_ == type_)
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone())))
-}
 
 /// Waits until the Mesh's condition `type_` has `status` and a message
 /// containing `text`; returns the message.
@@ -48,7 +32,7 @@ async fn until_condition(
         &format!("{mesh} {type_}={status} ({text})"),
         WAIT,
         || async {
-            Ok(condition(client, mesh, type_)
+            Ok(mesh_condition(client, mesh, type_)
                 .await?
                 .filter(|(s, _, m)| s == status && m.contains(text))
                 .map(|(_, _, m)| m))
@@ -59,24 +43,12 @@ async fn until_condition(
 
 /// Waits for an Event `reason` on the Namespace `namespace`; returns its note.
 async fn namespace_event(client: &Client, reason: &str, namespace: &str) -> anyhow::Result<String> {
-    let events: Api<Event> = Api::namespaced(client.clone(), "default");
     eventually(
         &format!("a {reason} Event on {namespace}"),
         WAIT,
         || async {
-            Ok(events
-                .list(&Default::default())
-                .await?
-                .items
-                .into_iter()
-                .find(|e| {
-                    e.reason.as_deref() == Some(reason)
-                        && e.regarding.as_ref().is_some_and(|r| {
-                            r.kind.as_deref() == Some("Namespace")
-                                && r.name.as_deref() == Some(namespace)
-                        })
-                })
-                .and_then(|e| e.note))
+            let events = events_about(client, "default", reason, "Namespace", namespace).await?;
+            Ok(events.into_iter().find_map(|e| e.note))
         },
     )
     .await
@@ -155,7 +127,7 @@ async fn ambient_namespaces_stay_unlabelled_and_pod_security_refusals_are_report
     assert!(!message.contains("apps"), "{message}");
     let note = namespace_event(&client, "PodSecurityIncompatible", "strict").await?;
     assert!(note.contains("traffic.cni.enabled"), "{note}");
-    let ready = condition(&client, "default", "Ready").await?;
+    let ready = mesh_condition(&client, "default", "Ready").await?;
     assert_eq!(ready.map(|(s, _, _)| s).as_deref(), Some("True"));
     meshes
         .patch(

@@ -521,6 +521,11 @@ mod tests {
         Mesh::new(name, spec)
     }
 
+    /// The Mesh `default` selecting the namespaces labelled `mesh=on`.
+    fn mesh_on() -> Mesh {
+        mesh("default", "default", json!({"matchLabels": {"mesh": "on"}}))
+    }
+
     fn owned_by_operator(name: &str, labels: Value) -> Value {
         json!({"metadata": {"name": name, "labels": labels, "managedFields": [{
             "manager": FIELD_MANAGER, "operation": "Apply", "apiVersion": "v1", "fieldsType": "FieldsV1",
@@ -590,11 +595,7 @@ mod tests {
     #[tokio::test]
     async fn labels_selected_namespaces_releases_the_rest_and_skips_the_up_to_date() {
         let (ctx, mut handle) = context(
-            vec![mesh(
-                "default",
-                "default",
-                json!({"matchLabels": {"mesh": "on"}}),
-            )],
+            vec![mesh_on()],
             json!([
                 {"metadata": {"name": "fresh", "labels": {"mesh": "on"}}},
                 owned_by_operator("current", json!({"mesh": "on", "istio-injection": "enabled"})),
@@ -638,11 +639,7 @@ mod tests {
     #[tokio::test]
     async fn an_ambient_namespace_is_released_reported_and_announced_once() {
         let (ctx, mut handle) = context(
-            vec![mesh(
-                "default",
-                "default",
-                json!({"matchLabels": {"mesh": "on"}}),
-            )],
+            vec![mesh_on()],
             json!([
                 owned_by_operator("turned", json!({"mesh": "on", "istio-injection": "enabled",
                                                    "istio.io/dataplane-mode": "ambient"})),
