@@ -189,3 +189,170 @@ async fn release(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    //! The tag writes against a scripted API server (tower-test).
+
+    use http::StatusCode;
+    use kube::runtime::events::{Recorder, Reporter};
+    use serde_json::{Value, json};
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::mesh::WebhookTarget;
+    use crate::test_api::{self, Handle, answer, store, within};
+
+    const CONFIGS: &str = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations";
+    const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
+
+    fn mesh(name: &str, revision: &str, tags: &[&str], created: &str) -> Mesh {
+        serde_json::from_value(json!({
+            "apiVersion": "mesh.ferrimesh.io/v1alpha1", "kind": "Mesh",
+            "metadata": {"name": name, "uid": name, "creationTimestamp": created},
+            "spec": {"revision": revision, "revisionTags": tags}
+        }))
+        .expect("mesh")
+    }
+
+    fn context(meshes: &[Mesh]) -> (Context, Handle) {
+        let (client, handle) = test_api::client();
+        let (_, cluster) = watch::channel(None);
+        let context = Context {
+            client: client.clone(),
+            namespace: "ferrimesh-system".into(),
+            webhook: WebhookTarget::Url("https://127.0.0.1:9443/inject".into()),
+            entries: store(&[]),
+            meshes: store(meshes),
+            cluster,
+            recorder: Recorder::new(
+                client,
+                Reporter {
+                    controller: "test".into(),
+                    instance: None,
+                },
+            ),
+        };
+        (context, handle)
+    }
+
+    /// A webhook configuration as the API server returns it.
+    fn config(name: &str, webhooks: usize, tag: Option<(&str, &str)>) -> Value {
+        let webhook = json!({"name": "w.sidecar-injector.ferrimesh.io", "sideEffects": "None",
+                             "admissionReviewVersions": ["v1"], "clientConfig": {}});
+        let mut config = json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": name, "uid": name, "resourceVersion": "5"},
+            "webhooks": vec![webhook; webhooks]
+        });
+        if let Some((tag, owner)) = tag {
+            config["metadata"]["labels"] = json!({"istio.io/tag": tag});
+            config["metadata"]["ownerReferences"] = json!([{"apiVersion": "mesh.ferrimesh.io/v1alpha1",
+                "kind": "Mesh", "name": owner, "uid": owner}]);
+        }
+        config
+    }
+
+    fn list(items: Vec<Value>) -> Value {
+        json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items})
+    }
+
+    fn client_config() -> WebhookClientConfig {
+        WebhookTarget::Url("https://127.0.0.1:9443/inject".into()).client_config("ca")
+    }
+
+    #[tokio::test]
+    async fn the_tag_default_is_written_only_once_the_default_revision_has_no_entry() {
+        let meshes = [
+            mesh("main", "default", &[], "2026-01-01T00:00:00Z"),
+            mesh("canary", "canary", &["default"], "2026-01-02T00:00:00Z"),
+        ];
+        let (ctx, mut handle) = context(&meshes);
+        let own = format!("{CONFIGS}/ferrimesh-sidecar-injector");
+        let tag = format!("{CONFIGS}/ferrimesh-revision-tag-default");
+        let server = tokio::spawn(async move {
+            let still = config("ferrimesh-sidecar-injector", 4, None);
+            answer(&mut handle, "GET", &own, StatusCode::OK, still).await;
+            answer(&mut handle, "GET", CONFIGS, StatusCode::OK, list(vec![])).await;
+            let emptied = config("ferrimesh-sidecar-injector", 0, None);
+            answer(&mut handle, "GET", &own, StatusCode::OK, emptied).await;
+            let missing = test_api::failure(404, "NotFound");
+            answer(&mut handle, "GET", &tag, StatusCode::NOT_FOUND, missing).await;
+            let applied = config("ferrimesh-revision-tag-default", 4, None);
+            let sent = answer(&mut handle, "PATCH", &tag, StatusCode::OK, applied).await;
+            let event = answer(&mut handle, "POST", EVENTS, StatusCode::CREATED, json!({})).await;
+            answer(&mut handle, "GET", CONFIGS, StatusCode::OK, list(vec![])).await;
+            (sent, event)
+        });
+        let waiting = within(configure(&meshes[1], &meshes, &ctx, &client_config()))
+            .await
+            .expect("configured");
+        assert!(waiting.held.is_empty(), "nothing written: {waiting:?}");
+        assert!(
+            waiting
+                .waiting
+                .as_deref()
+                .is_some_and(|w| w.contains("ferrimesh-sidecar-injector")),
+            "{waiting:?}"
+        );
+        let written = within(configure(&meshes[1], &meshes, &ctx, &client_config()))
+            .await
+            .expect("configured");
+        let (sent, event) = server.await.expect("scripted requests");
+        assert_eq!(written.held, ["default"]);
+        assert_eq!(written.waiting, None);
+        assert_eq!(sent["metadata"]["ownerReferences"][0]["uid"], "canary");
+        assert_eq!(sent["metadata"]["labels"]["istio.io/rev"], "canary");
+        assert_eq!(sent["webhooks"].as_array().map(Vec::len), Some(4));
+        assert_eq!(event["reason"], "RevisionTagConfigured");
+    }
+
+    #[tokio::test]
+    async fn a_tag_let_go_is_deleted_only_when_no_other_mesh_lists_it() {
+        let meshes = [
+            mesh("first", "default", &[], "2026-01-01T00:00:00Z"),
+            mesh("second", "canary", &["stable"], "2026-01-02T00:00:00Z"),
+        ];
+        let (ctx, mut handle) = context(&meshes);
+        let server = tokio::spawn(async move {
+            let ours = list(vec![
+                config(
+                    "ferrimesh-revision-tag-stable",
+                    2,
+                    Some(("stable", "first")),
+                ),
+                config("ferrimesh-revision-tag-gone", 2, Some(("gone", "first"))),
+                config(
+                    "ferrimesh-revision-tag-theirs",
+                    2,
+                    Some(("theirs", "second")),
+                ),
+            ]);
+            let (request, send) = handle.next_request().await.expect("a request");
+            assert_eq!(request.uri().path(), CONFIGS);
+            let query = request.uri().query().unwrap_or_default().to_owned();
+            test_api::respond(send, StatusCode::OK, &ours);
+            let path = format!("{CONFIGS}/ferrimesh-revision-tag-gone");
+            let deleted = answer(&mut handle, "DELETE", &path, StatusCode::OK, json!({})).await;
+            let event = answer(&mut handle, "POST", EVENTS, StatusCode::CREATED, json!({})).await;
+            (query, deleted, event)
+        });
+        let tags = within(configure(&meshes[0], &meshes, &ctx, &client_config()))
+            .await
+            .expect("configured");
+        let (query, deleted, event) = server.await.expect("scripted requests");
+        assert_eq!(tags, Tags::default());
+        assert!(
+            query.contains(
+                "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dferrimesh-operator%2Cistio.io%2Ftag"
+            ),
+            "{query}"
+        );
+        assert_eq!(
+            deleted["preconditions"],
+            json!({"resourceVersion": "5", "uid": "ferrimesh-revision-tag-gone"}),
+            "only the configuration as it was read"
+        );
+        assert_eq!(event["reason"], "RevisionTagReleased");
+    }
+}
