@@ -4,7 +4,9 @@
 //! labelled namespace whose Pod Security level refuses the injected pods is
 //! reported; revision tags move between Meshes, and a pod created through
 //! the API server in an `istio.io/rev=<tag>` namespace is injected (the
-//! webhook called over TLS) with the settings of the Mesh holding the tag.
+//! webhook called over TLS) with the settings of the Mesh holding the tag;
+//! the tag `default` takes `istio-injection=enabled` over from the default
+//! revision and gives it back.
 
 use ferrimesh_crds::selection::tag_configuration_name;
 use ferrimesh_crds::{Mesh, MeshSpec};
@@ -325,5 +327,106 @@ async fn a_revision_tag_moves_between_meshes_and_pods_follow_it() -> anyhow::Res
     })
     .await?;
     drop(installed);
+    Ok(())
+}
+
+/// The number of webhooks of the configuration `name` (`None`: missing).
+async fn webhooks(client: &Client, name: &str) -> anyhow::Result<Option<usize>> {
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    Ok(configs
+        .get_opt(name)
+        .await?
+        .map(|c| c.webhooks.map_or(0, |w| w.len())))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tag_default_takes_over_istio_injection_and_gives_it_back() -> anyhow::Result<()> {
+    let plane = ControlPlane::start().await?;
+    let client = plane.client().await?;
+    plane.apply_kustomization("config/overlays/local")?;
+    wait_for_crds(&client).await?;
+    namespace(&client, "enabled", &[("istio-injection", "enabled")]).await?;
+    let meshes: Api<Mesh> = Api::all(client.clone());
+    let main = MeshSpec {
+        ca_address: Some("istiod-main.istio-system.svc:15012".into()),
+        ..MeshSpec::default()
+    };
+    meshes
+        .create(&PostParams::default(), &Mesh::new("main", main))
+        .await?;
+    let canary = MeshSpec {
+        revision: "canary".into(),
+        ca_address: Some("istiod-canary.istio-system.svc:15012".into()),
+        revision_tags: vec!["default".into()],
+        ..MeshSpec::default()
+    };
+    meshes
+        .create(&PostParams::default(), &Mesh::new("canary", canary))
+        .await?;
+    let _installed = start_operator_and_webhook(&plane, &client).await?;
+
+    until_condition(
+        &client,
+        "canary",
+        "RevisionTagsConfigured",
+        "True",
+        "default",
+    )
+    .await?;
+    assert_eq!(
+        webhooks(&client, "ferrimesh-sidecar-injector").await?,
+        Some(0)
+    );
+    assert_eq!(
+        webhooks(&client, &tag_configuration_name("default")).await?,
+        Some(4)
+    );
+    until_condition(
+        &client,
+        "main",
+        "WebhookConfigured",
+        "True",
+        "without entries",
+    )
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "enabled");
+    let pod = |name: &str| -> anyhow::Result<Pod> {
+        Ok(serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"serviceAccountName": "default",
+                     "containers": [{"name": "app", "image": "registry.example/app:1"}]}
+        }))?)
+    };
+    let taken = create_until_injected(&pods, &pod("taken")?).await?;
+    assert_eq!(
+        ca_addr(&taken).as_deref(),
+        Some("istiod-canary.istio-system.svc:15012")
+    );
+
+    // The tag goes: its configuration first, then the default revision's
+    // entries come back.
+    meshes
+        .patch(
+            "canary",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"revisionTags": []}})),
+        )
+        .await?;
+    eventually("the default revision's entries back", WAIT, || async {
+        Ok((webhooks(&client, "ferrimesh-sidecar-injector").await? == Some(4)).then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        webhooks(&client, &tag_configuration_name("default")).await?,
+        None,
+        "the tag's configuration went first"
+    );
+    let back = eventually("a pod injected by the default revision", WAIT, || async {
+        let name = format!("back-{}", ferrimesh_e2e::free_port()?);
+        let created = create_until_injected(&pods, &pod(&name)?).await?;
+        Ok(ca_addr(&created).filter(|a| a.starts_with("istiod-main")))
+    })
+    .await?;
+    assert_eq!(back, "istiod-main.istio-system.svc:15012");
     Ok(())
 }
