@@ -161,9 +161,10 @@ async fn announce(ctx: &Context, mesh: &Mesh, reason: &str, note: String) {
 
 /// Applies the Mesh's webhook configuration calling `client_config`, with
 /// an Event on the Mesh when its webhooks changed; returns what its
-/// condition says of it and whether it yields to the revision tag
-/// `default` (the default revision's, without entries, while another Mesh
-/// holds that tag or its configuration is still there).
+/// condition says of it and whether it waits for the revision tag
+/// `default`'s configuration to go (the default revision's configuration
+/// has no entry while another Mesh holds that tag or its configuration is
+/// still there).
 async fn configure_webhook(
     mesh: &Mesh,
     meshes: &[Mesh],
@@ -174,9 +175,12 @@ async fn configure_webhook(
     let name = webhook_configuration_name(&mesh.spec.revision);
     let before = configs.get_opt(&name).await?.and_then(|c| c.webhooks);
     let mut config = webhook_configuration(&mesh.spec, client_config, &excluded(ctx));
-    let yields = mesh.spec.revision == DEFAULT_REVISION
-        && tags::default_revision_yields(&configs, meshes).await?;
-    if yields {
+    let yields = if mesh.spec.revision == DEFAULT_REVISION {
+        tags::default_revision_yields(&configs, meshes).await?
+    } else {
+        tags::Yield::No
+    };
+    if yields != tags::Yield::No {
         config.webhooks = Some(Vec::new());
     }
     config.metadata.owner_references = mesh.controller_owner_ref(&()).map(|r| vec![r]);
@@ -191,13 +195,12 @@ async fn configure_webhook(
         let note = format!("applied MutatingWebhookConfiguration {name}");
         announce(ctx, mesh, "WebhookConfigured", note).await;
     }
-    if yields {
-        let note = format!(
-            "{name}, without entries: the revision tag {DEFAULT_REVISION} selects its pods"
-        );
-        return Ok((note, true));
+    if yields == tags::Yield::No {
+        return Ok((name, false));
     }
-    Ok((name, false))
+    let note =
+        format!("{name}, without entries: the revision tag {DEFAULT_REVISION} selects its pods");
+    Ok((note, yields == tags::Yield::UntilTagGone))
 }
 
 /// Deletes the Mesh's webhook configuration and those of its revision tags

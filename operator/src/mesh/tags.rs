@@ -45,18 +45,31 @@ pub struct Tags {
     pub waiting: Option<String>,
 }
 
-/// Whether the default revision's own configuration must have no entry:
-/// another Mesh holds the tag `default`, or its configuration is still
-/// there (the entries come back once it is gone).
+/// Whether the default revision's own configuration must have no entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Yield {
+    /// No: it has its entries.
+    No,
+    /// Another Mesh holds the tag `default`.
+    TakenOver,
+    /// No Mesh holds the tag any more, but its configuration is still
+    /// there: the entries come back once it is gone.
+    UntilTagGone,
+}
+
+/// Whether the default revision's own configuration must have no entry.
 pub async fn default_revision_yields(
     configs: &Api<MutatingWebhookConfiguration>,
     meshes: &[Mesh],
-) -> Result<bool> {
+) -> Result<Yield> {
     if ferrimesh_crds::tags::default_taken_over(meshes) {
-        return Ok(true);
+        return Ok(Yield::TakenOver);
     }
     let tag = tag_configuration_name(DEFAULT_REVISION);
-    Ok(configs.get_opt(&tag).await?.is_some())
+    Ok(match configs.get_opt(&tag).await? {
+        Some(_) => Yield::UntilTagGone,
+        None => Yield::No,
+    })
 }
 
 /// Applies the configurations of the tags `mesh` holds and deletes those it
@@ -106,7 +119,7 @@ pub async fn configure(
 
 /// Applies the configuration of `tag` for its holder `mesh`, with an Event
 /// on the Mesh when its webhooks or its Mesh changed.
-pub async fn apply(
+async fn apply(
     configs: &Api<MutatingWebhookConfiguration>,
     mesh: &Mesh,
     tag: &str,
