@@ -182,6 +182,35 @@ async fn ambient_namespaces_stay_unlabelled_and_pod_security_refusals_are_report
     Ok(())
 }
 
+/// Creates the Mesh `name` of `revision` with `tags`, its `caAddress`
+/// `istiod-<name>.istio-system.svc:15012`.
+async fn create_mesh(
+    meshes: &Api<Mesh>,
+    name: &str,
+    revision: &str,
+    tags: &[&str],
+) -> anyhow::Result<()> {
+    let spec = MeshSpec {
+        revision: revision.to_owned(),
+        ca_address: Some(format!("istiod-{name}.istio-system.svc:15012")),
+        revision_tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+        ..MeshSpec::default()
+    };
+    meshes
+        .create(&PostParams::default(), &Mesh::new(name, spec))
+        .await?;
+    Ok(())
+}
+
+/// A plain pod named `name`.
+fn app_pod(name: &str) -> anyhow::Result<Pod> {
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"serviceAccountName": "default",
+                 "containers": [{"name": "app", "image": "registry.example/app:1"}]}
+    }))?)
+}
+
 /// The `CA_ADDR` the injected proxy of `pod` gets.
 fn ca_addr(pod: &Pod) -> Option<String> {
     let spec = pod.spec.as_ref()?;
@@ -211,24 +240,9 @@ async fn a_revision_tag_moves_between_meshes_and_pods_follow_it() -> anyhow::Res
     wait_for_crds(&client).await?;
     namespace(&client, "tagged", &[("istio.io/rev", "stable")]).await?;
     let meshes: Api<Mesh> = Api::all(client.clone());
-    let first = MeshSpec {
-        ca_address: Some("istiod-first.istio-system.svc:15012".into()),
-        revision_tags: vec!["stable".into()],
-        ..MeshSpec::default()
-    };
-    meshes
-        .create(&PostParams::default(), &Mesh::new("first", first))
-        .await?;
+    create_mesh(&meshes, "first", "default", &["stable"]).await?;
     // Created second: it lists the tag too, and is refused it.
-    let second = MeshSpec {
-        revision: "canary".into(),
-        ca_address: Some("istiod-second.istio-system.svc:15012".into()),
-        revision_tags: vec!["stable".into()],
-        ..MeshSpec::default()
-    };
-    meshes
-        .create(&PostParams::default(), &Mesh::new("second", second))
-        .await?;
+    create_mesh(&meshes, "second", "canary", &["stable"]).await?;
     let installed = start_operator_and_webhook(&plane, &client).await?;
 
     until_condition(&client, "first", "RevisionTagsConfigured", "True", "stable").await?;
@@ -264,14 +278,7 @@ async fn a_revision_tag_moves_between_meshes_and_pods_follow_it() -> anyhow::Res
     );
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), "tagged");
-    let pod = |name: &str| -> anyhow::Result<Pod> {
-        Ok(serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "spec": {"serviceAccountName": "default",
-                     "containers": [{"name": "app", "image": "registry.example/app:1"}]}
-        }))?)
-    };
-    let injected = create_until_injected(&pods, &pod("before")?).await?;
+    let injected = create_until_injected(&pods, &app_pod("before")?).await?;
     assert_eq!(
         ca_addr(&injected).as_deref(),
         Some("istiod-first.istio-system.svc:15012")
@@ -304,7 +311,7 @@ async fn a_revision_tag_moves_between_meshes_and_pods_follow_it() -> anyhow::Res
     .await?;
     let after = eventually("a pod injected by the second Mesh", WAIT, || async {
         let name = format!("after-{}", ferrimesh_e2e::free_port()?);
-        let created = create_until_injected(&pods, &pod(&name)?).await?;
+        let created = create_until_injected(&pods, &app_pod(&name)?).await?;
         Ok(ca_addr(&created).filter(|a| a.starts_with("istiod-second")))
     })
     .await?;
@@ -347,22 +354,8 @@ async fn the_tag_default_takes_over_istio_injection_and_gives_it_back() -> anyho
     wait_for_crds(&client).await?;
     namespace(&client, "enabled", &[("istio-injection", "enabled")]).await?;
     let meshes: Api<Mesh> = Api::all(client.clone());
-    let main = MeshSpec {
-        ca_address: Some("istiod-main.istio-system.svc:15012".into()),
-        ..MeshSpec::default()
-    };
-    meshes
-        .create(&PostParams::default(), &Mesh::new("main", main))
-        .await?;
-    let canary = MeshSpec {
-        revision: "canary".into(),
-        ca_address: Some("istiod-canary.istio-system.svc:15012".into()),
-        revision_tags: vec!["default".into()],
-        ..MeshSpec::default()
-    };
-    meshes
-        .create(&PostParams::default(), &Mesh::new("canary", canary))
-        .await?;
+    create_mesh(&meshes, "main", "default", &[]).await?;
+    create_mesh(&meshes, "canary", "canary", &["default"]).await?;
     let _installed = start_operator_and_webhook(&plane, &client).await?;
 
     until_condition(
@@ -390,14 +383,7 @@ async fn the_tag_default_takes_over_istio_injection_and_gives_it_back() -> anyho
     )
     .await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "enabled");
-    let pod = |name: &str| -> anyhow::Result<Pod> {
-        Ok(serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "spec": {"serviceAccountName": "default",
-                     "containers": [{"name": "app", "image": "registry.example/app:1"}]}
-        }))?)
-    };
-    let taken = create_until_injected(&pods, &pod("taken")?).await?;
+    let taken = create_until_injected(&pods, &app_pod("taken")?).await?;
     assert_eq!(
         ca_addr(&taken).as_deref(),
         Some("istiod-canary.istio-system.svc:15012")
@@ -423,7 +409,7 @@ async fn the_tag_default_takes_over_istio_injection_and_gives_it_back() -> anyho
     );
     let back = eventually("a pod injected by the default revision", WAIT, || async {
         let name = format!("back-{}", ferrimesh_e2e::free_port()?);
-        let created = create_until_injected(&pods, &pod(&name)?).await?;
+        let created = create_until_injected(&pods, &app_pod(&name)?).await?;
         Ok(ca_addr(&created).filter(|a| a.starts_with("istiod-main")))
     })
     .await?;

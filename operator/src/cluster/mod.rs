@@ -477,7 +477,6 @@ mod tests {
 
     use ferrimesh_crds::MeshSpec;
     use http::StatusCode;
-    use kube::runtime::events::Reporter;
     use serde_json::{Value, json};
 
     use super::*;
@@ -501,13 +500,7 @@ mod tests {
             meshes: store(&meshes),
             namespaces: store(&namespaces),
             profiles: store(&[]),
-            recorder: Recorder::new(
-                client,
-                Reporter {
-                    controller: "test".into(),
-                    instance: None,
-                },
-            ),
+            recorder: test_api::recorder(client),
         };
         (context, handle)
     }

@@ -208,7 +208,6 @@ mod tests {
     //! The tag writes against a scripted API server (tower-test).
 
     use http::StatusCode;
-    use kube::runtime::events::{Recorder, Reporter};
     use serde_json::{Value, json};
     use tokio::sync::watch;
 
@@ -238,13 +237,7 @@ mod tests {
             entries: store(&[]),
             meshes: store(meshes),
             cluster,
-            recorder: Recorder::new(
-                client,
-                Reporter {
-                    controller: "test".into(),
-                    instance: None,
-                },
-            ),
+            recorder: test_api::recorder(client),
         };
         (context, handle)
     }
