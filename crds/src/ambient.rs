@@ -6,8 +6,7 @@
 
 use std::collections::BTreeMap;
 
-/// The label (or pod annotation) that chooses the data plane.
-pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+pub use crate::istio::DATAPLANE_MODE;
 /// Its value for ambient mode.
 pub const AMBIENT: &str = "ambient";
 

@@ -4,8 +4,9 @@
 //! the operator.
 //!
 //! Which Mesh serves a pod is decided as the API server and the webhook
-//! decide it: the first Mesh one of whose webhook entries selects the pod
-//! (`selection`), then that Mesh's injection decision (`decision`).
+//! decide it: the first Mesh one of whose webhook entries, of its revision
+//! or of a revision tag it holds, selects the pod (`tags`), then that
+//! Mesh's injection decision (`decision`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -16,7 +17,7 @@ use serde::Serialize;
 use crate::decision::decide;
 use crate::istio::{PROXY_CONTAINER, REVISION, SIDECAR_STATUS, SidecarStatus};
 use crate::mesh::Mesh;
-use crate::selection::{NAMESPACE_NAME_LABEL, selecting_entry};
+use crate::selection::NAMESPACE_NAME_LABEL;
 use crate::stamp::{INJECTION_HASH, expected_proxy_image, injection_hash, layered_mesh};
 use crate::{ProxyProfile, proxy_profile};
 
@@ -192,15 +193,12 @@ pub fn serving_mesh<'m>(
         .or_insert_with(|| namespace.to_owned());
     let empty = BTreeMap::new();
     let pod_labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
-    let selected = config.meshes.iter().find(|mesh| {
-        selecting_entry(
-            &mesh.spec.revision,
-            config.excluded_namespaces,
-            &ns_labels,
-            pod_labels,
-        )
-        .is_some()
-    })?;
+    let selected = crate::tags::selecting_mesh(
+        config.meshes,
+        config.excluded_namespaces,
+        &ns_labels,
+        pod_labels,
+    )?;
     decide(pod, namespace, &selected.spec.injection, &mut Vec::new())
         .inject
         .then_some(selected)
@@ -491,6 +489,42 @@ mod tests {
             classify_in(&api, &[ENABLED], &meshes, &[profile]).state(),
             "up-to-date",
             "a profile that changes nothing leaves the pod up to date"
+        );
+    }
+
+    #[test]
+    fn a_revision_tag_resolves_to_the_mesh_holding_it() {
+        let default = mesh("default");
+        let mut canary = mesh("canary");
+        canary.spec.revision_tags = vec!["stable".into()];
+        let meshes = [default.clone(), canary.clone()];
+        let stable = (REVISION, "stable");
+        assert_eq!(
+            classify_in(&app_pod(&[]), &[stable], &meshes, &[]),
+            Drift::Uninjected {
+                revision: "canary".into()
+            }
+        );
+        let by_canary = injected_by(app_pod(&[]), &canary, &[]);
+        assert_eq!(
+            classify_in(&by_canary, &[stable], &meshes, &[]),
+            Drift::UpToDate {
+                revision: "canary".into()
+            }
+        );
+        // The tag moved to the default Mesh: the pod is the other revision's.
+        let mut moved = [default, canary];
+        moved[0].spec.revision_tags = vec!["stable".into()];
+        moved[1].spec.revision_tags.clear();
+        assert_eq!(
+            classify_in(&by_canary, &[stable], &moved, &[]),
+            Drift::Outdated {
+                revision: "canary".into(),
+                reason: OutdatedReason::Revision {
+                    injected: "canary".into(),
+                    expected: "default".into()
+                },
+            }
         );
     }
 

@@ -21,6 +21,9 @@ pub const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
 pub const TLS_MODE: &str = "security.istio.io/tlsMode";
 /// The injected proxy container.
 pub const PROXY_CONTAINER: &str = "istio-proxy";
+/// Namespace or pod label (or pod annotation) that chooses the data plane:
+/// `ambient` for Istio's sidecar-less mode ([`crate::ambient`]).
+pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 
 /// Namespaces whose pods are never injected, which no webhook entry
 /// selects and the operator never labels: Istio's own list

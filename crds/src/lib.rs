@@ -20,6 +20,7 @@ pub mod proxy_profile;
 pub mod selection;
 pub mod settings;
 pub mod stamp;
+pub mod tags;
 pub mod workload_entry;
 
 pub use mesh::{Mesh, MeshSpec, MeshStatus};

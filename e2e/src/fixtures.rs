@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ferrimesh_crds::WorkloadEntry;
+use ferrimesh_crds::{Mesh, WorkloadEntry};
 use ferrimesh_crds::{istio_crds, mesh_crds};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -432,4 +433,44 @@ pub async fn ca_bundle(client: &Client) -> anyhow::Result<Option<String>> {
         .and_then(|w| w.into_iter().next())
         .and_then(|w| w.client_config.ca_bundle)
         .map(|b| String::from_utf8_lossy(&b.0).into_owned()))
+}
+
+/// The `(status, reason, message)` of the condition `type_` of the Mesh
+/// `mesh`, if it has one.
+pub async fn mesh_condition(
+    client: &Client,
+    mesh: &str,
+    type_: &str,
+) -> anyhow::Result<Option<(String, String, String)>> {
+    let mesh = Api::<Mesh>::all(client.clone()).get(mesh).await?;
+    Ok(mesh
+        .status
+        .iter()
+        .flat_map(|s| &s.conditions)
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone())))
+}
+
+/// The Events in `namespace` with `reason` about the object `name` of
+/// `kind`.
+pub async fn events_about(
+    client: &Client,
+    namespace: &str,
+    reason: &str,
+    kind: &str,
+    name: &str,
+) -> anyhow::Result<Vec<Event>> {
+    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
+    Ok(events
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().is_some_and(|r| {
+                    r.kind.as_deref() == Some(kind) && r.name.as_deref() == Some(name)
+                })
+        })
+        .collect())
 }

@@ -8,17 +8,16 @@
 use ferrimesh_crds::selection::webhook_configuration_name;
 use ferrimesh_crds::{Mesh, MeshSpec};
 use ferrimesh_e2e::fixtures::{
-    WAIT, namespace, namespace_label, start_operator, start_operator_and_webhook_with,
-    trusted_by_bundle, wait_for_crds,
+    WAIT, events_about, mesh_condition, namespace, namespace_label, start_operator,
+    start_operator_and_webhook_with, trusted_by_bundle, wait_for_crds,
 };
 use ferrimesh_e2e::{ControlPlane, eventually, free_port};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
 };
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, PostParams};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 
 /// The revisions of the Meshes created at once; Mesh `r` selects the
@@ -34,44 +33,6 @@ fn mesh(revision: &str) -> anyhow::Result<Mesh> {
         ..MeshSpec::default()
     };
     Ok(Mesh::new(revision, spec))
-}
-
-/// The `(status, reason, message)` of a Mesh's condition.
-async fn condition(
-    client: &Client,
-    mesh: &str,
-    type_: &str,
-) -> anyhow::Result<Option<(String, String, String)>> {
-    let mesh = Api::<Mesh>::all(client.clone()).get(mesh).await?;
-    Ok(mesh
-        .status
-        .iter()
-        .flat_map(|s| &s.conditions)
-        .find(|c| c.type_ == type_)
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone())))
-}
-
-/// Events with `reason` about the object `name` of `kind`.
-async fn events_about(
-    client: &Client,
-    namespace: &str,
-    reason: &str,
-    kind: &str,
-    name: &str,
-) -> anyhow::Result<Vec<Event>> {
-    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
-    Ok(events
-        .list(&Default::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|e| {
-            e.reason.as_deref() == Some(reason)
-                && e.regarding.as_ref().is_some_and(|r| {
-                    r.kind.as_deref() == Some(kind) && r.name.as_deref() == Some(name)
-                })
-        })
-        .collect())
 }
 
 /// `count` Meshes created at once on an empty cluster with the operator
@@ -103,7 +64,7 @@ async fn meshes_at_once(count: usize) -> anyhow::Result<()> {
 
     for revision in revisions {
         eventually(&format!("Mesh {revision} Ready"), WAIT, || async {
-            Ok(condition(&client, revision, "Ready")
+            Ok(mesh_condition(&client, revision, "Ready")
                 .await?
                 .filter(|(status, _, _)| status == "True"))
         })
@@ -287,7 +248,7 @@ async fn a_certificate_secret_that_cannot_be_written_shows_ready_false_until_it_
     )?;
 
     let (_, reason, message) = eventually("Ready=False", WAIT, || async {
-        Ok(condition(&client, "default", "Ready")
+        Ok(mesh_condition(&client, "default", "Ready")
             .await?
             .filter(|(status, _, _)| status == "False"))
     })
@@ -297,7 +258,7 @@ async fn a_certificate_secret_that_cannot_be_written_shows_ready_false_until_it_
         message.contains("the test refuses the certificate Secrets"),
         "{message}"
     );
-    let (status, reason, message) = condition(&client, "default", "CertificateReady")
+    let (status, reason, message) = mesh_condition(&client, "default", "CertificateReady")
         .await?
         .ok_or_else(|| anyhow::anyhow!("no CertificateReady"))?;
     assert_eq!(
@@ -311,7 +272,7 @@ async fn a_certificate_secret_that_cannot_be_written_shows_ready_false_until_it_
     })
     .await?;
     assert_eq!(
-        condition(&client, "default", "NamespacesLabelled")
+        mesh_condition(&client, "default", "NamespacesLabelled")
             .await?
             .map(|c| c.0)
             .as_deref(),
@@ -325,13 +286,13 @@ async fn a_certificate_secret_that_cannot_be_written_shows_ready_false_until_it_
         "Ready=True once the Secrets can be written",
         WAIT,
         || async {
-            Ok(condition(&client, "default", "Ready")
+            Ok(mesh_condition(&client, "default", "Ready")
                 .await?
                 .filter(|(status, _, _)| status == "True"))
         },
     )
     .await?;
-    let (status, _, message) = condition(&client, "default", "CertificateReady")
+    let (status, _, message) = mesh_condition(&client, "default", "CertificateReady")
         .await?
         .ok_or_else(|| anyhow::anyhow!("no CertificateReady"))?;
     assert_eq!(status, "True");

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use ferrimesh_crds::MeshSpec;
-use ferrimesh_crds::selection::{webhook_configuration, webhook_configuration_name};
+use ferrimesh_crds::selection::{
+    tag_configuration_name, tag_webhook_configurations, webhook_configuration,
+    webhook_configuration_name,
+};
 use ferrimesh_e2e::fixtures::{WAIT, namespace, namespace_label};
 use ferrimesh_e2e::{ControlPlane, client_for, eventually};
 use k8s_openapi::api::admissionregistration::v1::{
@@ -264,6 +267,53 @@ async fn operator_token_may_write_only_its_own_webhook_configurations() -> anyho
     configs
         .patch(&name, &apply(), &Patch::Apply(own_configuration("canary")))
         .await?;
+    // A revision tag's configuration, as the Mesh holding it writes it,
+    // then deleted as when the tag goes.
+    let tagged = MeshSpec {
+        revision: "canary".into(),
+        revision_tags: vec!["stable".into()],
+        ..MeshSpec::default()
+    };
+    let own = own_configuration("canary");
+    let client_config = own
+        .webhooks
+        .iter()
+        .flatten()
+        .map(|w| w.client_config.clone())
+        .next()
+        .unwrap_or_default();
+    let excluded = [
+        "kube-system",
+        "kube-public",
+        "kube-node-lease",
+        "ferrimesh-system",
+    ];
+    let tag = tag_webhook_configurations(&tagged, &client_config, &excluded)
+        .into_iter()
+        .next()
+        .context("the tag's configuration")?;
+    let tag_name = tag_configuration_name("stable");
+    configs
+        .patch(&tag_name, &apply(), &Patch::Apply(&tag))
+        .await?;
+    configs.delete(&tag_name, &DeleteParams::default()).await?;
+    // A name that is neither: refused.
+    let mut misnamed = tag.clone();
+    misnamed.metadata.name = Some("ferrimesh-revision-tags".into());
+    let message = refused(
+        configs
+            .patch(
+                "ferrimesh-revision-tags",
+                &apply(),
+                &Patch::Apply(&misnamed),
+            )
+            .await,
+        "the operator writing a configuration of another name",
+    )?;
+    assert!(
+        message.contains("ferrimesh-revision-tag-<tag>"),
+        "{message}"
+    );
 
     // What it may not: touch another's configuration, or make its own a tap
     // on other kinds or on a server of its choosing, or reach the system

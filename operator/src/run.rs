@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use ferrimesh_crds::{Mesh, WorkloadEntry};
+use ferrimesh_crds::{Mesh, ProxyProfile, WorkloadEntry};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
@@ -144,6 +144,9 @@ pub(crate) async fn controllers(
     // counts: each has its own throttle.
     let changed = Arc::new(Notify::new());
     let entries_changed = Arc::new(Notify::new());
+    // A Mesh's change can move a revision tag between Meshes (or make the
+    // default revision yield to the tag `default`): every Mesh looks again.
+    let meshes_changed = Arc::new(Notify::new());
     let (meshes, mesh_writer) = reflector::store();
     let (mark_meshes, meshes_synced) = synced();
     let mesh_events = watcher(Api::<Mesh>::all(client.clone()), watch_config.clone())
@@ -161,7 +164,11 @@ pub(crate) async fn controllers(
         )
         .inspect({
             let changed = Arc::clone(&changed);
-            move |_| changed.notify_one()
+            let meshes_changed = Arc::clone(&meshes_changed);
+            move |_| {
+                changed.notify_one();
+                meshes_changed.notify_one();
+            }
         });
 
     let (entries, entry_writer) = reflector::store();
@@ -207,6 +214,28 @@ pub(crate) async fn controllers(
                 changed.notify_one();
                 async {}
             })
+    };
+
+    // ProxyProfiles: the Pod Security report layers a namespace's over its
+    // Mesh.
+    let (profiles, profile_writer) = reflector::store();
+    let (mark_profiles, profiles_synced) = synced();
+    let profile_cache = {
+        let changed = Arc::clone(&changed);
+        watcher(
+            Api::<ProxyProfile>::all(client.clone()),
+            watch_config.clone(),
+        )
+        .default_backoff()
+        .reflect(profile_writer)
+        .for_each(move |event| {
+            mark_profiles.observe(&event);
+            if let Err(e) = event {
+                tracing::warn!(error = %e, "ProxyProfile watch failed; retrying");
+            }
+            changed.notify_one();
+            async {}
+        })
     };
 
     let (nodes, node_writer) = reflector::store();
@@ -288,13 +317,19 @@ pub(crate) async fn controllers(
             issuer: config.issuer,
             meshes: meshes.clone(),
             namespaces: namespaces.clone(),
+            profiles,
             recorder: recorder.clone(),
         };
-        let caches = (meshes_synced.clone(), namespaces_synced.clone());
+        let caches = (
+            meshes_synced.clone(),
+            namespaces_synced.clone(),
+            profiles_synced.clone(),
+        );
         let metrics = metrics.clone();
         async move {
-            // Before both lists, a namespace would look selected by no Mesh.
-            if !synced::all(&[&caches.0, &caches.1]).await {
+            // Before both lists, a namespace would look selected by no Mesh;
+            // before the profiles, its Pod Security report could be wrong.
+            if !synced::all(&[&caches.0, &caches.1, &caches.2]).await {
                 return;
             }
             let triggers = throttle(notified(changed), Duration::from_millis(500));
@@ -308,6 +343,7 @@ pub(crate) async fn controllers(
         namespace: config.namespace.clone(),
         webhook: config.webhook.clone(),
         entries: entries.clone(),
+        meshes: meshes.clone(),
         cluster: published.clone(),
         recorder: recorder.clone(),
         registrations: registrations.clone(),
@@ -317,7 +353,10 @@ pub(crate) async fn controllers(
         let entries_synced = entries_synced.clone();
         let meshes = meshes.clone();
         let triggers = futures::stream::select(
-            futures::stream::select(changes(published), changes(registrations)),
+            futures::stream::select(
+                futures::stream::select(changes(published), changes(registrations)),
+                throttle(notified(meshes_changed), Duration::from_millis(500)),
+            ),
             throttle(notified(entries_changed), Duration::from_secs(5)),
         );
         async move {
@@ -426,6 +465,7 @@ pub(crate) async fn controllers(
         let caches = [
             &meshes_synced,
             &namespaces_synced,
+            &profiles_synced,
             &entries_synced,
             &nodes_synced,
             &pods_synced,
@@ -442,6 +482,7 @@ pub(crate) async fn controllers(
         workload_loop,
         entry_cache,
         namespace_cache,
+        profile_cache,
         node_cache,
         deletions,
         sweep,
@@ -498,9 +539,10 @@ mod tests {
         }
     }
 
-    const COLLECTIONS: [&str; 7] = [
+    const COLLECTIONS: [&str; 8] = [
         "meshes",
         "namespaces",
+        "proxyprofiles",
         "nodes",
         "pods",
         "workloadentries",
@@ -588,6 +630,7 @@ mod tests {
         let expected = [
             "/apis/mesh.ferrimesh.io/v1alpha1/meshes?",
             "/api/v1/namespaces?",
+            "/apis/mesh.ferrimesh.io/v1alpha1/proxyprofiles?",
             "/api/v1/nodes?",
             "/api/v1/pods?&labelSelector=security.istio.io%2FtlsMode%3Distio&limit=100",
             "/apis/networking.istio.io/v1/workloadentries?&labelSelector=ferrimesh.io%2Fmanaged-by%3Dferrimesh-operator",

@@ -3,6 +3,7 @@
 
 use http::{Request, Response, StatusCode};
 use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource};
@@ -73,4 +74,15 @@ pub async fn within<T>(reconcile: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(std::time::Duration::from_secs(5), reconcile)
         .await
         .expect("no unexpected API call")
+}
+
+/// A Recorder publishing through `client`, as the reconcilers' does.
+pub fn recorder(client: Client) -> Recorder {
+    Recorder::new(
+        client,
+        Reporter {
+            controller: "test".into(),
+            instance: None,
+        },
+    )
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use ferrimesh_crds::ProxyProfile;
 use ferrimesh_crds::mesh::MeshSpec;
+use ferrimesh_crds::tags::selected_revision;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::runtime::watcher::Event;
@@ -48,9 +49,14 @@ pub struct View {
 
 /// A source of mesh configuration.
 pub trait ConfigSource: Send + Sync + 'static {
-    /// The configuration for a pod in `namespace`, to be scheduled on `node`
-    /// when the pod names one.
-    fn view(&self, namespace: &str, node: Option<&str>) -> View;
+    /// The configuration for a pod with `pod_labels` in `namespace`, to be
+    /// scheduled on `node` when the pod names one.
+    fn view(
+        &self,
+        namespace: &str,
+        node: Option<&str>,
+        pod_labels: &BTreeMap<String, String>,
+    ) -> View;
 
     /// Whether the source has its initial state (the webhook is ready).
     fn is_ready(&self) -> bool;
@@ -139,7 +145,12 @@ pub fn stamp(first: &Path, rest: &[PathBuf]) -> Vec<Option<(u64, std::time::Syst
 }
 
 impl ConfigSource for FileSource {
-    fn view(&self, namespace: &str, _node: Option<&str>) -> View {
+    fn view(
+        &self,
+        namespace: &str,
+        _node: Option<&str>,
+        _pod_labels: &BTreeMap<String, String>,
+    ) -> View {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
         View {
             mesh: Arc::clone(&state.mesh.spec),
@@ -174,7 +185,12 @@ impl FixedSource {
 }
 
 impl ConfigSource for FixedSource {
-    fn view(&self, _namespace: &str, _node: Option<&str>) -> View {
+    fn view(
+        &self,
+        _namespace: &str,
+        _node: Option<&str>,
+        _pod_labels: &BTreeMap<String, String>,
+    ) -> View {
         View {
             mesh: Arc::clone(&self.mesh.spec),
             mesh_settings: self.mesh.settings.clone(),
@@ -274,8 +290,24 @@ impl ClusterSource {
 }
 
 impl ConfigSource for ClusterSource {
-    fn view(&self, namespace: &str, node: Option<&str>) -> View {
-        let mesh = self.meshes.read().served();
+    /// The Mesh is the one holding the revision tag that selected the pod,
+    /// if a tag did, else the Mesh of the webhook's revision.
+    fn view(
+        &self,
+        namespace: &str,
+        node: Option<&str>,
+        pod_labels: &BTreeMap<String, String>,
+    ) -> View {
+        let mesh = {
+            let namespaces = self.namespaces.read();
+            let labels = namespaces.injection(namespace);
+            let selected_by = selected_revision(
+                labels.injection.as_deref(),
+                labels.revision.as_deref(),
+                pod_labels,
+            );
+            self.meshes.read().served_for(selected_by)
+        };
         View {
             mesh: Arc::clone(&mesh.spec),
             mesh_settings: mesh.settings.clone(),
@@ -312,10 +344,15 @@ mod tests {
         )
         .expect("write");
         let source = FileSource::load(mesh, vec![profile], false).expect("load");
-        let view = source.view("shop", None);
+        let view = source.view("shop", None, &BTreeMap::new());
         assert_eq!(view.mesh.revision, "canary");
         assert_eq!(view.profiles.len(), 1);
-        assert!(source.view("other", None).profiles.is_empty());
+        assert!(
+            source
+                .view("other", None, &BTreeMap::new())
+                .profiles
+                .is_empty()
+        );
         assert!(!view.native_sidecars_supported);
         std::fs::remove_dir_all(dir).ok();
     }

@@ -342,10 +342,11 @@ pub struct Run<'a> {
     pub namespace_labels: Option<&'a BTreeMap<String, String>>,
 }
 
-/// Why the API server would not send a pod to the injector of `revision`,
-/// or `None` when one of the webhook's entries selects it.
+/// Why the API server would not send a pod to the injector of `revision`
+/// (or of one of its revision `tags`), or `None` when one of the webhook's
+/// entries selects it.
 fn not_selected_reason(
-    revision: &str,
+    (revision, tags): (&str, &[String]),
     namespace: &str,
     namespace_labels: &BTreeMap<String, String>,
     pod_labels: &BTreeMap<String, String>,
@@ -356,7 +357,10 @@ fn not_selected_reason(
     use ferrimesh_crds::selection::NAMESPACE_NAME_LABEL;
     let mut ns_labels = namespace_labels.clone();
     ns_labels.insert(NAMESPACE_NAME_LABEL.to_owned(), namespace.to_owned());
-    if selecting_entry(revision, &SYSTEM_NAMESPACES, &ns_labels, pod_labels).is_some() {
+    let selected = std::iter::once(revision)
+        .chain(tags.iter().map(String::as_str))
+        .any(|r| selecting_entry(r, &SYSTEM_NAMESPACES, &ns_labels, pod_labels).is_some());
+    if selected {
         return None;
     }
     let ns = |key: &str| ns_labels.get(key).map(String::as_str);
@@ -528,7 +532,9 @@ fn process_object(
     let empty = BTreeMap::new();
     let pod_labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
     let not_selected = run.namespace_labels.and_then(|ns_labels| {
-        not_selected_reason(&run.config.mesh.revision, &namespace, ns_labels, pod_labels)
+        let mesh = &run.config.mesh;
+        let revision = (mesh.revision.as_str(), mesh.revision_tags.as_slice());
+        not_selected_reason(revision, &namespace, ns_labels, pod_labels)
     });
     let profiles: Vec<ProxyProfile> = run
         .config
@@ -608,7 +614,7 @@ mod tests {
     #[test]
     fn explains_why_the_webhook_would_not_be_called() {
         let reason = |ns: &[(&str, &str)], pod: &[(&str, &str)]| {
-            not_selected_reason("default", "shop", &labels(ns), &labels(pod))
+            not_selected_reason(("default", &[]), "shop", &labels(ns), &labels(pod))
         };
         assert_eq!(reason(&[("istio-injection", "enabled")], &[]), None);
         assert_eq!(
@@ -629,6 +635,14 @@ mod tests {
         );
         assert!(reason(&[], &[]).is_some_and(|r| r.contains("not enabled")));
         assert_eq!(reason(&[], &[("sidecar.istio.io/inject", "true")]), None);
+        let tags = ["stable".to_owned()];
+        let tagged = not_selected_reason(
+            ("canary", &tags),
+            "shop",
+            &labels(&[("istio.io/rev", "stable")]),
+            &labels(&[]),
+        );
+        assert_eq!(tagged, None, "a revision tag of the Mesh selects it");
     }
 
     #[test]

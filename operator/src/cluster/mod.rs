@@ -2,7 +2,10 @@
 //! nothing running beside it: the webhook's CA and serving certificate
 //! (Secrets in the operator's namespace, or cert-manager's), and the
 //! injection labels of every namespace the Meshes select, with an Event on
-//! each Namespace it changes.
+//! each Namespace it changes. It reports, per Mesh, the selected namespaces
+//! it leaves unlabelled because they are in ambient mode, and those it
+//! labels whose Pod Security level refuses what is injected, each once as
+//! an Event on the Namespace.
 //!
 //! It runs after every change of a Mesh, a Namespace or one of the two
 //! Secrets, at the next certificate renewal, and every 30 seconds at the
@@ -11,10 +14,13 @@
 //! bundle from there (so every webhook configuration trusts the one CA) and
 //! reports a failure in the Mesh's status.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferrimesh_crds::Mesh;
+use ferrimesh_crds::ambient::AMBIENT;
+use ferrimesh_crds::istio::DATAPLANE_MODE;
+use ferrimesh_crds::pod_security::ENFORCE_LABEL;
+use ferrimesh_crds::{Mesh, ProxyProfile};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret};
@@ -27,7 +33,9 @@ use tokio::sync::watch;
 
 use self::certificate_store::{Current, Lifetimes, SERVING_SECRET};
 use self::certificates::Renewal;
-use self::namespaces::{desired_labels, managed_by_operator, selecting_mesh, up_to_date};
+use self::namespaces::{
+    desired_labels, is_ambient, managed_by_operator, selecting_mesh, up_to_date,
+};
 use crate::mesh::WebhookTarget;
 use crate::runtime::admin::Metrics;
 use crate::{Error, FIELD_MANAGER, Result};
@@ -36,6 +44,7 @@ pub mod cert_manager;
 pub mod certificate_store;
 pub mod certificates;
 pub mod namespaces;
+pub mod pod_security;
 
 /// The label on every webhook configuration the operator writes.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
@@ -85,6 +94,13 @@ pub struct ClusterState {
     pub labelled: BTreeMap<String, i32>,
     /// Why a namespace could not be labelled, if one could not.
     pub labelling: Option<Failure>,
+    /// The ambient namespaces each Mesh (by name) selects and leaves
+    /// unlabelled, by name.
+    pub ambient: BTreeMap<String, Vec<String>>,
+    /// The namespaces each Mesh (by name) labels whose Pod Security level
+    /// refuses what it injects, each described with its level and fixes
+    /// ([`pod_security::describe`]).
+    pub pod_security: BTreeMap<String, Vec<String>>,
 }
 
 /// What the cluster reconciler needs.
@@ -101,6 +117,9 @@ pub struct Context {
     pub meshes: Store<Mesh>,
     /// Every Namespace, from a cache synced before the first reconcile.
     pub namespaces: Store<Namespace>,
+    /// Every ProxyProfile, from a cache synced before the first reconcile
+    /// (the Pod Security report layers a namespace's over its Mesh).
+    pub profiles: Store<ProxyProfile>,
     /// Publishes an Event for every change.
     pub recorder: Recorder,
 }
@@ -144,12 +163,19 @@ fn now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// The labels the last reconciles applied, by namespace, with the
-/// resourceVersion the cache showed then: until the cache shows another
-/// version, it has not seen the write, and the namespace is not labelled
-/// (nor announced) twice.
+/// What the last reconciles did, so that nothing is done or announced
+/// twice.
 #[derive(Debug, Default)]
-pub struct Written(BTreeMap<String, (String, BTreeMap<String, String>)>);
+pub struct Written {
+    /// The labels applied, by namespace, with the resourceVersion the cache
+    /// showed then: until the cache shows another version, it has not seen
+    /// the write, and the namespace is not labelled (nor announced) twice.
+    applied: BTreeMap<String, (String, BTreeMap<String, String>)>,
+    /// The ambient namespaces announced as left unlabelled.
+    ambient: BTreeSet<String>,
+    /// The Pod Security reports announced, by namespace.
+    pod_security: BTreeMap<String, String>,
+}
 
 /// One reconcile: the certificate, then the namespace labels (a failure of
 /// one does not stop the other). Returns what it found and when to look
@@ -171,6 +197,7 @@ pub async fn reconcile(ctx: &Context, written: &mut Written) -> (ClusterState, D
     for (namespace, labels) in &labelled.changed {
         announce_labels(ctx, namespace, labels).await;
     }
+    announce_reports(ctx, &labelled, written).await;
     let labelling = labelled.failure.as_ref().map(|error| {
         tracing::warn!(%error, "labelling namespaces failed; retrying");
         Failure::from(error)
@@ -189,6 +216,12 @@ pub async fn reconcile(ctx: &Context, written: &mut Written) -> (ClusterState, D
         }),
         labelled: labelled.counts,
         labelling,
+        ambient: labelled.ambient,
+        pod_security: labelled
+            .pod_security
+            .into_iter()
+            .map(|(mesh, reports)| (mesh, reports.into_iter().map(|(_, r)| r).collect()))
+            .collect(),
     };
     (state, next)
 }
@@ -226,12 +259,12 @@ async fn certificate(ctx: &Context, now: i64) -> Result<Current> {
 async fn event(
     ctx: &Context,
     regarding: &ObjectReference,
-    reason: &str,
+    (type_, reason): (EventType, &str),
     action: &str,
     note: String,
 ) {
     let event = Event {
-        type_: EventType::Normal,
+        type_,
         reason: reason.to_owned(),
         note: Some(note),
         action: action.to_owned(),
@@ -262,7 +295,8 @@ async fn announce_certificate(ctx: &Context, renewal: Renewal) {
         namespace: Some(ctx.namespace.clone()),
         ..ObjectReference::default()
     };
-    event(ctx, &secret, reason, "Issue", note.to_owned()).await;
+    let why = (EventType::Normal, reason);
+    event(ctx, &secret, why, "Issue", note.to_owned()).await;
 }
 
 /// An Event on the Namespace whose injection labels changed.
@@ -278,15 +312,68 @@ async fn announce_labels(ctx: &Context, namespace: &str, labels: &BTreeMap<Strin
             format!("labelled namespace {namespace} with {labels:?}"),
         )
     };
-    let regarding = Namespace {
+    let why = (EventType::Normal, reason);
+    event(ctx, &namespace_ref(namespace), why, "Label", note).await;
+}
+
+/// A reference to the Namespace `name`, for its Events.
+fn namespace_ref(name: &str) -> ObjectReference {
+    Namespace {
         metadata: kube::api::ObjectMeta {
-            name: Some(namespace.to_owned()),
+            name: Some(name.to_owned()),
             ..Default::default()
         },
         ..Namespace::default()
     }
-    .object_ref(&());
-    event(ctx, &regarding, reason, "Label", note).await;
+    .object_ref(&())
+}
+
+/// A Warning Event on each Namespace newly reported: an ambient namespace
+/// a Mesh selects and leaves unlabelled (`NamespaceAmbient`), a labelled one
+/// whose Pod Security level refuses what is injected
+/// (`PodSecurityIncompatible`). Each report is announced once per operator
+/// run, and again after it changed.
+async fn announce_reports(ctx: &Context, labelled: &Labelled, written: &mut Written) {
+    let ambient: BTreeMap<&str, &str> = labelled
+        .ambient
+        .iter()
+        .flat_map(|(mesh, names)| names.iter().map(move |n| (n.as_str(), mesh.as_str())))
+        .collect();
+    for (namespace, mesh) in &ambient {
+        if written.ambient.insert((*namespace).to_owned()) {
+            let note = format!(
+                "Mesh {mesh} selects namespace {namespace}, which is labelled {DATAPLANE_MODE}={AMBIENT}: \
+                 not labelled for injection (ztunnel does not capture pods with a sidecar)"
+            );
+            let why = (EventType::Warning, "NamespaceAmbient");
+            event(ctx, &namespace_ref(namespace), why, "Label", note).await;
+        }
+    }
+    written.ambient.retain(|n| ambient.contains_key(n.as_str()));
+    let reports: BTreeMap<&str, (&str, &str)> = labelled
+        .pod_security
+        .iter()
+        .flat_map(|(mesh, reports)| {
+            reports
+                .iter()
+                .map(move |(n, report)| (n.as_str(), (mesh.as_str(), report.as_str())))
+        })
+        .collect();
+    for (namespace, (mesh, report)) in &reports {
+        if written.pod_security.get(*namespace).map(String::as_str) != Some(*report) {
+            written
+                .pod_security
+                .insert((*namespace).to_owned(), (*report).to_owned());
+            let note = format!(
+                "{ENFORCE_LABEL} refuses the pods Mesh {mesh} injects into namespace {report}"
+            );
+            let why = (EventType::Warning, "PodSecurityIncompatible");
+            event(ctx, &namespace_ref(namespace), why, "Report", note).await;
+        }
+    }
+    written
+        .pod_security
+        .retain(|n, _| reports.contains_key(n.as_str()));
 }
 
 /// What labelling the namespaces did.
@@ -298,6 +385,11 @@ struct Labelled {
     changed: Vec<(String, BTreeMap<String, String>)>,
     /// The first write that failed; the other namespaces were labelled.
     failure: Option<Error>,
+    /// The ambient namespaces each Mesh selects and leaves unlabelled.
+    ambient: BTreeMap<String, Vec<String>>,
+    /// The namespaces each Mesh labels whose Pod Security level refuses what
+    /// it injects, with the report ([`pod_security::describe`]).
+    pod_security: BTreeMap<String, Vec<(String, String)>>,
 }
 
 /// Applies the namespace labels the Meshes want, in name order.
@@ -306,7 +398,8 @@ async fn label_namespaces(ctx: &Context, meshes: &[Mesh], written: &mut Written)
     let mut labelled = Labelled::default();
     let mut namespaces = ctx.namespaces.state();
     namespaces.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    written.0.retain(|name, (seen, _)| {
+    let profiles = ctx.profiles.state();
+    written.applied.retain(|name, (seen, _)| {
         namespaces.iter().any(|n| {
             n.metadata.name.as_ref() == Some(name)
                 && n.resource_version().unwrap_or_default() == *seen
@@ -315,7 +408,13 @@ async fn label_namespaces(ctx: &Context, meshes: &[Mesh], written: &mut Written)
     for namespace in namespaces {
         let namespace = &*namespace;
         if let Some(mesh) = selecting_mesh(namespace, meshes, &ctx.namespace) {
-            *labelled.counts.entry(mesh.name_any()).or_insert(0) += 1;
+            if is_ambient(namespace) {
+                let ambient = labelled.ambient.entry(mesh.name_any()).or_default();
+                ambient.push(namespace.name_any());
+            } else {
+                *labelled.counts.entry(mesh.name_any()).or_insert(0) += 1;
+                report_pod_security(namespace, mesh, &profiles, &mut labelled);
+            }
         }
         let desired = desired_labels(namespace, meshes, &ctx.namespace);
         if up_to_date(namespace, &desired)
@@ -325,7 +424,7 @@ async fn label_namespaces(ctx: &Context, meshes: &[Mesh], written: &mut Written)
         }
         let name = namespace.name_any();
         let seen = namespace.resource_version().unwrap_or_default();
-        if written.0.get(&name) == Some(&(seen.clone(), desired.clone())) {
+        if written.applied.get(&name) == Some(&(seen.clone(), desired.clone())) {
             continue; // applied before; the cache has not caught up yet
         }
         let patch = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": desired}});
@@ -333,7 +432,9 @@ async fn label_namespaces(ctx: &Context, meshes: &[Mesh], written: &mut Written)
         match api.patch(&name, &params, &Patch::Apply(&patch)).await {
             Ok(_) => {
                 tracing::info!(namespace = %name, labels = ?desired, "namespace labels applied");
-                written.0.insert(name.clone(), (seen, desired.clone()));
+                written
+                    .applied
+                    .insert(name.clone(), (seen, desired.clone()));
                 labelled.changed.push((name, desired));
             }
             // Someone else owns the label with another value: theirs stands.
@@ -349,13 +450,33 @@ async fn label_namespaces(ctx: &Context, meshes: &[Mesh], written: &mut Written)
     labelled
 }
 
+/// Adds `namespace`'s Pod Security report, when its level refuses what
+/// `mesh` injects, with the namespace's ProxyProfiles layered over it.
+fn report_pod_security(
+    namespace: &Namespace,
+    mesh: &Mesh,
+    profiles: &[std::sync::Arc<ProxyProfile>],
+    labelled: &mut Labelled,
+) {
+    let name = namespace.name_any();
+    let own: Vec<ProxyProfile> = profiles
+        .iter()
+        .filter(|p| p.metadata.namespace.as_deref() == Some(name.as_str()))
+        .map(|p| (**p).clone())
+        .collect();
+    if let Some((level, found)) = pod_security::refused(namespace, mesh, &own) {
+        let report = pod_security::describe(&name, level, &found);
+        let reports = labelled.pod_security.entry(mesh.name_any()).or_default();
+        reports.push((name, report));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The reconciler against a scripted API server (tower-test).
 
     use ferrimesh_crds::MeshSpec;
     use http::StatusCode;
-    use kube::runtime::events::Reporter;
     use serde_json::{Value, json};
 
     use super::*;
@@ -378,13 +499,8 @@ mod tests {
             }),
             meshes: store(&meshes),
             namespaces: store(&namespaces),
-            recorder: Recorder::new(
-                client,
-                Reporter {
-                    controller: "test".into(),
-                    instance: None,
-                },
-            ),
+            profiles: store(&[]),
+            recorder: test_api::recorder(client),
         };
         (context, handle)
     }
@@ -396,6 +512,11 @@ mod tests {
             ..MeshSpec::default()
         };
         Mesh::new(name, spec)
+    }
+
+    /// The Mesh `default` selecting the namespaces labelled `mesh=on`.
+    fn mesh_on() -> Mesh {
+        mesh("default", "default", json!({"matchLabels": {"mesh": "on"}}))
     }
 
     fn owned_by_operator(name: &str, labels: Value) -> Value {
@@ -467,11 +588,7 @@ mod tests {
     #[tokio::test]
     async fn labels_selected_namespaces_releases_the_rest_and_skips_the_up_to_date() {
         let (ctx, mut handle) = context(
-            vec![mesh(
-                "default",
-                "default",
-                json!({"matchLabels": {"mesh": "on"}}),
-            )],
+            vec![mesh_on()],
             json!([
                 {"metadata": {"name": "fresh", "labels": {"mesh": "on"}}},
                 owned_by_operator("current", json!({"mesh": "on", "istio-injection": "enabled"})),
@@ -510,6 +627,83 @@ mod tests {
         );
         let changed: Vec<&str> = labelled.changed.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(changed, ["fresh"], "the conflicting release did not happen");
+    }
+
+    #[tokio::test]
+    async fn an_ambient_namespace_is_released_reported_and_announced_once() {
+        let (ctx, mut handle) = context(
+            vec![mesh_on()],
+            json!([
+                owned_by_operator("turned", json!({"mesh": "on", "istio-injection": "enabled",
+                                                   "istio.io/dataplane-mode": "ambient"})),
+                {"metadata": {"name": "zt", "labels": {"mesh": "on", "istio.io/dataplane-mode": "ambient"}}},
+                {"metadata": {"name": "strict", "labels": {"mesh": "on",
+                    "pod-security.kubernetes.io/enforce": "baseline"}}}
+            ]),
+        );
+        let server = tokio::spawn(async move {
+            let path = "/api/v1/namespaces/strict";
+            answer(&mut handle, "PATCH", path, StatusCode::OK, json!({})).await;
+            let path = "/api/v1/namespaces/turned";
+            let released = answer(&mut handle, "PATCH", path, StatusCode::OK, json!({})).await;
+            assert_eq!(released["metadata"]["labels"], json!({}), "released");
+            let mut events = Vec::new();
+            for _ in 0..5 {
+                let event = expect_event(&mut handle, "default").await;
+                events.push((
+                    event["reason"].as_str().unwrap_or_default().to_owned(),
+                    event["regarding"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    event["type"].as_str().unwrap_or_default().to_owned(),
+                    event["note"].as_str().unwrap_or_default().to_owned(),
+                ));
+            }
+            (events, handle)
+        });
+        let meshes: Vec<Mesh> = ctx.meshes.state().iter().map(|m| (**m).clone()).collect();
+        let mut written = Written::default();
+        let labelled = within(label_namespaces(&ctx, &meshes, &mut written)).await;
+        for (namespace, labels) in &labelled.changed {
+            announce_labels(&ctx, namespace, labels).await;
+        }
+        within(announce_reports(&ctx, &labelled, &mut written)).await;
+        let (events, mut handle) = server.await.expect("scripted requests");
+        let reasons: Vec<(&str, &str, &str)> = events
+            .iter()
+            .map(|(r, n, t, _)| (r.as_str(), n.as_str(), t.as_str()))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                ("NamespaceLabelled", "strict", "Normal"),
+                ("NamespaceReleased", "turned", "Normal"),
+                ("NamespaceAmbient", "turned", "Warning"),
+                ("NamespaceAmbient", "zt", "Warning"),
+                ("PodSecurityIncompatible", "strict", "Warning"),
+            ]
+        );
+        assert!(
+            events[4].3.contains("traffic.cni.enabled"),
+            "{:?}",
+            events[4]
+        );
+        assert_eq!(
+            labelled.ambient.get("default"),
+            Some(&vec!["turned".to_owned(), "zt".to_owned()])
+        );
+        assert_eq!(labelled.counts.get("default"), Some(&1), "strict only");
+        let reports = &labelled.pod_security["default"];
+        assert_eq!(reports.len(), 1);
+        assert!(
+            reports[0].1.starts_with("strict (baseline: "),
+            "{reports:?}"
+        );
+        // Nothing new: no second Event.
+        within(announce_reports(&ctx, &labelled, &mut written)).await;
+        let next = tokio::time::timeout(Duration::from_millis(50), handle.next_request()).await;
+        assert!(next.is_err(), "no request after the first announcements");
     }
 
     #[tokio::test]

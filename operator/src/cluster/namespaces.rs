@@ -1,6 +1,8 @@
 //! Which injection labels the operator wants on a namespace
 //! (docs/operator.md, "What it does"), as a pure function of the namespace
-//! and the Meshes.
+//! and the Meshes. A namespace in Istio's ambient mode
+//! (`istio.io/dataplane-mode=ambient`) is never labelled: ztunnel does not
+//! capture pods with a sidecar.
 //!
 //! The operator writes labels with server-side apply under its own field
 //! manager. Applying a smaller set later releases only the labels it owns:
@@ -10,7 +12,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ferrimesh_crds::Mesh;
-use ferrimesh_crds::istio::{INJECTION_LABEL, REVISION, SYSTEM_NAMESPACES};
+use ferrimesh_crds::ambient::AMBIENT;
+use ferrimesh_crds::istio::{DATAPLANE_MODE, INJECTION_LABEL, REVISION, SYSTEM_NAMESPACES};
 use ferrimesh_crds::mesh::DEFAULT_REVISION;
 use ferrimesh_crds::selection::matches;
 use k8s_openapi::api::core::v1::Namespace;
@@ -66,12 +69,28 @@ pub fn selecting_mesh<'m>(
     candidates.first().copied()
 }
 
-/// The labels the operator wants to own on `namespace` (empty: none).
+/// Whether `namespace` is in Istio's ambient mode
+/// (`istio.io/dataplane-mode=ambient`): a Mesh that selects it does not
+/// label it.
+pub fn is_ambient(namespace: &Namespace) -> bool {
+    namespace
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(DATAPLANE_MODE))
+        .is_some_and(|mode| mode == AMBIENT)
+}
+
+/// The labels the operator wants to own on `namespace` (empty: none, also
+/// for an ambient namespace a Mesh selects).
 pub fn desired_labels(
     namespace: &Namespace,
     meshes: &[Mesh],
     operator_namespace: &str,
 ) -> BTreeMap<String, String> {
+    if is_ambient(namespace) {
+        return BTreeMap::new();
+    }
     selecting_mesh(namespace, meshes, operator_namespace)
         .map(|mesh| {
             let (key, value) = injection_label(&mesh.spec.revision);
@@ -223,6 +242,33 @@ mod tests {
             desired_labels(&namespace("any", &[]), &meshes, "ferrimesh-system").len(),
             1,
             "{{}} selects all"
+        );
+    }
+
+    #[test]
+    fn never_labels_an_ambient_namespace_the_mesh_selects() {
+        let meshes = [mesh("default", "default", &[("mesh", "on")], 1)];
+        let ambient = namespace(
+            "shop",
+            &[("mesh", "on"), ("istio.io/dataplane-mode", "ambient")],
+        );
+        assert!(is_ambient(&ambient));
+        assert!(desired_labels(&ambient, &meshes, "ferrimesh-system").is_empty());
+        assert_eq!(
+            selecting_mesh(&ambient, &meshes, "ferrimesh-system")
+                .and_then(|m| m.metadata.name.as_deref()),
+            Some("default"),
+            "still selected: the Mesh reports it"
+        );
+        let sidecars = namespace(
+            "shop",
+            &[("mesh", "on"), ("istio.io/dataplane-mode", "none")],
+        );
+        assert!(!is_ambient(&sidecars));
+        assert_eq!(
+            desired_labels(&sidecars, &meshes, "ferrimesh-system").len(),
+            1,
+            "only ambient is held back"
         );
     }
 

@@ -9,8 +9,11 @@ use std::time::Duration;
 
 use ferrimesh_crds::Mesh;
 use ferrimesh_crds::istio::SYSTEM_NAMESPACES;
+use ferrimesh_crds::mesh::DEFAULT_REVISION;
 use ferrimesh_crds::selection::{webhook_configuration, webhook_configuration_name};
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, WebhookClientConfig,
+};
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
@@ -26,6 +29,7 @@ use crate::workloads::target::Registration;
 use crate::{Error, FIELD_MANAGER, Result};
 
 pub mod status;
+pub mod tags;
 mod webhook;
 
 pub use webhook::WebhookTarget;
@@ -49,6 +53,8 @@ pub struct Context {
     /// The WorkloadEntries of ours, from a cache synced before the first
     /// reconcile (counted per revision).
     pub entries: Store<RegisteredEntry>,
+    /// Every Mesh (which Mesh holds which revision tag).
+    pub meshes: Store<Mesh>,
     /// What the cluster reconciler published last (`None` before its first
     /// reconcile).
     pub cluster: watch::Receiver<Option<ClusterState>>,
@@ -84,9 +90,15 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
     let Some(cluster) = ctx.cluster.borrow().clone() else {
         return Ok(Action::await_change());
     };
-    let applied = match &cluster.certificate {
-        Ok(certificate) => Some(configure_webhook(mesh, ctx, &certificate.ca_bundle).await),
-        Err(_) => None,
+    let meshes: Vec<Mesh> = ctx.meshes.state().iter().map(|m| (**m).clone()).collect();
+    let (applied, tags) = match &cluster.certificate {
+        Ok(certificate) => {
+            let client_config = ctx.webhook.client_config(&certificate.ca_bundle);
+            let applied = configure_webhook(mesh, &meshes, ctx, &client_config).await;
+            let tags = tags::configure(mesh, &meshes, ctx, &client_config).await;
+            (Some(applied), Some(tags))
+        }
+        Err(_) => (None, None),
     };
     let name = mesh.name_any();
     let registration = registration(mesh, ctx);
@@ -104,11 +116,14 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
     let outcome = status::Outcome {
         certificate: &cluster.certificate,
         webhook: applied.as_ref().map(|r| match r {
-            Ok(name) => Ok(name.clone()),
+            Ok((name, _)) => Ok(name.clone()),
             Err(error) => Err(Failure::from(error)),
         }),
+        tags: tags.as_ref().map(|r| r.as_ref().map_err(Failure::from)),
         labelling: cluster.labelling.as_ref(),
         labelled: cluster.labelled.get(&name).copied().unwrap_or(0),
+        ambient: cluster.ambient.get(&name).map_or(&[], Vec::as_slice),
+        pod_security: cluster.pod_security.get(&name).map_or(&[], Vec::as_slice),
         registered,
         registration,
     };
@@ -120,10 +135,16 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
         api.patch_status(&name, &params, &Patch::Apply(&patch))
             .await?;
     }
+    let waiting = matches!(&applied, Some(Ok((_, true))))
+        || matches!(&tags, Some(Ok(t)) if t.waiting.is_some());
     if let Some(Err(error)) = applied {
         return Err(error);
     }
-    Ok(Action::requeue(RESYNC))
+    if let Some(Err(error)) = tags {
+        return Err(error);
+    }
+    // A write that waits for another configuration looks again soon.
+    Ok(Action::requeue(if waiting { tags::WAIT } else { RESYNC }))
 }
 
 /// The registration of a Mesh that pushes its entries into a config
@@ -141,16 +162,53 @@ fn registration(mesh: &Mesh, ctx: &Context) -> Option<Registration> {
     }))
 }
 
-/// Applies the Mesh's webhook configuration trusting `ca_bundle`, with an
-/// Event on the Mesh when its webhooks changed; returns its name.
-async fn configure_webhook(mesh: &Mesh, ctx: &Context, ca_bundle: &str) -> Result<String> {
+/// The namespaces no webhook entry selects: the system ones and the
+/// operator's own.
+fn excluded(ctx: &Context) -> Vec<&str> {
+    let mut excluded: Vec<&str> = SYSTEM_NAMESPACES.to_vec();
+    excluded.push(&ctx.namespace);
+    excluded
+}
+
+/// An Event on `mesh` for a change the operator made; a failure to publish
+/// is logged, not fatal.
+async fn announce(ctx: &Context, mesh: &Mesh, reason: &str, note: String) {
+    let event = KubeEvent {
+        type_: EventType::Normal,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Apply".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &mesh.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish an Event");
+    }
+}
+
+/// Applies the Mesh's webhook configuration calling `client_config`, with
+/// an Event on the Mesh when its webhooks changed; returns what its
+/// condition says of it and whether it waits for the revision tag
+/// `default`'s configuration to go (the default revision's configuration
+/// has no entry while another Mesh holds that tag or its configuration is
+/// still there).
+async fn configure_webhook(
+    mesh: &Mesh,
+    meshes: &[Mesh],
+    ctx: &Context,
+    client_config: &WebhookClientConfig,
+) -> Result<(String, bool)> {
     let configs: Api<MutatingWebhookConfiguration> = Api::all(ctx.client.clone());
     let name = webhook_configuration_name(&mesh.spec.revision);
     let before = configs.get_opt(&name).await?.and_then(|c| c.webhooks);
-    let mut excluded: Vec<&str> = SYSTEM_NAMESPACES.to_vec();
-    excluded.push(&ctx.namespace);
-    let mut config =
-        webhook_configuration(&mesh.spec, &ctx.webhook.client_config(ca_bundle), &excluded);
+    let mut config = webhook_configuration(&mesh.spec, client_config, &excluded(ctx));
+    let yields = if mesh.spec.revision == DEFAULT_REVISION {
+        tags::default_revision_yields(&configs, meshes).await?
+    } else {
+        tags::Yield::No
+    };
+    if yields != tags::Yield::No {
+        config.webhooks = Some(Vec::new());
+    }
     config.metadata.owner_references = mesh.controller_owner_ref(&()).map(|r| vec![r]);
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let applied = configs
@@ -160,24 +218,33 @@ async fn configure_webhook(mesh: &Mesh, ctx: &Context, ca_bundle: &str) -> Resul
     // change is announced (the desired webhooks lack the defaults, and
     // compared with them every reconcile looked like a change).
     if before != applied.webhooks {
-        let event = KubeEvent {
-            type_: EventType::Normal,
-            reason: "WebhookConfigured".into(),
-            note: Some(format!("applied MutatingWebhookConfiguration {name}")),
-            action: "Apply".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &mesh.object_ref(&())).await {
-            tracing::warn!(error = %e, "could not publish an Event");
-        }
+        let note = format!("applied MutatingWebhookConfiguration {name}");
+        announce(ctx, mesh, "WebhookConfigured", note).await;
     }
-    Ok(name)
+    if yields == tags::Yield::No {
+        return Ok((name, false));
+    }
+    let note =
+        format!("{name}, without entries: the revision tag {DEFAULT_REVISION} selects its pods");
+    Ok((note, yields == tags::Yield::UntilTagGone))
 }
 
-/// Deletes the Mesh's webhook configuration. Its namespaces are released by
-/// the cluster reconciler, which counts no Mesh being deleted.
+/// Deletes the Mesh's webhook configuration and those of its revision tags
+/// no other Mesh holds (one another Mesh holds is rewritten for it). Its
+/// namespaces are released by the cluster reconciler, which counts no Mesh
+/// being deleted.
 async fn cleanup(mesh: &Mesh, ctx: &Context) -> Result<Action> {
     let configs: Api<MutatingWebhookConfiguration> = Api::all(ctx.client.clone());
+    let certificate = ctx
+        .cluster
+        .borrow()
+        .as_ref()
+        .and_then(|c| c.certificate.as_ref().ok().cloned());
+    if let Some(certificate) = certificate {
+        let meshes: Vec<Mesh> = ctx.meshes.state().iter().map(|m| (**m).clone()).collect();
+        let client_config = ctx.webhook.client_config(&certificate.ca_bundle);
+        tags::configure(mesh, &meshes, ctx, &client_config).await?;
+    }
     let name = webhook_configuration_name(&mesh.spec.revision);
     match configs.delete(&name, &DeleteParams::default()).await {
         Ok(_) => {}

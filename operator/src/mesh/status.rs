@@ -1,13 +1,20 @@
 //! A Mesh's status as a pure function of what its reconcile found: the
 //! conditions `CertificateReady`, `WebhookConfigured`, `NamespacesLabelled`,
-//! `WorkloadsRegistered` (only for a Mesh that pushes its entries into a
-//! config cluster), and `Ready` (True when the others are; otherwise False
-//! with the reason and message of the first that is not).
+//! `RevisionTagsConfigured`, `WorkloadsRegistered` (only for a Mesh that
+//! pushes its entries into a config cluster), and `Ready` (True when the
+//! others are; otherwise False with the reason and message of the first
+//! that is not); and the report `PodSecurityCompatible`, which `Ready` does
+//! not follow: the operator did its part, and the fix is a Mesh field or a
+//! namespace label.
 
+use ferrimesh_crds::ambient::AMBIENT;
+use ferrimesh_crds::istio::DATAPLANE_MODE;
+use ferrimesh_crds::pod_security::ENFORCE_LABEL;
 use ferrimesh_crds::{Mesh, MeshStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::core::Selector;
 
+use super::tags::Tags;
 use crate::cluster::{Certificate, Failure};
 
 /// What a Mesh's reconcile found.
@@ -18,10 +25,18 @@ pub struct Outcome<'a> {
     /// Applying the webhook configuration; `None` when there was no
     /// certificate to configure it with.
     pub webhook: Option<Result<String, Failure>>,
+    /// Configuring the revision tags; `None` when there was no
+    /// certificate to configure them with.
+    pub tags: Option<Result<&'a Tags, Failure>>,
     /// Why labelling namespaces failed, if it did.
     pub labelling: Option<&'a Failure>,
     /// Namespaces labelled for the Mesh.
     pub labelled: i32,
+    /// Namespaces the Mesh selects and leaves unlabelled: in ambient mode.
+    pub ambient: &'a [String],
+    /// The labelled namespaces whose Pod Security level refuses what the
+    /// Mesh injects, each with its level and fixes.
+    pub pod_security: &'a [String],
     /// WorkloadEntries registered for the Mesh's pods.
     pub registered: i32,
     /// For a Mesh that pushes its entries into a config cluster: how many
@@ -66,6 +81,38 @@ fn invalid_selector(mesh: &Mesh) -> Option<Failure> {
     })
 }
 
+/// The revision tags' verdict: True when every tag the Mesh lists has its
+/// webhook configuration (or it lists none); False naming the tags another
+/// Mesh holds or that name a revision (`TagRefused`), or the tag `default`
+/// waiting for the default revision's configuration to drop its entries
+/// (`WaitingForDefaultRevision`).
+fn tags(mesh: &Mesh, outcome: &Outcome) -> Verdict {
+    if mesh.spec.revision_tags.is_empty() {
+        return Ok(("NoTags".into(), "no revision tags".into()));
+    }
+    match &outcome.tags {
+        None => Err(Failure {
+            reason: "WaitingForCertificate".into(),
+            message: "no CA bundle to configure the revision tags with yet".into(),
+        }),
+        Some(Err(failure)) => Err(failure.clone()),
+        Some(Ok(tags)) if !tags.refused.is_empty() => Err(Failure {
+            reason: "TagRefused".into(),
+            message: format!("revision tags refused: {}", tags.refused.join("; ")),
+        }),
+        Some(Ok(Tags {
+            waiting: Some(why), ..
+        })) => Err(Failure {
+            reason: "WaitingForDefaultRevision".into(),
+            message: why.clone(),
+        }),
+        Some(Ok(tags)) => Ok((
+            "Applied".into(),
+            format!("revision tags configured: {}", tags.held.join(", ")),
+        )),
+    }
+}
+
 /// The status `mesh` should have after a reconcile that found `outcome`.
 pub fn status(mesh: &Mesh, outcome: &Outcome) -> MeshStatus {
     let certificate: Verdict = match outcome.certificate {
@@ -92,15 +139,42 @@ pub fn status(mesh: &Mesh, outcome: &Outcome) -> MeshStatus {
     let labelling: Verdict = match (invalid_selector(mesh), outcome.labelling) {
         (Some(failure), _) => Err(failure),
         (None, Some(failure)) => Err(failure.clone()),
-        (None, None) => Ok((
+        (None, None) if outcome.ambient.is_empty() => Ok((
             "Applied".into(),
             format!("{} namespaces labelled", outcome.labelled),
         )),
+        (None, None) => Ok((
+            "AmbientNamespacesSkipped".into(),
+            format!(
+                "{} namespaces labelled; not labelled, in ambient mode ({DATAPLANE_MODE}={AMBIENT}): {}",
+                outcome.labelled,
+                outcome.ambient.join(", ")
+            ),
+        )),
+    };
+    let pod_security: Verdict = if outcome.pod_security.is_empty() {
+        Ok((
+            "Compatible".into(),
+            "no labelled namespace's Pod Security level refuses the injected pods".into(),
+        ))
+    } else {
+        Err(Failure {
+            reason: "InjectedPodsRefused".into(),
+            message: format!(
+                "{ENFORCE_LABEL} refuses the injected pods in: {}",
+                outcome.pod_security.join(", ")
+            ),
+        })
     };
     let mut parts = vec![
         ("CertificateReady", certificate, "CertificateNotReady"),
         ("WebhookConfigured", webhook, "WebhookNotConfigured"),
         ("NamespacesLabelled", labelling, "NamespacesNotLabelled"),
+        (
+            "RevisionTagsConfigured",
+            tags(mesh, outcome),
+            "RevisionTagsNotConfigured",
+        ),
     ];
     if let Some(registration) = &outcome.registration {
         let verdict = match registration {
@@ -127,6 +201,7 @@ pub fn status(mesh: &Mesh, outcome: &Outcome) -> MeshStatus {
     };
     let mut conditions = vec![condition("Ready", &ready, mesh)];
     conditions.extend(parts.iter().map(|(type_, v, _)| condition(type_, v, mesh)));
+    conditions.push(condition("PodSecurityCompatible", &pod_security, mesh));
     MeshStatus {
         observed_generation: mesh.metadata.generation,
         conditions,
@@ -160,8 +235,11 @@ mod tests {
         Outcome {
             certificate,
             webhook: Some(Ok("ferrimesh-sidecar-injector".into())),
+            tags: None,
             labelling: None,
             labelled: 0,
+            ambient: &[],
+            pod_security: &[],
             registered: 0,
             registration: None,
         }
@@ -184,8 +262,11 @@ mod tests {
         let outcome = Outcome {
             certificate: &certificate,
             webhook: Some(Ok("ferrimesh-sidecar-injector".into())),
+            tags: None,
             labelling: None,
             labelled: 2,
+            ambient: &[],
+            pod_security: &[],
             registered: 5,
             registration: None,
         };
@@ -220,8 +301,11 @@ mod tests {
         let outcome = Outcome {
             certificate: &failed,
             webhook: None,
+            tags: None,
             labelling: None,
             labelled: 1,
+            ambient: &[],
+            pod_security: &[],
             registered: 0,
             registration: None,
         };
@@ -243,8 +327,11 @@ mod tests {
         let outcome = Outcome {
             certificate: &certificate,
             webhook: Some(Ok("ferrimesh-sidecar-injector".into())),
+            tags: None,
             labelling: Some(&denied),
             labelled: 1,
+            ambient: &[],
+            pod_security: &[],
             registered: 0,
             registration: None,
         };
@@ -322,6 +409,85 @@ mod tests {
         let (labelled, reason, message) = get(&status, "NamespacesLabelled");
         assert_eq!((labelled, reason), ("False", "InvalidNamespaceSelector"));
         assert!(message.contains("operator"), "{message}");
+    }
+
+    #[test]
+    fn a_refused_revision_tag_turns_ready_false_and_held_tags_are_named() {
+        let mut mesh = Mesh::new("canary", MeshSpec::default());
+        mesh.spec.revision_tags = vec!["stable".into(), "prod".into()];
+        let certificate = certificate();
+        let refused = Tags {
+            held: vec!["prod".into()],
+            refused: vec!["stable: held by the older Mesh main".into()],
+            waiting: None,
+        };
+        let outcome = Outcome {
+            tags: Some(Ok(&refused)),
+            ..configured(&certificate)
+        };
+        let status = status(&mesh, &outcome);
+        let (configured_, reason, message) = get(&status, "RevisionTagsConfigured");
+        assert_eq!((configured_, reason), ("False", "TagRefused"));
+        assert!(
+            message.contains("stable: held by the older Mesh main"),
+            "{message}"
+        );
+        assert_eq!(get(&status, "Ready").1, "RevisionTagsNotConfigured");
+        let held = Tags {
+            held: vec!["stable".into(), "prod".into()],
+            ..Tags::default()
+        };
+        let outcome = Outcome {
+            tags: Some(Ok(&held)),
+            ..configured(&certificate)
+        };
+        let status = super::status(&mesh, &outcome);
+        assert_eq!(
+            get(&status, "RevisionTagsConfigured"),
+            ("True", "Applied", "revision tags configured: stable, prod")
+        );
+        assert_eq!(get(&status, "Ready").0, "True");
+    }
+
+    #[test]
+    fn ambient_namespaces_left_unlabelled_are_named_and_ready_stays_true() {
+        let mesh = Mesh::new("default", MeshSpec::default());
+        let certificate = certificate();
+        let ambient = ["mesh-a".to_owned(), "mesh-b".to_owned()];
+        let outcome = Outcome {
+            labelled: 1,
+            ambient: &ambient,
+            ..configured(&certificate)
+        };
+        let status = status(&mesh, &outcome);
+        let (labelled, reason, message) = get(&status, "NamespacesLabelled");
+        assert_eq!((labelled, reason), ("True", "AmbientNamespacesSkipped"));
+        assert_eq!(
+            message,
+            "1 namespaces labelled; not labelled, in ambient mode (istio.io/dataplane-mode=ambient): mesh-a, mesh-b"
+        );
+        assert_eq!(get(&status, "Ready").0, "True");
+    }
+
+    #[test]
+    fn pod_security_refusals_turn_pod_security_compatible_false_but_not_ready() {
+        let mesh = Mesh::new("default", MeshSpec::default());
+        let certificate = certificate();
+        let compatible = status(&mesh, &configured(&certificate));
+        assert_eq!(get(&compatible, "PodSecurityCompatible").0, "True");
+        let reports = ["shop (baseline: traffic.cni.enabled: true)".to_owned()];
+        let outcome = Outcome {
+            pod_security: &reports,
+            ..configured(&certificate)
+        };
+        let status = status(&mesh, &outcome);
+        let (compatible, reason, message) = get(&status, "PodSecurityCompatible");
+        assert_eq!((compatible, reason), ("False", "InjectedPodsRefused"));
+        assert!(
+            message.contains("shop (baseline: traffic.cni.enabled: true)"),
+            "{message}"
+        );
+        assert_eq!(get(&status, "Ready").0, "True");
     }
 
     #[test]

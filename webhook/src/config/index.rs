@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use ferrimesh_crds::ProxyProfile;
+use ferrimesh_crds::istio::{INJECTION_LABEL, REVISION};
 use ferrimesh_crds::mesh::MeshSpec;
 use ferrimesh_crds::pod_security::ENFORCE_LABEL;
 use k8s_openapi::api::core::v1::{Namespace, Node};
@@ -256,13 +257,22 @@ struct MeshEntry {
     spec: MeshSpec,
 }
 
-/// The Meshes of one revision; the oldest (then by name) serves it.
+/// The Meshes of one revision; the oldest (then by name) serves it. Every
+/// Mesh is kept too, for the revision tags: a pod selected through a tag
+/// is served by the Mesh holding it (`ferrimesh_crds::tags`).
 #[derive(Clone, Debug)]
 pub struct MeshIndex {
     revision: String,
     meshes: BTreeMap<String, MeshEntry>,
     served: Arc<ServedMesh>,
     served_by: Option<(String, Version)>,
+    /// Every Mesh, by name.
+    all: BTreeMap<String, (Version, ferrimesh_crds::Mesh)>,
+    /// The Mesh serving each revision tag, by tag.
+    tagged: HashMap<String, Arc<ServedMesh>>,
+    /// The tag holders resolved so far, by Mesh name: resolved again only
+    /// for a new generation.
+    resolved: BTreeMap<String, (Version, Arc<ServedMesh>)>,
 }
 
 impl MeshIndex {
@@ -273,6 +283,9 @@ impl MeshIndex {
             meshes: BTreeMap::new(),
             served: Arc::new(Self::defaults(revision)),
             served_by: None,
+            all: BTreeMap::new(),
+            tagged: HashMap::new(),
+            resolved: BTreeMap::new(),
         }
     }
 
@@ -290,6 +303,34 @@ impl MeshIndex {
         Arc::clone(&self.served)
     }
 
+    /// The Mesh serving a pod that the revision or tag `selected_by`
+    /// selected (`ferrimesh_crds::tags::selected_revision`): the Mesh
+    /// holding the tag when it is one, else the Mesh of this revision.
+    pub fn served_for(&self, selected_by: Option<&str>) -> Arc<ServedMesh> {
+        let tagged = selected_by.and_then(|revision| self.tagged.get(revision));
+        Arc::clone(tagged.unwrap_or(&self.served))
+    }
+
+    /// Finds again which Mesh holds each tag; resolves a holder only when
+    /// it is a new Mesh or generation.
+    fn retag(&mut self) {
+        let meshes: Vec<ferrimesh_crds::Mesh> =
+            self.all.values().map(|(_, mesh)| mesh.clone()).collect();
+        let mut resolved = BTreeMap::new();
+        let mut tagged = HashMap::new();
+        for (tag, holder) in ferrimesh_crds::tags::holders(&meshes) {
+            let name = holder.metadata.name.clone().unwrap_or_default();
+            let version = Version::of(&holder.metadata);
+            let served = match self.resolved.get(&name) {
+                Some((known, served)) if known.same_spec(&version) => Arc::clone(served),
+                _ => Arc::new(ServedMesh::resolve(holder.spec.clone(), None)),
+            };
+            tagged.insert(tag.to_owned(), Arc::clone(&served));
+            resolved.insert(name, (version, served));
+        }
+        self.tagged = tagged;
+        self.resolved = resolved;
+    }
     /// Chooses the serving Mesh again after a change; resolves it only when
     /// it is another Mesh or generation than the one served.
     fn choose(&mut self) {
@@ -322,14 +363,19 @@ impl Index for MeshIndex {
     fn empty(&self) -> Self {
         let mut empty = Self {
             meshes: BTreeMap::new(),
+            all: BTreeMap::new(),
             ..self.clone()
         };
         empty.choose();
+        empty.retag();
         empty
     }
 
     fn apply(&mut self, mesh: ferrimesh_crds::Mesh) {
         let name = mesh.metadata.name.clone().unwrap_or_default();
+        self.all
+            .insert(name.clone(), (Version::of(&mesh.metadata), mesh.clone()));
+        self.retag();
         if mesh.spec.revision == self.revision {
             let entry = MeshEntry {
                 created: mesh.metadata.creation_timestamp.clone(),
@@ -345,19 +391,19 @@ impl Index for MeshIndex {
     }
 
     fn delete(&mut self, mesh: &ferrimesh_crds::Mesh) {
-        self.meshes
-            .remove(mesh.metadata.name.as_deref().unwrap_or_default());
+        let name = mesh.metadata.name.as_deref().unwrap_or_default();
+        self.meshes.remove(name);
+        self.all.remove(name);
         self.choose();
+        self.retag();
     }
 
     fn unchanged_by(&self, mesh: &ferrimesh_crds::Mesh) -> bool {
+        // Any Mesh may hold a tag: one of another revision counts too.
         let known = self
-            .meshes
+            .all
             .get(mesh.metadata.name.as_deref().unwrap_or_default());
-        match known {
-            Some(entry) => entry.version.same_spec(&Version::of(&mesh.metadata)),
-            None => mesh.spec.revision != self.revision,
-        }
+        known.is_some_and(|(version, _)| version.same_spec(&Version::of(&mesh.metadata)))
     }
 }
 
@@ -448,36 +494,58 @@ impl Index for NodeIndex {
     }
 }
 
-/// What the webhook keeps of a Namespace: its name and the Pod Security
-/// level it enforces (the label's value), if any.
+/// What the webhook keeps of a Namespace: its name, the Pod Security
+/// level it enforces (the label's value), if any, and its injection labels
+/// (which revision or tag selects its pods).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NamespaceFacts {
     /// The Namespace's name.
     pub name: String,
     /// Its `pod-security.kubernetes.io/enforce` label.
     pub enforce: Option<String>,
+    /// Its `istio-injection` and `istio.io/rev` labels.
+    pub injection: Injection,
+}
+
+/// A namespace's `istio-injection` and `istio.io/rev` labels.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Injection {
+    /// `istio-injection`.
+    pub injection: Option<String>,
+    /// `istio.io/rev`.
+    pub revision: Option<String>,
 }
 
 impl From<&Namespace> for NamespaceFacts {
     fn from(namespace: &Namespace) -> Self {
-        Self {
-            name: namespace.metadata.name.clone().unwrap_or_default(),
-            enforce: namespace
+        let label = |key: &str| {
+            namespace
                 .metadata
                 .labels
                 .as_ref()
-                .and_then(|l| l.get(ENFORCE_LABEL))
-                .cloned(),
+                .and_then(|l| l.get(key))
+                .cloned()
+        };
+        Self {
+            name: namespace.metadata.name.clone().unwrap_or_default(),
+            enforce: label(ENFORCE_LABEL),
+            injection: Injection {
+                injection: label(INJECTION_LABEL),
+                revision: label(REVISION),
+            },
         }
     }
 }
 
 /// The Pod Security labels of the namespaces that enforce a level, each as
-/// the one-label map the engine's Pod Security check reads.
+/// the one-label map the engine's Pod Security check reads, and the
+/// injection labels of the namespaces that carry one.
 #[derive(Clone, Debug, Default)]
 pub struct NamespaceIndex {
     enforcing: HashMap<String, Arc<BTreeMap<String, String>>>,
     none: Arc<BTreeMap<String, String>>,
+    injection: HashMap<String, Injection>,
+    no_injection: Injection,
 }
 
 impl NamespaceIndex {
@@ -485,6 +553,11 @@ impl NamespaceIndex {
     /// or is unknown).
     pub fn pod_security_labels(&self, namespace: &str) -> Arc<BTreeMap<String, String>> {
         Arc::clone(self.enforcing.get(namespace).unwrap_or(&self.none))
+    }
+
+    /// The injection labels of `namespace` (none when it is unknown).
+    pub fn injection(&self, namespace: &str) -> &Injection {
+        self.injection.get(namespace).unwrap_or(&self.no_injection)
     }
 }
 
@@ -496,6 +569,12 @@ impl Index for NamespaceIndex {
     }
 
     fn apply(&mut self, namespace: NamespaceFacts) {
+        if namespace.injection == Injection::default() {
+            self.injection.remove(&namespace.name);
+        } else {
+            self.injection
+                .insert(namespace.name.clone(), namespace.injection);
+        }
         match namespace.enforce {
             Some(level) => {
                 let labels = BTreeMap::from([(ENFORCE_LABEL.to_owned(), level)]);
@@ -509,14 +588,18 @@ impl Index for NamespaceIndex {
 
     fn delete(&mut self, namespace: &NamespaceFacts) {
         self.enforcing.remove(&namespace.name);
+        self.injection.remove(&namespace.name);
     }
 
     fn unchanged_by(&self, namespace: &NamespaceFacts) -> bool {
-        self.enforcing
+        let same_injection = *self.injection(&namespace.name) == namespace.injection;
+        let same_level = self
+            .enforcing
             .get(&namespace.name)
             .map(|labels| labels.get(ENFORCE_LABEL))
             == Some(namespace.enforce.as_ref())
-            || (namespace.enforce.is_none() && !self.enforcing.contains_key(&namespace.name))
+            || (namespace.enforce.is_none() && !self.enforcing.contains_key(&namespace.name));
+        same_injection && same_level
     }
 }
 
@@ -741,6 +824,58 @@ mod tests {
         assert_eq!(second.spec.mesh_id, "m-gen2");
     }
 
+    fn tagged(name: &str, revision: &str, created: &str, tags: &[&str]) -> Mesh {
+        let mut mesh = mesh(name, revision, created, 2);
+        mesh.spec.revision_tags = tags.iter().map(|t| (*t).to_owned()).collect();
+        mesh
+    }
+
+    #[test]
+    fn a_pod_selected_through_a_tag_is_served_by_the_mesh_holding_it() {
+        let (shared, mut feed) = feed(MeshIndex::new("default"));
+        feed.handle(Event::Apply(mesh(
+            "main",
+            "default",
+            "2026-01-01T00:00:00Z",
+            1,
+        )));
+        feed.handle(Event::Apply(tagged(
+            "canary",
+            "canary",
+            "2026-01-02T00:00:00Z",
+            &["stable"],
+        )));
+        let served = |by: Option<&str>| shared.read().served_for(by).spec.mesh_id.clone();
+        assert_eq!(served(Some("stable")), "canary-gen2");
+        assert_eq!(served(Some("default")), "main-gen1");
+        assert_eq!(served(None), "main-gen1");
+        // main lists the tag too: it is older, it holds it.
+        feed.handle(Event::Apply(tagged(
+            "main",
+            "default",
+            "2026-01-01T00:00:00Z",
+            &["stable"],
+        )));
+        assert_eq!(
+            served(Some("stable")),
+            "main-gen2",
+            "the older Mesh holds it"
+        );
+        feed.handle(Event::Delete(tagged(
+            "main",
+            "default",
+            "2026-01-01T00:00:00Z",
+            &["stable"],
+        )));
+        assert_eq!(served(Some("stable")), "canary-gen2");
+        assert!(
+            !shared
+                .read()
+                .unchanged_by(&mesh("other", "other", "2026-01-03T00:00:00Z", 1)),
+            "a Mesh of another revision may hold a tag"
+        );
+    }
+
     #[test]
     fn a_mesh_moved_to_another_revision_stops_serving() {
         let (shared, mut feed) = feed(MeshIndex::new("default"));
@@ -872,7 +1007,25 @@ mod tests {
         NamespaceFacts {
             name: name.to_owned(),
             enforce: enforce.map(str::to_owned),
+            injection: Injection::default(),
         }
+    }
+
+    #[test]
+    fn namespace_index_keeps_the_injection_labels() {
+        let (shared, mut feed) = feed(NamespaceIndex::default());
+        let stable: Namespace = serde_json::from_value(json!({"metadata": {
+            "name": "shop", "labels": {"istio.io/rev": "stable"}}}))
+        .expect("namespace");
+        feed.handle(Event::Apply(NamespaceFacts::from(&stable)));
+        assert_eq!(
+            shared.read().injection("shop").revision.as_deref(),
+            Some("stable")
+        );
+        assert_eq!(*shared.read().injection("other"), Injection::default());
+        assert!(!shared.read().unchanged_by(&namespace("shop", None)));
+        feed.handle(Event::Apply(namespace("shop", None)));
+        assert_eq!(*shared.read().injection("shop"), Injection::default());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! This is plain code over bytes, tested without a server; `server::mod`
 //! only moves bytes in and out over HTTPS.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use ferrimesh_crds::mesh::MeshSpec;
@@ -291,7 +292,9 @@ fn answer(
         .or_else(|| pod.metadata.namespace.clone())
         .unwrap_or_else(|| "default".to_owned());
     let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
-    let view = source.view(&namespace, node);
+    let no_labels = BTreeMap::new();
+    let pod_labels = pod.metadata.labels.as_ref().unwrap_or(&no_labels);
+    let view = source.view(&namespace, node, pod_labels);
     let environment = Environment {
         native_sidecars_supported: view.native_sidecars_supported,
         ..environment
