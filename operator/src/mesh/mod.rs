@@ -21,6 +21,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::cluster::{ClusterState, Failure};
+use crate::lifecycle::Report;
 use crate::workloads::registered_entry::RegisteredEntry;
 use crate::{Error, FIELD_MANAGER, Result};
 
@@ -51,6 +52,8 @@ pub struct Context {
     /// What the cluster reconciler published last (`None` before its first
     /// reconcile).
     pub cluster: watch::Receiver<Option<ClusterState>>,
+    /// What the lifecycle loop found last: pods to restart, rollouts.
+    pub lifecycle: watch::Receiver<Report>,
     /// Publishes an Event for every change the operator makes.
     pub recorder: Recorder,
 }
@@ -100,6 +103,7 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
         labelling: cluster.labelling.as_ref(),
         labelled: cluster.labelled.get(&name).copied().unwrap_or(0),
         registered,
+        drift: ctx.lifecycle.borrow().for_mesh(mesh),
     };
     let status = status::status(mesh, &outcome);
     if mesh.status.as_ref() != Some(&status) {

@@ -1,13 +1,15 @@
 //! A Mesh's status as a pure function of what its reconcile found: the
 //! conditions `CertificateReady`, `WebhookConfigured`, `NamespacesLabelled`,
 //! and `Ready` (True when the three are; otherwise False with the reason and
-//! message of the first that is not).
+//! message of the first that is not); with an automatic rollout,
+//! `RolloutProgressing` (which `Ready` does not include).
 
 use ferrimesh_crds::{Mesh, MeshStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::core::Selector;
 
 use crate::cluster::{Certificate, Failure};
+use crate::lifecycle::MeshDrift;
 
 /// What a Mesh's reconcile found.
 #[derive(Clone, Debug)]
@@ -23,6 +25,8 @@ pub struct Outcome<'a> {
     pub labelled: i32,
     /// WorkloadEntries registered for the Mesh's pods.
     pub registered: i32,
+    /// Its pods to restart, and its rollout.
+    pub drift: MeshDrift,
 }
 
 /// A condition: `Ok((reason, message))` is True, `Err` False.
@@ -113,11 +117,25 @@ pub fn status(mesh: &Mesh, outcome: &Outcome) -> MeshStatus {
     };
     let mut conditions = vec![condition("Ready", &ready, mesh)];
     conditions.extend(parts.iter().map(|(type_, v, _)| condition(type_, v, mesh)));
+    if let Some(rollout) = &outcome.drift.rollout {
+        let verdict: Verdict = if rollout.progressing {
+            Ok((rollout.reason.clone(), rollout.message.clone()))
+        } else {
+            Err(Failure {
+                reason: rollout.reason.clone(),
+                message: rollout.message.clone(),
+            })
+        };
+        conditions.push(condition("RolloutProgressing", &verdict, mesh));
+    }
     MeshStatus {
         observed_generation: mesh.metadata.generation,
         conditions,
         labelled_namespaces: outcome.labelled,
         registered_workloads: outcome.registered,
+        uninjected_pods: outcome.drift.uninjected,
+        outdated_pods: outcome.drift.outdated,
+        orphaned_pods: outcome.drift.orphaned,
     }
 }
 
@@ -149,6 +167,7 @@ mod tests {
             labelling: None,
             labelled: 0,
             registered: 0,
+            drift: MeshDrift::default(),
         }
     }
 
@@ -172,6 +191,7 @@ mod tests {
             labelling: None,
             labelled: 2,
             registered: 5,
+            drift: MeshDrift::default(),
         };
         let status = status(&mesh, &outcome);
         assert_eq!(get(&status, "Ready").0, "True");
@@ -207,6 +227,7 @@ mod tests {
             labelling: None,
             labelled: 1,
             registered: 0,
+            drift: MeshDrift::default(),
         };
         let status = status(&mesh, &outcome);
         let (ready, reason, message) = get(&status, "Ready");
@@ -229,6 +250,7 @@ mod tests {
             labelling: Some(&denied),
             labelled: 1,
             registered: 0,
+            drift: MeshDrift::default(),
         };
         assert_eq!(
             get(&status(&mesh, &outcome), "Ready").1,
@@ -262,6 +284,45 @@ mod tests {
         let (labelled, reason, message) = get(&status, "NamespacesLabelled");
         assert_eq!((labelled, reason), ("False", "InvalidNamespaceSelector"));
         assert!(message.contains("operator"), "{message}");
+    }
+
+    #[test]
+    fn reports_pods_to_restart_and_a_stalled_rollout_without_touching_ready() {
+        let mesh = Mesh::new("default", MeshSpec::default());
+        let certificate = certificate();
+        let mut outcome = configured(&certificate);
+        outcome.drift = MeshDrift {
+            uninjected: 1,
+            outdated: 2,
+            orphaned: 3,
+            rollout: None,
+        };
+        let manual = status(&mesh, &outcome);
+        assert_eq!(
+            (
+                manual.uninjected_pods,
+                manual.outdated_pods,
+                manual.orphaned_pods
+            ),
+            (1, 2, 3)
+        );
+        assert!(
+            manual
+                .conditions
+                .iter()
+                .all(|c| c.type_ != "RolloutProgressing"),
+            "no rollout condition for a manual rollout"
+        );
+        outcome.drift.rollout = Some(crate::lifecycle::rollout::Progress {
+            progressing: false,
+            reason: "RolloutStalled".into(),
+            message: "Deployment shop/web was restarted and has not rolled out".into(),
+        });
+        let stalled = status(&mesh, &outcome);
+        let (progressing, reason, message) = get(&stalled, "RolloutProgressing");
+        assert_eq!((progressing, reason), ("False", "RolloutStalled"));
+        assert!(message.contains("shop/web"), "{message}");
+        assert_eq!(get(&stalled, "Ready").0, "True");
     }
 
     #[test]
