@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use ferrimesh_crds::{Mesh, MeshSpec, ProxyProfile};
 use ferrimesh_e2e::fixtures::{
-    WAIT, create_until_injected, namespace, start_operator_and_webhook, start_operator_with,
-    wait_for_crds,
+    WAIT, create_until_injected, debug_profile, namespace, patch_default_mesh,
+    start_operator_and_webhook, start_operator_with, wait_for_crds,
 };
 use ferrimesh_e2e::{ControlPlane, eventually};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
@@ -112,12 +112,10 @@ async fn counts(client: &Client, uninjected: i32, outdated: i32) -> anyhow::Resu
     found.map_err(|e| anyhow::anyhow!("{e}; last seen (uninjected, outdated): {last:?}"))
 }
 
-/// The notes of the Events with `reason` on `kind` `ns/name`.
+/// The notes of the Events with `reason` on `[ns, kind, name]`.
 async fn events(
     client: &Client,
-    ns: &str,
-    kind: &str,
-    name: &str,
+    [ns, kind, name]: [&str; 3],
     reason: &str,
 ) -> anyhow::Result<Vec<String>> {
     let events = Api::<Event>::namespaced(client.clone(), ns)
@@ -136,15 +134,15 @@ async fn events(
         .collect())
 }
 
-async fn set_image(meshes: &Api<Mesh>, image: &str) -> anyhow::Result<()> {
-    meshes
-        .patch(
-            "default",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"proxy": {"image": image}}})),
-        )
-        .await?;
-    Ok(())
+/// Waits for Events with `reason` on `[ns, kind, name]`; their notes.
+async fn wait_events(client: &Client, on: [&str; 3], reason: &str) -> anyhow::Result<Vec<String>> {
+    let [ns, kind, name] = on;
+    let what = format!("a {reason} Event on {kind} {ns}/{name}");
+    eventually(&what, WAIT, || async {
+        let notes = events(client, on, reason).await?;
+        Ok((!notes.is_empty()).then_some(notes))
+    })
+    .await
 }
 
 async fn installed(spec: MeshSpec) -> anyhow::Result<(ControlPlane, Client)> {
@@ -175,47 +173,37 @@ async fn mesh_status_counts_stale_pods_and_their_owners_get_an_event() -> anyhow
 
     label(&client, "late", Some("enabled")).await?;
     counts(&client, 1, 0).await?;
-    let notes = eventually("a NeedsRestart Event on the Deployment", WAIT, || async {
-        let notes = events(&client, "late", "Deployment", "early", "NeedsRestart").await?;
-        Ok((!notes.is_empty()).then_some(notes))
-    })
-    .await?;
+    let notes = wait_events(&client, ["late", "Deployment", "early"], "NeedsRestart").await?;
     assert!(
         notes[0].contains("uninjected: revision default would inject it"),
         "{notes:?}"
     );
     assert!(
-        events(&client, "late", "ReplicaSet", "early-1", "NeedsRestart")
+        events(&client, ["late", "ReplicaSet", "early-1"], "NeedsRestart")
             .await?
             .is_empty(),
         "on the Deployment, not its ReplicaSet"
     );
 
     // The Mesh's image changes: exactly its injected pods are outdated.
-    let meshes: Api<Mesh> = Api::all(client.clone());
-    set_image(&meshes, "registry.example/proxyv2:next").await?;
-    counts(&client, 1, 2).await?;
-    let notes = eventually("a NeedsRestart Event on pod shop/api", WAIT, || async {
-        let notes = events(&client, "shop", "Pod", "api", "NeedsRestart").await?;
-        Ok((!notes.is_empty()).then_some(notes))
-    })
+    patch_default_mesh(
+        &client,
+        json!({"proxy": {"image": "registry.example/proxyv2:next"}}),
+    )
     .await?;
+    counts(&client, 1, 2).await?;
+    let notes = wait_events(&client, ["shop", "Pod", "api"], "NeedsRestart").await?;
     assert!(
         notes[0].contains("registry.example/proxyv2:next"),
         "{notes:?}"
     );
-    set_image(&meshes, ferrimesh_crds::settings::DEFAULT_PROXY_IMAGE).await?;
+    let image = ferrimesh_crds::settings::DEFAULT_PROXY_IMAGE;
+    patch_default_mesh(&client, json!({"proxy": {"image": image}})).await?;
     counts(&client, 1, 0).await?;
 
     // A ProxyProfile concerns only the pods it selects.
-    let profile: ProxyProfile = serde_json::from_value(json!({
-        "apiVersion": "mesh.ferrimesh.io/v1alpha1",
-        "kind": "ProxyProfile",
-        "metadata": {"name": "api-debug", "namespace": "shop"},
-        "spec": {"selector": {"matchLabels": {"app": "api"}}, "proxy": {"logLevel": "debug"}},
-    }))?;
+    debug_profile(&client, "shop", "api").await?;
     let profiles: Api<ProxyProfile> = Api::namespaced(client.clone(), "shop");
-    profiles.create(&PostParams::default(), &profile).await?;
     counts(&client, 1, 1).await?;
     profiles
         .delete("api-debug", &DeleteParams::default())
@@ -237,7 +225,11 @@ async fn mesh_status_counts_stale_pods_and_their_owners_get_an_event() -> anyhow
     new.status = None;
     create_until_injected(&late, &new).await?;
     counts(&client, 0, 0).await?;
-    let status = meshes.get("default").await?.status.unwrap_or_default();
+    let status = Api::<Mesh>::all(client.clone())
+        .get("default")
+        .await?
+        .status
+        .unwrap_or_default();
     assert_eq!(status.orphaned_pods, 0);
     assert!(
         status
@@ -344,17 +336,6 @@ async fn wait_progress(client: &Client, reason: &str) -> anyhow::Result<String> 
     .await
 }
 
-async fn set_paused(client: &Client, paused: bool) -> anyhow::Result<()> {
-    Api::<Mesh>::all(client.clone())
-        .patch(
-            "default",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"rollout": {"paused": paused}}})),
-        )
-        .await?;
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn automatic_rollout_restarts_stale_deployments_one_at_a_time_and_survives_a_kill()
 -> anyhow::Result<()> {
@@ -392,11 +373,11 @@ async fn automatic_rollout_restarts_stale_deployments_one_at_a_time_and_survives
     stays_unrestarted(&client, &[("a", "two"), ("b", "three")], 5).await?;
 
     // Paused: a/one finishing starts nothing new.
-    set_paused(&client, true).await?;
+    patch_default_mesh(&client, json!({"rollout": {"paused": true}})).await?;
     wait_progress(&client, "RolloutPaused").await?;
     roll_out(&client, "a", "one").await?;
     stays_unrestarted(&client, &[("a", "two"), ("b", "three")], 5).await?;
-    set_paused(&client, false).await?;
+    patch_default_mesh(&client, json!({"rollout": {"paused": false}})).await?;
     let (_, two_at, _) = wait_restarted(&client, "a", "two").await?;
 
     // The operator SIGKILLed while a/two rolls out: its successor neither
@@ -440,7 +421,7 @@ async fn automatic_rollout_restarts_stale_deployments_one_at_a_time_and_survives
             (Some(target.as_str()), 2),
             "{ns}/{name}"
         );
-        let notes = events(&client, ns, "Deployment", name, "RolloutRestarted").await?;
+        let notes = events(&client, [ns, "Deployment", name], "RolloutRestarted").await?;
         assert_eq!(notes.len(), 1, "{ns}/{name}: {notes:?}");
     }
     assert_eq!(
@@ -456,11 +437,7 @@ async fn automatic_rollout_restarts_stale_deployments_one_at_a_time_and_survives
     let lonely = bare.get("lonely").await?;
     assert!(lonely.metadata.deletion_timestamp.is_none());
     assert!(!lonely.annotations().contains_key(RESTARTED_FOR));
-    assert!(
-        !events(&client, "a", "Pod", "lonely", "NeedsRestart")
-            .await?
-            .is_empty()
-    );
+    wait_events(&client, ["a", "Pod", "lonely"], "NeedsRestart").await?;
     let labels: BTreeMap<String, String> = lonely.labels().clone();
     assert_eq!(labels.get("app").map(String::as_str), Some("lonely"));
     Ok(())

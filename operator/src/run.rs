@@ -296,25 +296,18 @@ pub(crate) async fn controllers(
     // ReplicaSets' owners from their metadata; the workloads a rollout
     // restarts, reduced to their rollout state.
     let caches = Caches::default();
-    let (profiles, profile_writer) = reflector::store();
     let (mark_profiles, profiles_synced) = synced();
-    let profile_cache = {
-        let changed = Arc::clone(&lifecycle_changed);
+    let profile_cache = fill(
         watcher(
             Api::<ProxyProfile>::all(client.clone()),
             watch_config.clone(),
         )
-        .default_backoff()
-        .reflect(profile_writer)
-        .for_each(move |event| {
-            mark_profiles.observe(&event);
-            if let Err(e) = event {
-                tracing::warn!(error = %e, "ProxyProfile watch failed; retrying");
-            }
-            changed.notify_one();
-            async {}
-        })
-    };
+        .default_backoff(),
+        caches.profiles.clone(),
+        mark_profiles,
+        Arc::clone(&lifecycle_changed),
+        Some,
+    );
     let (mark_all_pods, all_pods_synced) = synced();
     let all_pod_cache = fill(
         watcher(
@@ -413,7 +406,6 @@ pub(crate) async fn controllers(
             namespace: config.namespace.clone(),
             meshes: meshes.clone(),
             namespaces: namespaces.clone(),
-            profiles,
             caches,
         };
         let caches = [

@@ -15,13 +15,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
-use ferrimesh_crds::drift::{Configuration, serving_mesh};
+use ferrimesh_crds::drift::{Configuration, namespace_mesh};
 use ferrimesh_crds::istio::SYSTEM_NAMESPACES;
 use ferrimesh_crds::mesh::RolloutPolicy;
 use ferrimesh_crds::{Mesh, ProxyProfile};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod};
 use kube::api::{Patch, PatchParams};
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
@@ -79,6 +79,8 @@ pub struct Caches {
     pub stateful_sets: Cache<Workload>,
     /// DaemonSets, reduced.
     pub daemon_sets: Cache<Workload>,
+    /// Every ProxyProfile.
+    pub profiles: Cache<ProxyProfile>,
 }
 
 impl Caches {
@@ -109,9 +111,7 @@ pub struct Context {
     pub meshes: Store<Mesh>,
     /// Every Namespace.
     pub namespaces: Store<Namespace>,
-    /// Every ProxyProfile.
-    pub profiles: Store<ProxyProfile>,
-    /// Pods, ReplicaSets and workloads.
+    /// Pods, ReplicaSets, ProxyProfiles and workloads.
     pub caches: Caches,
 }
 
@@ -225,17 +225,9 @@ pub async fn run(
 /// The revision serving a namespace's pods (a pod with no labels of its
 /// own), if any.
 fn namespace_revision(namespace: &str, world: &World<'_>) -> Option<String> {
-    let probe = Pod {
-        metadata: kube::core::ObjectMeta {
-            namespace: Some(namespace.to_owned()),
-            ..Default::default()
-        },
-        spec: Some(PodSpec::default()),
-        ..Pod::default()
-    };
     let empty = BTreeMap::new();
     let labels = world.namespaces.get(namespace).unwrap_or(&empty);
-    serving_mesh(&probe, labels, world.config).map(|m| m.spec.revision.clone())
+    namespace_mesh(namespace, labels, world.config).map(|m| m.spec.revision.clone())
 }
 
 async fn pass(ctx: &Context, memory: &mut Memory) -> Result<Report> {
@@ -253,10 +245,12 @@ async fn pass(ctx: &Context, memory: &mut Memory) -> Result<Report> {
         .map(|ns| (ns.name_any(), ns.labels().clone()))
         .collect();
     let mut profiles: HashMap<String, Vec<ProxyProfile>> = HashMap::new();
-    for profile in ctx.profiles.state() {
-        let ns = profile.namespace().unwrap_or_default();
-        profiles.entry(ns).or_default().push((*profile).clone());
-    }
+    ctx.caches.profiles.read(|items| {
+        for (key, profile) in items {
+            let ns = key.namespace.to_string();
+            profiles.entry(ns).or_default().push(profile.clone());
+        }
+    });
     let mut excluded: Vec<&str> = SYSTEM_NAMESPACES.to_vec();
     excluded.push(&ctx.namespace);
     let world = World {
@@ -492,6 +486,27 @@ async fn roll_out(
     plan.progress
 }
 
+/// Server-side applies `patch` to `namespace/name` of kind `K`; returns
+/// its uid.
+async fn apply<K>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    patch: &serde_json::Value,
+) -> Result<Option<String>>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let applied = Api::<K>::namespaced(client.clone(), namespace)
+        .patch(name, &params, &Patch::Apply(patch))
+        .await?;
+    Ok(applied.meta().uid.clone())
+}
+
 /// Restarts a workload as `kubectl rollout restart` does, recording the
 /// target in the same server-side apply; returns the reference of the
 /// workload for its Event.
@@ -512,30 +527,10 @@ async fn restart(
                      "annotations": {RESTARTED_FOR: candidate.target}},
         "spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: at.to_string()}}}},
     });
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    let patch = Patch::Apply(&patch);
     let uid = match kind {
-        Kind::Deployment => {
-            Api::<Deployment>::namespaced(client.clone(), namespace)
-                .patch(name, &params, &patch)
-                .await?
-                .metadata
-                .uid
-        }
-        Kind::StatefulSet => {
-            Api::<StatefulSet>::namespaced(client.clone(), namespace)
-                .patch(name, &params, &patch)
-                .await?
-                .metadata
-                .uid
-        }
-        Kind::DaemonSet => {
-            Api::<DaemonSet>::namespaced(client.clone(), namespace)
-                .patch(name, &params, &patch)
-                .await?
-                .metadata
-                .uid
-        }
+        Kind::Deployment => apply::<Deployment>(client, namespace, name, &patch).await?,
+        Kind::StatefulSet => apply::<StatefulSet>(client, namespace, name, &patch).await?,
+        Kind::DaemonSet => apply::<DaemonSet>(client, namespace, name, &patch).await?,
     };
     Ok(ObjectReference {
         api_version: Some("apps/v1".to_owned()),

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ferrimesh_crds::decision::MIRROR_POD;
-use ferrimesh_crds::drift::injected_revision;
+use ferrimesh_crds::drift::{injected_revision, proxy_image};
 use ferrimesh_crds::istio::{INJECT, PROXY_CONTAINER, SIDECAR_STATUS};
 use ferrimesh_crds::stamp::{INJECTION_HASH, is_settings_annotation};
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
@@ -88,18 +88,6 @@ fn pairs<'a>(entries: impl Iterator<Item = (&'a String, &'a String)>) -> Pairs {
         .collect()
 }
 
-/// The proxy's image: `istio-proxy` as a container or a native sidecar.
-fn proxy_image(spec: &PodSpec) -> Option<Box<str>> {
-    spec.init_containers
-        .iter()
-        .flatten()
-        .chain(&spec.containers)
-        .find(|c| c.name == PROXY_CONTAINER)?
-        .image
-        .as_deref()
-        .map(Into::into)
-}
-
 impl DriftPod {
     /// Reduces `pod`, its shape shared through `shapes`; `None` for a pod
     /// that has finished or is being deleted (not counted).
@@ -119,7 +107,7 @@ impl DriftPod {
             labels: pairs(meta.labels.iter().flatten()),
             annotations: pairs(annotations.iter().filter(|(k, _)| classified(k))),
             injected: injected_revision(pod).map(Into::into),
-            proxy_image: spec.and_then(proxy_image),
+            proxy_image: proxy_image(pod).map(Into::into),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             owner,
         };
