@@ -422,7 +422,10 @@ async fn automatic_rollout_restarts_stale_deployments_one_at_a_time_and_survives
             "{ns}/{name}"
         );
         let notes = events(&client, [ns, "Deployment", name], "RolloutRestarted").await?;
-        assert_eq!(notes.len(), 1, "{ns}/{name}: {notes:?}");
+        // a/two's Event may have been lost with the operator killed right
+        // after its restart; none is ever published twice.
+        let expected = if name == "two" { 0..=1 } else { 1..=1 };
+        assert!(expected.contains(&notes.len()), "{ns}/{name}: {notes:?}");
     }
     assert_eq!(
         restarted(&client, "a", "one").await?.1,

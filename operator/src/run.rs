@@ -466,9 +466,13 @@ pub(crate) async fn controllers(
         let (metrics, client) = (metrics.clone(), client.clone());
         let entries_synced = entries_synced.clone();
         let meshes = meshes.clone();
+        // Entry changes and the lifecycle's counts only move the status:
+        // at most one reconcile of every Mesh per five seconds for both.
+        let status_changes =
+            futures::stream::select(notified(entries_changed), changes(reported).boxed());
         let triggers = futures::stream::select(
-            futures::stream::select(changes(published), changes(reported)),
-            throttle(notified(entries_changed), Duration::from_secs(5)),
+            changes(published),
+            throttle(status_changes, Duration::from_secs(5)),
         );
         async move {
             if !entries_synced.wait().await {

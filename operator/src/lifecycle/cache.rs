@@ -93,7 +93,8 @@ impl<V> Cache<V> {
                 let State {
                     items, namespaces, ..
                 } = &mut *state;
-                namespaces.retain(|ns| items.keys().any(|k| k.namespace == *ns));
+                let live: HashSet<&Arc<str>> = items.keys().map(|k| &k.namespace).collect();
+                namespaces.retain(|ns| live.contains(ns));
             }
             Event::Apply(object) => {
                 let key = key(&mut state, &object);
