@@ -541,3 +541,93 @@ async fn restart(
         ..ObjectReference::default()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use http::StatusCode;
+    use serde_json::json;
+
+    use super::*;
+    use crate::test_api::{self, answer};
+
+    #[tokio::test]
+    async fn a_restart_is_one_apply_of_both_annotations_as_the_operator() {
+        let (client, mut handle) = test_api::client();
+        let candidate = Candidate {
+            workload: WorkloadRef {
+                kind: Kind::StatefulSet,
+                namespace: "shop".into(),
+                name: "db".into(),
+            },
+            target: "86b80008e0348c92".into(),
+            current: Workload::default(),
+        };
+        let at = jiff::Timestamp::from_second(1_800_000_000).expect("time");
+        let restarting = tokio::spawn(async move { restart(&client, &candidate, at).await });
+        let stored = json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+                            "metadata": {"name": "db", "namespace": "shop", "uid": "db-uid"}});
+        let sent = test_api::within(answer(
+            &mut handle,
+            "PATCH",
+            "/apis/apps/v1/namespaces/shop/statefulsets/db",
+            StatusCode::OK,
+            stored,
+        ))
+        .await;
+        assert_eq!(
+            sent,
+            json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+                   "metadata": {"name": "db", "namespace": "shop",
+                                "annotations": {RESTARTED_FOR: "86b80008e0348c92"}},
+                   "spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: "2027-01-15T08:00:00Z"}}}}})
+        );
+        let reference = restarting.await.expect("task").expect("restarted");
+        assert_eq!(reference.uid.as_deref(), Some("db-uid"));
+        assert_eq!(reference.kind.as_deref(), Some("StatefulSet"));
+    }
+
+    #[test]
+    fn a_mesh_reads_its_revision_counts_the_orphans_and_its_own_rollout() {
+        let mesh = Mesh::new(
+            "canary-mesh",
+            ferrimesh_crds::MeshSpec {
+                revision: "canary".into(),
+                ..Default::default()
+            },
+        );
+        let progress = Progress {
+            progressing: true,
+            reason: "RolloutComplete".into(),
+            message: "no workload needs a restart".into(),
+        };
+        let report = Report {
+            counts: BTreeMap::from([
+                (
+                    "canary".into(),
+                    Counts {
+                        uninjected: 2,
+                        outdated: 1,
+                    },
+                ),
+                (
+                    "default".into(),
+                    Counts {
+                        uninjected: 5,
+                        outdated: 5,
+                    },
+                ),
+            ]),
+            orphaned: 4,
+            rollouts: BTreeMap::from([("canary-mesh".into(), progress.clone())]),
+        };
+        assert_eq!(
+            report.for_mesh(&mesh),
+            MeshDrift {
+                uninjected: 2,
+                outdated: 1,
+                orphaned: 4,
+                rollout: Some(progress),
+            }
+        );
+    }
+}
