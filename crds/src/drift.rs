@@ -204,6 +204,24 @@ pub fn serving_mesh<'m>(
         .then_some(selected)
 }
 
+/// The Mesh that would inject a pod of `namespace` (labelled
+/// `namespace_labels`) created now with no labels or annotations of its own.
+pub fn namespace_mesh<'m>(
+    namespace: &str,
+    namespace_labels: &BTreeMap<String, String>,
+    config: Configuration<'m>,
+) -> Option<&'m Mesh> {
+    let probe = Pod {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            namespace: Some(namespace.to_owned()),
+            ..Default::default()
+        },
+        spec: Some(Default::default()),
+        ..Pod::default()
+    };
+    serving_mesh(&probe, namespace_labels, config)
+}
+
 /// Classifies `pod` (in a namespace with `namespace_labels`) against today's
 /// configuration; `profiles` are the ProxyProfiles of the pod's namespace.
 pub fn classify(
@@ -262,7 +280,7 @@ pub fn classify(
 }
 
 /// The image of the pod's `istio-proxy` (a container or a native sidecar).
-fn proxy_image(pod: &Pod) -> Option<&str> {
+pub fn proxy_image(pod: &Pod) -> Option<&str> {
     let spec = pod.spec.as_ref()?;
     spec.init_containers
         .iter()

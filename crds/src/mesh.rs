@@ -43,6 +43,16 @@ pub const DEFAULT_REVISION: &str = "default";
         json_path = ".status.registeredWorkloads"
     ),
     printcolumn(
+        name = "Uninjected",
+        type_ = "integer",
+        json_path = ".status.uninjectedPods"
+    ),
+    printcolumn(
+        name = "Outdated",
+        type_ = "integer",
+        json_path = ".status.outdatedPods"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -387,7 +397,8 @@ pub struct MeshStatus {
     /// The generation the status describes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Ready, WebhookConfigured, CertificateReady, NamespacesLabelled.
+    /// Ready, WebhookConfigured, CertificateReady, NamespacesLabelled, and
+    /// RolloutProgressing with `rollout.policy: Automatic`.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// Namespaces labelled for this Mesh.
@@ -396,4 +407,16 @@ pub struct MeshStatus {
     /// WorkloadEntries registered for this Mesh's pods.
     #[serde(default)]
     pub registered_workloads: i32,
+    /// Live pods this Mesh would inject today that run without a sidecar
+    /// (created before their namespace or they were selected).
+    #[serde(default)]
+    pub uninjected_pods: i32,
+    /// Live pods whose sidecar is not what this Mesh (and the ProxyProfiles)
+    /// would inject today: another image, revision or settings.
+    #[serde(default)]
+    pub outdated_pods: i32,
+    /// Live pods, cluster-wide, injected by a revision no Mesh serves
+    /// (the same count on every Mesh).
+    #[serde(default)]
+    pub orphaned_pods: i32,
 }

@@ -297,6 +297,33 @@ pub async fn entry_exists(client: &Client, ns: &str, name: &str) -> anyhow::Resu
         .is_some())
 }
 
+/// Creates the ProxyProfile `<app>-debug` in `ns`, raising the proxy log
+/// level of the pods labelled `app=<app>`.
+pub async fn debug_profile(client: &Client, ns: &str, app: &str) -> anyhow::Result<()> {
+    let profile: ferrimesh_crds::ProxyProfile = serde_json::from_value(json!({
+        "apiVersion": "mesh.ferrimesh.io/v1alpha1",
+        "kind": "ProxyProfile",
+        "metadata": {"name": format!("{app}-debug"), "namespace": ns},
+        "spec": {"selector": {"matchLabels": {"app": app}}, "proxy": {"logLevel": "debug"}},
+    }))?;
+    Api::<ferrimesh_crds::ProxyProfile>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &profile)
+        .await?;
+    Ok(())
+}
+
+/// Merge-patches `spec` into the spec of the Mesh `default`.
+pub async fn patch_default_mesh(client: &Client, spec: serde_json::Value) -> anyhow::Result<()> {
+    Api::<ferrimesh_crds::Mesh>::all(client.clone())
+        .patch(
+            "default",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": spec })),
+        )
+        .await?;
+    Ok(())
+}
+
 /// Creates the Mesh `default` selecting namespaces labelled `mesh=on`.
 pub async fn mesh_selecting_mesh_on(client: &Client) -> anyhow::Result<()> {
     let spec = ferrimesh_crds::MeshSpec {

@@ -1,7 +1,8 @@
 //! Least privilege, enforced by a real API server: with `config/default`
 //! applied (RBAC from `config/rbac`, admission policies from
 //! `config/policy`), the operator's own token may write what the operator
-//! writes and is refused the rest. The other e2e tests run the operator
+//! writes and is refused the rest (among which: any change to a workload
+//! but the rollout's restart). The other e2e tests run the operator
 //! under the same rules and show it still does its job.
 
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,7 @@ use ferrimesh_e2e::{ControlPlane, client_for, eventually};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ServiceReference, WebhookClientConfig,
 };
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -490,5 +492,103 @@ async fn operator_token_reads_and_writes_only_its_own_secrets() -> anyhow::Resul
             .await,
         "the operator listing Secrets of another namespace",
     )?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_token_may_only_restart_a_workload() -> anyhow::Result<()> {
+    let plane = ControlPlane::start().await?;
+    let admin = plane.client().await?;
+    plane.apply_kustomization("config/default")?;
+    namespace(&admin, "team", &[]).await?;
+    let web: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web", "annotations": {"team": "a"}},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "web", "image": "registry.example/web:1"}]}}}
+    }))?;
+    Api::<Deployment>::namespaced(admin.clone(), "team")
+        .create(&PostParams::default(), &web)
+        .await?;
+    let operator = client_for(&plane.kubeconfig_for("ferrimesh-operator")?).await?;
+    let deployments: Api<Deployment> = Api::namespaced(operator.clone(), "team");
+    let merge = |patch: serde_json::Value| {
+        let deployments = deployments.clone();
+        async move {
+            deployments
+                .patch(
+                    "web",
+                    &PatchParams::default().dry_run(),
+                    &Patch::Merge(patch),
+                )
+                .await
+        }
+    };
+
+    // What it may not (tried as dry runs, which admission sees whole):
+    // change what runs, scale, or touch another annotation.
+    let image = json!({"spec": {"template": {"spec": {"containers": [
+        {"name": "web", "image": "attacker.example/web:1"}]}}}});
+    let last = Arc::new(Mutex::new(String::new()));
+    eventually("the workload policy in force", WAIT, || {
+        let (image, last) = (image.clone(), Arc::clone(&last));
+        async move {
+            let result = merge(image).await;
+            *last.lock().unwrap_or_else(|e| e.into_inner()) = format!("{result:?}");
+            Ok(refused_by(result, "ferrimesh-operator-workloads").then_some(()))
+        }
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "last answer: {}",
+            last.lock().unwrap_or_else(|e| e.into_inner())
+        )
+    })?;
+    let message = refused(
+        merge(json!({"spec": {"replicas": 0}})).await,
+        "the operator scaling a Deployment",
+    )?;
+    assert!(message.contains("replicas"), "{message}");
+    let message = refused(
+        merge(json!({"metadata": {"annotations": {"team": "b"}}})).await,
+        "the operator changing another annotation",
+    )?;
+    assert!(message.contains("ferrimesh.io/restarted-for"), "{message}");
+    refused(
+        merge(json!({"spec": {"template": {"metadata": {"labels": {"app": "web", "x": "y"}}}}}))
+            .await,
+        "the operator relabelling the pod template",
+    )?;
+
+    // What it does: a restart, as its rollout writes it.
+    let restart = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "team",
+                     "annotations": {"ferrimesh.io/restarted-for": "86b80008e0348c92"}},
+        "spec": {"template": {"metadata": {"annotations": {
+            "kubectl.kubernetes.io/restartedAt": "2026-12-02T12:00:00Z"}}}},
+    });
+    deployments
+        .patch("web", &apply(), &Patch::Apply(&restart))
+        .await?;
+    let stored = Api::<Deployment>::namespaced(admin, "team")
+        .get("web")
+        .await?;
+    let spec = stored.spec.unwrap_or_default();
+    assert_eq!(spec.replicas, Some(2));
+    assert_eq!(
+        spec.template.spec.map(|s| s.containers[0].image.clone()),
+        Some(Some("registry.example/web:1".to_owned()))
+    );
+    assert_eq!(
+        stored
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .get("team")
+            .map(String::as_str),
+        Some("a")
+    );
     Ok(())
 }

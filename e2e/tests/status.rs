@@ -12,7 +12,9 @@ use anyhow::{Context, bail};
 use ferrimesh_crds::istio::SYSTEM_NAMESPACES;
 use ferrimesh_crds::selection::webhook_configuration;
 use ferrimesh_crds::{Mesh, MeshSpec, ProxyProfile};
-use ferrimesh_e2e::fixtures::{self, create_until_injected, namespace, wait_for_crds};
+use ferrimesh_e2e::fixtures::{
+    self, create_until_injected, debug_profile, namespace, patch_default_mesh, wait_for_crds,
+};
 use ferrimesh_e2e::{ControlPlane, ServingCertificate, free_port, workspace_binary};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
@@ -79,17 +81,6 @@ fn pod_state(report: &Value, ns: &str, name: &str) -> Option<(String, Option<Str
         pod["state"].as_str()?.to_owned(),
         pod["reason"]["kind"].as_str().map(str::to_owned),
     ))
-}
-
-async fn set_image(meshes: &Api<Mesh>, image: &str) -> anyhow::Result<()> {
-    meshes
-        .patch(
-            "default",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"proxy": {"image": image}}})),
-        )
-        .await?;
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,7 +156,11 @@ async fn status_counts_uninjected_and_outdated_pods() -> anyhow::Result<()> {
     );
 
     // The Mesh's image changes: exactly its injected pods are outdated.
-    set_image(&meshes, "registry.example/proxyv2:next").await?;
+    patch_default_mesh(
+        &client,
+        json!({"proxy": {"image": "registry.example/proxyv2:next"}}),
+    )
+    .await?;
     let report = status(&plane.kubeconfig, true)?;
     assert_eq!(counts(&report, "shop"), (0, 2, 0), "{report:#}");
     assert_eq!(counts(&report, "late"), (0, 0, 1), "{report:#}");
@@ -173,18 +168,13 @@ async fn status_counts_uninjected_and_outdated_pods() -> anyhow::Result<()> {
         pod_state(&report, "shop", "api"),
         Some(("outdated".to_owned(), Some("image".to_owned())))
     );
-    set_image(&meshes, ferrimesh_crds::settings::DEFAULT_PROXY_IMAGE).await?;
+    let image = ferrimesh_crds::settings::DEFAULT_PROXY_IMAGE;
+    patch_default_mesh(&client, json!({"proxy": {"image": image}})).await?;
     assert_eq!(counts(&status(&plane.kubeconfig, true)?, "shop"), (2, 0, 0));
 
     // A ProxyProfile concerns only the pods it selects.
-    let profile: ProxyProfile = serde_json::from_value(json!({
-        "apiVersion": "mesh.ferrimesh.io/v1alpha1",
-        "kind": "ProxyProfile",
-        "metadata": {"name": "api-debug", "namespace": "shop"},
-        "spec": {"selector": {"matchLabels": {"app": "api"}}, "proxy": {"logLevel": "debug"}},
-    }))?;
+    debug_profile(&client, "shop", "api").await?;
     let profiles: Api<ProxyProfile> = Api::namespaced(client.clone(), "shop");
-    profiles.create(&PostParams::default(), &profile).await?;
     let report = status(&plane.kubeconfig, true)?;
     assert_eq!(counts(&report, "shop"), (1, 1, 0), "{report:#}");
     assert_eq!(

@@ -6,6 +6,8 @@
 //!   namespace labels;
 //! - [`mesh`]: each Mesh's MutatingWebhookConfiguration and status;
 //! - [`workloads`]: a WorkloadEntry for every injected pod;
+//! - [`lifecycle`]: pods whose sidecar is missing or outdated (counts,
+//!   `NeedsRestart` Events) and the automatic rollout that restarts them;
 //! - [`runtime`]: caches, triggers, the leader Lease and the admin server.
 //!
 //! The desired state is computed by pure functions, tested with plain
@@ -13,6 +15,7 @@
 //! `ferrimesh_crds::selection`, shared with `ferrimesh check-inject`.
 
 pub mod cluster;
+pub mod lifecycle;
 pub mod mesh;
 mod run;
 pub mod runtime;

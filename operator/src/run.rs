@@ -7,24 +7,29 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ferrimesh_crds::{Mesh, ProxyProfile, WorkloadEntry};
-use futures::{StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector;
 use kube::runtime::{Predicate, PredicateConfig, WatchStreamExt, predicates, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, Resource};
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::cluster::certificate_store::{CA_SECRET, SERVING_SECRET};
 use crate::cluster::{self, CertificateIssuer};
+use crate::lifecycle::cache::Cache;
+use crate::lifecycle::pod::Owner;
+use crate::lifecycle::workload::Workload;
+use crate::lifecycle::{self, Caches};
 use crate::mesh::{self, WebhookTarget};
 use crate::runtime::admin::{self, Metrics};
 use crate::runtime::lease::{self, LeaderElection};
 use crate::runtime::reduced::reduce;
-use crate::runtime::synced::{self, synced};
+use crate::runtime::synced::{self, MarkSynced, synced};
 use crate::runtime::triggers::{changes, every, notified, received, throttle};
 use crate::workloads::controller::{self as workload_controller, injected_pods};
 use crate::workloads::injected_pod::InjectedPod;
@@ -115,6 +120,33 @@ async fn shutdown_signal() {
     }
 }
 
+/// Fills `cache` from a watch's `events`, each object reduced by `reduce`,
+/// marking it synced after its first list and notifying `changed` of
+/// every event.
+async fn fill<K, V>(
+    events: impl Stream<Item = watcher::Result<watcher::Event<K>>>,
+    cache: Cache<V>,
+    mark: MarkSynced,
+    changed: Arc<Notify>,
+    reduce: impl Fn(K) -> Option<V>,
+) where
+    K: Resource<DynamicType = ()>,
+{
+    events
+        .for_each(move |event| {
+            mark.observe(&event);
+            match event {
+                Ok(event) => cache.apply(event, &reduce),
+                Err(e) => {
+                    tracing::warn!(error = %e, kind = %K::kind(&()), "watch failed; retrying")
+                }
+            }
+            changed.notify_one();
+            async {}
+        })
+        .await;
+}
+
 /// Runs the controllers until they stop (or the future is dropped).
 ///
 /// One watch per kind, each feeding a cache: injected pods (pruned to what
@@ -126,7 +158,12 @@ async fn shutdown_signal() {
 /// second whatever the cluster's churn; each Mesh's reconciler runs when the
 /// Mesh or its webhook configuration changes, when the cluster reconciler
 /// publishes something new, and at most every five seconds for entry
-/// changes; the workload reconciler runs per injected pod.
+/// changes; the workload reconciler runs per injected pod. The lifecycle
+/// loop reads every pod (reduced to what the drift classification reads),
+/// ProxyProfiles, ReplicaSet owners (metadata only) and the Deployments,
+/// StatefulSets and DaemonSets it may restart, and runs after their
+/// changes and those of Meshes and Namespaces, at most every
+/// [`lifecycle::PERIOD`].
 pub(crate) async fn controllers(
     config: &Config,
     client: Client,
@@ -147,6 +184,7 @@ pub(crate) async fn controllers(
     // A Mesh's change can move a revision tag between Meshes (or make the
     // default revision yield to the tag `default`): every Mesh looks again.
     let meshes_changed = Arc::new(Notify::new());
+    let lifecycle_changed = Arc::new(Notify::new());
     let (meshes, mesh_writer) = reflector::store();
     let (mark_meshes, meshes_synced) = synced();
     let mesh_events = watcher(Api::<Mesh>::all(client.clone()), watch_config.clone())
@@ -165,9 +203,11 @@ pub(crate) async fn controllers(
         .inspect({
             let changed = Arc::clone(&changed);
             let meshes_changed = Arc::clone(&meshes_changed);
+            let lifecycle_changed = Arc::clone(&lifecycle_changed);
             move |_| {
                 changed.notify_one();
                 meshes_changed.notify_one();
+                lifecycle_changed.notify_one();
             }
         });
 
@@ -203,6 +243,7 @@ pub(crate) async fn controllers(
     let (mark_namespaces, namespaces_synced) = synced();
     let namespace_cache = {
         let changed = Arc::clone(&changed);
+        let lifecycle_changed = Arc::clone(&lifecycle_changed);
         watcher(Api::<Namespace>::all(client.clone()), watch_config.clone())
             .default_backoff()
             .reflect(namespace_writer)
@@ -212,16 +253,18 @@ pub(crate) async fn controllers(
                     tracing::warn!(error = %e, "Namespace watch failed; retrying");
                 }
                 changed.notify_one();
+                lifecycle_changed.notify_one();
                 async {}
             })
     };
 
     // ProxyProfiles: the Pod Security report layers a namespace's over its
-    // Mesh.
+    // Mesh; the drift classification reads them too.
     let (profiles, profile_writer) = reflector::store();
     let (mark_profiles, profiles_synced) = synced();
     let profile_cache = {
         let changed = Arc::clone(&changed);
+        let lifecycle_changed = Arc::clone(&lifecycle_changed);
         watcher(
             Api::<ProxyProfile>::all(client.clone()),
             watch_config.clone(),
@@ -234,6 +277,7 @@ pub(crate) async fn controllers(
                 tracing::warn!(error = %e, "ProxyProfile watch failed; retrying");
             }
             changed.notify_one();
+            lifecycle_changed.notify_one();
             async {}
         })
     };
@@ -277,6 +321,69 @@ pub(crate) async fn controllers(
     })
     .touched_objects();
 
+    // The lifecycle's caches: every pod, reduced to what the drift
+    // classification reads (small pages, as above); ProxyProfiles whole;
+    // ReplicaSets' owners from their metadata; the workloads a rollout
+    // restarts, reduced to their rollout state.
+    let caches = Caches::default();
+    let (mark_all_pods, all_pods_synced) = synced();
+    let all_pod_cache = fill(
+        watcher(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default().page_size(100),
+        )
+        .default_backoff(),
+        caches.pods.clone(),
+        mark_all_pods,
+        Arc::clone(&lifecycle_changed),
+        {
+            let caches = caches.clone();
+            move |pod: Pod| caches.reduce_pod(&pod)
+        },
+    );
+    let (mark_replica_sets, replica_sets_synced) = synced();
+    let replica_set_cache = fill(
+        watcher(
+            Api::<PartialObjectMeta<ReplicaSet>>::all(client.clone()),
+            watch_config.clone(),
+        )
+        .default_backoff(),
+        caches.replica_sets.clone(),
+        mark_replica_sets,
+        Arc::clone(&lifecycle_changed),
+        |rs: PartialObjectMeta<ReplicaSet>| {
+            Some(Owner::controller(rs.metadata.owner_references.as_deref()))
+        },
+    );
+    let (mark_deployments, deployments_synced) = synced();
+    let deployment_cache = fill(
+        watcher(Api::<Deployment>::all(client.clone()), watch_config.clone()).default_backoff(),
+        caches.deployments.clone(),
+        mark_deployments,
+        Arc::clone(&lifecycle_changed),
+        |d: Deployment| Some(Workload::from(&d)),
+    );
+    let (mark_stateful_sets, stateful_sets_synced) = synced();
+    let stateful_set_cache = fill(
+        watcher(
+            Api::<StatefulSet>::all(client.clone()),
+            watch_config.clone(),
+        )
+        .default_backoff(),
+        caches.stateful_sets.clone(),
+        mark_stateful_sets,
+        Arc::clone(&lifecycle_changed),
+        |s: StatefulSet| Some(Workload::from(&s)),
+    );
+    let (mark_daemon_sets, daemon_sets_synced) = synced();
+    let daemon_set_cache = fill(
+        watcher(Api::<DaemonSet>::all(client.clone()), watch_config.clone()).default_backoff(),
+        caches.daemon_sets.clone(),
+        mark_daemon_sets,
+        Arc::clone(&lifecycle_changed),
+        |d: DaemonSet| Some(Workload::from(&d)),
+    );
+
     // Each Secret by name: the operator's Role lets it read these two and
     // no other Secret of its namespace.
     let secret_watch = {
@@ -309,6 +416,40 @@ pub(crate) async fn controllers(
     );
 
     let (publish, published) = watch::channel(None);
+    let (report, reported) = watch::channel(lifecycle::Report::default());
+    let lifecycle_loop = {
+        let context = lifecycle::Context {
+            client: client.clone(),
+            recorder: recorder.clone(),
+            namespace: config.namespace.clone(),
+            meshes: meshes.clone(),
+            namespaces: namespaces.clone(),
+            profiles: profiles.clone(),
+            caches,
+        };
+        let caches = [
+            meshes_synced.clone(),
+            namespaces_synced.clone(),
+            profiles_synced.clone(),
+            all_pods_synced.clone(),
+            replica_sets_synced.clone(),
+            deployments_synced.clone(),
+            stateful_sets_synced.clone(),
+            daemon_sets_synced.clone(),
+        ];
+        let metrics = metrics.clone();
+        async move {
+            // Before every list, a pod would look unowned or unselected.
+            if !synced::all(&caches.iter().collect::<Vec<_>>()).await {
+                return;
+            }
+            let triggers = futures::stream::select(
+                throttle(notified(lifecycle_changed), lifecycle::PERIOD),
+                every(lifecycle::RESYNC),
+            );
+            lifecycle::run(context, triggers, report, metrics).await;
+        }
+    };
     let cluster_loop = {
         let context = cluster::Context {
             client: client.clone(),
@@ -345,6 +486,7 @@ pub(crate) async fn controllers(
         entries: entries.clone(),
         meshes: meshes.clone(),
         cluster: published.clone(),
+        lifecycle: reported.clone(),
         recorder: recorder.clone(),
         registrations: registrations.clone(),
     });
@@ -352,12 +494,16 @@ pub(crate) async fn controllers(
         let (metrics, client) = (metrics.clone(), client.clone());
         let entries_synced = entries_synced.clone();
         let meshes = meshes.clone();
+        // Entry changes and the lifecycle's counts only move the status:
+        // at most one reconcile of every Mesh per five seconds for both.
+        let status_changes =
+            futures::stream::select(notified(entries_changed), changes(reported).boxed());
         let triggers = futures::stream::select(
             futures::stream::select(
                 futures::stream::select(changes(published), changes(registrations)),
                 throttle(notified(meshes_changed), Duration::from_millis(500)),
             ),
-            throttle(notified(entries_changed), Duration::from_secs(5)),
+            throttle(status_changes, Duration::from_secs(5)),
         );
         async move {
             if !entries_synced.wait().await {
@@ -469,6 +615,11 @@ pub(crate) async fn controllers(
             &entries_synced,
             &nodes_synced,
             &pods_synced,
+            &all_pods_synced,
+            &replica_sets_synced,
+            &deployments_synced,
+            &stateful_sets_synced,
+            &daemon_sets_synced,
         ];
         if synced::all(&caches).await {
             ready.store(true, Ordering::Release);
@@ -486,6 +637,12 @@ pub(crate) async fn controllers(
         node_cache,
         deletions,
         sweep,
+        lifecycle_loop,
+        all_pod_cache,
+        replica_set_cache,
+        deployment_cache,
+        stateful_set_cache,
+        daemon_set_cache,
         ready_when_synced
     );
 }
@@ -539,7 +696,7 @@ mod tests {
         }
     }
 
-    const COLLECTIONS: [&str; 8] = [
+    const COLLECTIONS: [&str; 12] = [
         "meshes",
         "namespaces",
         "proxyprofiles",
@@ -548,6 +705,10 @@ mod tests {
         "workloadentries",
         "secrets",
         "mutatingwebhookconfigurations",
+        "replicasets",
+        "deployments",
+        "statefulsets",
+        "daemonsets",
     ];
 
     #[tokio::test]
@@ -637,6 +798,12 @@ mod tests {
             "/api/v1/namespaces/ferrimesh-system/secrets?&fieldSelector=metadata.name%3Dferrimesh-webhook-tls",
             "/api/v1/namespaces/ferrimesh-system/secrets?&fieldSelector=metadata.name%3Dferrimesh-webhook-ca",
             "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations?",
+            "/api/v1/pods?&limit=100",
+            "/apis/mesh.ferrimesh.io/v1alpha1/proxyprofiles?",
+            "/apis/apps/v1/replicasets?",
+            "/apis/apps/v1/deployments?",
+            "/apis/apps/v1/statefulsets?",
+            "/apis/apps/v1/daemonsets?",
         ];
         let expected: BTreeSet<String> = expected.iter().map(|s| (*s).to_owned()).collect();
         assert_eq!(listed, expected, "one watch per kind, each Secret by name");

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use ferrimesh_crds::drift::{Configuration, Drift, classify, serving_mesh};
+use ferrimesh_crds::drift::{Configuration, Drift, classify, namespace_mesh};
 use ferrimesh_crds::istio::{INJECTION_LABEL, REVISION as REVISION_LABEL};
 use ferrimesh_crds::{Mesh, ProxyProfile};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -134,17 +134,9 @@ pub fn report(snapshot: &Snapshot, excluded: &[&str], with_pods: bool) -> Vec<Na
     for ns in namespaces {
         let name = ns.metadata.name.as_deref().unwrap_or_default();
         let labels = ns.metadata.labels.as_ref().unwrap_or(&empty);
-        let probe = Pod {
-            metadata: kube::core::ObjectMeta {
-                namespace: Some(name.to_owned()),
-                ..Default::default()
-            },
-            spec: Some(Default::default()),
-            ..Pod::default()
-        };
         let mut status = NamespaceStatus {
             namespace: name.to_owned(),
-            revision: serving_mesh(&probe, labels, config).map(|m| m.spec.revision.clone()),
+            revision: namespace_mesh(name, labels, config).map(|m| m.spec.revision.clone()),
             injection: injection_label(labels),
             ..NamespaceStatus::default()
         };

@@ -24,6 +24,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::cluster::{ClusterState, Failure};
+use crate::lifecycle::Report;
 use crate::workloads::registered_entry::RegisteredEntry;
 use crate::workloads::target::Registration;
 use crate::{Error, FIELD_MANAGER, Result};
@@ -58,6 +59,8 @@ pub struct Context {
     /// What the cluster reconciler published last (`None` before its first
     /// reconcile).
     pub cluster: watch::Receiver<Option<ClusterState>>,
+    /// What the lifecycle loop found last: pods to restart, rollouts.
+    pub lifecycle: watch::Receiver<Report>,
     /// Publishes an Event for every change the operator makes.
     pub recorder: Recorder,
     /// The last sweep's registration of each Mesh revision that pushes its
@@ -126,6 +129,7 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
         pod_security: cluster.pod_security.get(&name).map_or(&[], Vec::as_slice),
         registered,
         registration,
+        drift: ctx.lifecycle.borrow().for_mesh(mesh),
     };
     let status = status::status(mesh, &outcome);
     if mesh.status.as_ref() != Some(&status) {

@@ -3,9 +3,10 @@
 //! `RevisionTagsConfigured`, `WorkloadsRegistered` (only for a Mesh that
 //! pushes its entries into a config cluster), and `Ready` (True when the
 //! others are; otherwise False with the reason and message of the first
-//! that is not); and the report `PodSecurityCompatible`, which `Ready` does
-//! not follow: the operator did its part, and the fix is a Mesh field or a
-//! namespace label.
+//! that is not); and two that `Ready` does not follow: the report
+//! `PodSecurityCompatible` (the operator did its part, and the fix is a
+//! Mesh field or a namespace label) and, with an automatic rollout,
+//! `RolloutProgressing`.
 
 use ferrimesh_crds::ambient::AMBIENT;
 use ferrimesh_crds::istio::DATAPLANE_MODE;
@@ -16,6 +17,7 @@ use kube::core::Selector;
 
 use super::tags::Tags;
 use crate::cluster::{Certificate, Failure};
+use crate::lifecycle::MeshDrift;
 
 /// What a Mesh's reconcile found.
 #[derive(Clone, Debug)]
@@ -42,6 +44,8 @@ pub struct Outcome<'a> {
     /// For a Mesh that pushes its entries into a config cluster: how many
     /// are there, or why the operator cannot reach them.
     pub registration: Option<Result<i32, Failure>>,
+    /// Its pods to restart, and its rollout.
+    pub drift: MeshDrift,
 }
 
 /// A condition: `Ok((reason, message))` is True, `Err` False.
@@ -202,11 +206,25 @@ pub fn status(mesh: &Mesh, outcome: &Outcome) -> MeshStatus {
     let mut conditions = vec![condition("Ready", &ready, mesh)];
     conditions.extend(parts.iter().map(|(type_, v, _)| condition(type_, v, mesh)));
     conditions.push(condition("PodSecurityCompatible", &pod_security, mesh));
+    if let Some(rollout) = &outcome.drift.rollout {
+        let verdict: Verdict = if rollout.progressing {
+            Ok((rollout.reason.clone(), rollout.message.clone()))
+        } else {
+            Err(Failure {
+                reason: rollout.reason.clone(),
+                message: rollout.message.clone(),
+            })
+        };
+        conditions.push(condition("RolloutProgressing", &verdict, mesh));
+    }
     MeshStatus {
         observed_generation: mesh.metadata.generation,
         conditions,
         labelled_namespaces: outcome.labelled,
         registered_workloads: outcome.registered,
+        uninjected_pods: outcome.drift.uninjected,
+        outdated_pods: outcome.drift.outdated,
+        orphaned_pods: outcome.drift.orphaned,
     }
 }
 
@@ -242,6 +260,7 @@ mod tests {
             pod_security: &[],
             registered: 0,
             registration: None,
+            drift: MeshDrift::default(),
         }
     }
 
@@ -269,6 +288,7 @@ mod tests {
             pod_security: &[],
             registered: 5,
             registration: None,
+            drift: MeshDrift::default(),
         };
         let status = status(&mesh, &outcome);
         assert_eq!(get(&status, "Ready").0, "True");
@@ -308,6 +328,7 @@ mod tests {
             pod_security: &[],
             registered: 0,
             registration: None,
+            drift: MeshDrift::default(),
         };
         let status = status(&mesh, &outcome);
         let (ready, reason, message) = get(&status, "Ready");
@@ -334,6 +355,7 @@ mod tests {
             pod_security: &[],
             registered: 0,
             registration: None,
+            drift: MeshDrift::default(),
         };
         assert_eq!(
             get(&status(&mesh, &outcome), "Ready").1,
@@ -488,6 +510,45 @@ mod tests {
             "{message}"
         );
         assert_eq!(get(&status, "Ready").0, "True");
+    }
+
+    #[test]
+    fn reports_pods_to_restart_and_a_stalled_rollout_without_touching_ready() {
+        let mesh = Mesh::new("default", MeshSpec::default());
+        let certificate = certificate();
+        let mut outcome = configured(&certificate);
+        outcome.drift = MeshDrift {
+            uninjected: 1,
+            outdated: 2,
+            orphaned: 3,
+            rollout: None,
+        };
+        let manual = status(&mesh, &outcome);
+        assert_eq!(
+            (
+                manual.uninjected_pods,
+                manual.outdated_pods,
+                manual.orphaned_pods
+            ),
+            (1, 2, 3)
+        );
+        assert!(
+            manual
+                .conditions
+                .iter()
+                .all(|c| c.type_ != "RolloutProgressing"),
+            "no rollout condition for a manual rollout"
+        );
+        outcome.drift.rollout = Some(crate::lifecycle::rollout::Progress {
+            progressing: false,
+            reason: "RolloutStalled".into(),
+            message: "Deployment shop/web was restarted and has not rolled out".into(),
+        });
+        let stalled = status(&mesh, &outcome);
+        let (progressing, reason, message) = get(&stalled, "RolloutProgressing");
+        assert_eq!((progressing, reason), ("False", "RolloutStalled"));
+        assert!(message.contains("shop/web"), "{message}");
+        assert_eq!(get(&stalled, "Ready").0, "True");
     }
 
     #[test]

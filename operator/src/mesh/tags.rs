@@ -231,6 +231,7 @@ mod tests {
         let (client, handle) = test_api::client();
         let (_, cluster) = watch::channel(None);
         let (_, registrations) = watch::channel(std::collections::BTreeMap::new());
+        let (_, lifecycle) = watch::channel(crate::lifecycle::Report::default());
         let context = Context {
             client: client.clone(),
             namespace: "ferrimesh-system".into(),
@@ -238,6 +239,7 @@ mod tests {
             entries: store(&[]),
             meshes: store(meshes),
             cluster,
+            lifecycle,
             registrations,
             recorder: test_api::recorder(client),
         };
