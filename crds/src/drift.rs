@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::decision::decide;
 use crate::istio::{PROXY_CONTAINER, REVISION, SIDECAR_STATUS, SidecarStatus};
-use crate::mesh::Mesh;
+use crate::mesh::{DEFAULT_REVISION, Mesh};
 use crate::selection::NAMESPACE_NAME_LABEL;
 use crate::stamp::{INJECTION_HASH, expected_proxy_image, injection_hash, layered_mesh};
 use crate::{ProxyProfile, proxy_profile};
@@ -163,7 +163,10 @@ pub struct Configuration<'a> {
 }
 
 /// The revision that injected `pod`, when it is injected: the status
-/// annotation's, else the pod's `istio.io/rev` annotation.
+/// annotation's, else the pod's `istio.io/rev` annotation, else `default`
+/// (Istio's injector writes the revision it serves, `default` when it has
+/// none; a status without one is an older or hand-written stamp, not a
+/// revision of its own).
 pub fn injected_revision(pod: &Pod) -> Option<String> {
     let annotations = pod.metadata.annotations.as_ref()?;
     let status = annotations.get(SIDECAR_STATUS)?;
@@ -173,8 +176,8 @@ pub fn injected_revision(pod: &Pod) -> Option<String> {
         .filter(|r| !r.is_empty());
     Some(
         from_status
-            .or_else(|| annotations.get(REVISION).cloned())
-            .unwrap_or_default(),
+            .or_else(|| annotations.get(REVISION).cloned().filter(|r| !r.is_empty()))
+            .unwrap_or_else(|| DEFAULT_REVISION.to_owned()),
     )
 }
 
@@ -543,6 +546,19 @@ mod tests {
                     expected: "default".into()
                 },
             }
+        );
+    }
+
+    #[test]
+    fn a_status_without_a_revision_counts_as_the_default_revision() {
+        let default = mesh("default");
+        let mut pod = injected_by(app_pod(&[]), &default, &[]);
+        let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
+        annotations.insert(SIDECAR_STATUS.into(), json!({}).to_string());
+        assert_eq!(injected_revision(&pod).as_deref(), Some("default"));
+        assert_eq!(
+            classify_in(&pod, &[ENABLED], std::slice::from_ref(&default), &[]).state(),
+            "up-to-date"
         );
     }
 
