@@ -3,9 +3,12 @@
 //!
 //! Folders by feature:
 //! - [`cluster`]: what every Mesh shares, the webhook's certificate and the
-//!   namespace labels;
-//! - [`mesh`]: each Mesh's MutatingWebhookConfiguration and status;
-//! - [`workloads`]: a WorkloadEntry for every injected pod;
+//!   namespace labels (ambient namespaces left alone, the Pod Security
+//!   report);
+//! - [`mesh`]: each Mesh's MutatingWebhookConfiguration, those of its
+//!   revision tags, and its status;
+//! - [`workloads`]: a WorkloadEntry for every injected pod, beside it or
+//!   pushed into a config cluster;
 //! - [`lifecycle`]: pods whose sidecar is missing or outdated (counts,
 //!   `NeedsRestart` Events) and the automatic rollout that restarts them;
 //! - [`runtime`]: caches, triggers, the leader Lease and the admin server.
