@@ -140,5 +140,5 @@ bench-admission: tools ## Pods through the API server at a steady rate, certific
 	$(CARGO) run --release --quiet -p ferrimesh-e2e --bin ferrimesh-bench-admission
 
 .PHONY: bench-operator
-bench-operator: tools ## The operator at scale on the local control plane (BENCH_PODS=10000 BENCH_NAMESPACES=100 BENCH_CONCURRENCY=32)
+bench-operator: tools ## The operator at scale on the local control plane (BENCH_PODS=10000 BENCH_NAMESPACES=100 BENCH_CONCURRENCY=32; BENCH_TARGET=1: the entries pushed into a config cluster, a second control plane)
 	$(CARGO) run --release --quiet -p ferrimesh-e2e --bin ferrimesh-bench-operator

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use ferrimesh_crds::{Mesh, WorkloadEntry};
 use ferrimesh_crds::{istio_crds, mesh_crds};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -18,7 +19,8 @@ use serde_json::json;
 
 use crate::webhook_process::{loopback, webhook_command};
 use crate::{
-    ControlPlane, Process, eventually, free_port, http_get, workspace_binary, write_private,
+    ControlPlane, Process, eventually, free_port, http_get, repo_root, workspace_binary,
+    write_private,
 };
 
 /// How long the tests wait for the cluster to converge.
@@ -500,4 +502,58 @@ pub async fn events_about(
                 })
         })
         .collect())
+}
+
+/// The Secret of the operator's namespace holding the config cluster's
+/// kubeconfig (`workloadRegistration.target`'s default `secretName`).
+pub const TARGET_SECRET: &str = "ferrimesh-registration-target";
+
+/// Writes the workload cluster's [`TARGET_SECRET`] holding `kubeconfig`
+/// (created, or replaced: a rotation).
+pub async fn target_secret(client: &Client, kubeconfig: &str) -> anyhow::Result<()> {
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": TARGET_SECRET, "namespace": "ferrimesh-system"},
+        "stringData": {"kubeconfig": kubeconfig}
+    }))?;
+    Api::<Secret>::namespaced(client.clone(), "ferrimesh-system")
+        .patch(
+            TARGET_SECRET,
+            &PatchParams::apply("e2e").force(),
+            &Patch::Apply(&secret),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Applies config/components/registration-target into the config
+/// cluster's `namespace`, as the component's own comment says: from an
+/// overlay naming the namespace.
+pub fn grant_target_rights(plane: &ControlPlane, namespace: &str) -> anyhow::Result<()> {
+    let overlay = plane
+        .scratch()
+        .path(&format!("registration-overlay-{namespace}"));
+    std::fs::create_dir_all(&overlay)?;
+    let component = repo_root().join("config/components/registration-target");
+    let relative = relative_path(&overlay, &component);
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: {namespace}\ncomponents: [{relative}]\n"
+        ),
+    )?;
+    let overlay = overlay.to_str().context("a UTF-8 scratch path")?;
+    plane.apply_kustomization(overlay)?; // an absolute path stays itself
+    Ok(())
+}
+
+/// `to` relative to `from` (kustomize refuses absolute component paths).
+fn relative_path(from: &Path, to: &Path) -> String {
+    let (from, to): (Vec<_>, Vec<_>) = (from.components().collect(), to.components().collect());
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let ups = std::iter::repeat_n("..".to_owned(), from.len() - common);
+    let downs = to[common..]
+        .iter()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned());
+    ups.chain(downs).collect::<Vec<_>>().join("/")
 }

@@ -6,16 +6,17 @@
 //! config/components/registration-target; pods created in A become
 //! endpoints of a ServiceEntry in B, in istiod's own view.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use ferrimesh_crds::mesh::RegistrationTarget;
 use ferrimesh_crds::{Mesh, MeshSpec, WorkloadEntry};
-use ferrimesh_e2e::fixtures::{WAIT, injected_pod, namespace, start_operator, wait_for_crds};
+use ferrimesh_e2e::fixtures::{
+    WAIT, grant_target_rights, injected_pod, namespace, start_operator, target_secret,
+    wait_for_crds,
+};
 use ferrimesh_e2e::istiod::{Istiod, endpoints_with};
-use ferrimesh_e2e::{ControlPlane, eventually, free_port, repo_root};
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use ferrimesh_e2e::{ControlPlane, eventually, free_port};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
@@ -30,7 +31,6 @@ const TARGET_NS: &str = "cluster-a";
 /// A's cluster ID: the prefix of its entries' names in B.
 const CLUSTER: &str = "east";
 const HOST: &str = "hello.example.com";
-const SECRET: &str = "ferrimesh-registration-target";
 
 /// The Mesh of A, pushing into B's namespace [`TARGET_NS`].
 async fn pushing_mesh(client: &Client) -> anyhow::Result<()> {
@@ -46,53 +46,6 @@ async fn pushing_mesh(client: &Client) -> anyhow::Result<()> {
         .create(&PostParams::default(), &Mesh::new("default", spec))
         .await?;
     Ok(())
-}
-
-/// Writes the Secret of A holding `kubeconfig` (created, or replaced: a
-/// rotation).
-async fn target_secret(client: &Client, kubeconfig: &str) -> anyhow::Result<()> {
-    let secret: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": SECRET, "namespace": "ferrimesh-system"},
-        "stringData": {"kubeconfig": kubeconfig}
-    }))?;
-    Api::<Secret>::namespaced(client.clone(), "ferrimesh-system")
-        .patch(
-            SECRET,
-            &PatchParams::apply("e2e").force(),
-            &Patch::Apply(&secret),
-        )
-        .await?;
-    Ok(())
-}
-
-/// Applies config/components/registration-target into B's [`TARGET_NS`],
-/// as the component's own comment says: from an overlay naming the namespace.
-fn grant_rights(plane: &ControlPlane) -> anyhow::Result<()> {
-    let overlay = plane.scratch().path("registration-overlay");
-    std::fs::create_dir_all(&overlay)?;
-    let component = repo_root().join("config/components/registration-target");
-    let relative = relative_path(&overlay, &component);
-    std::fs::write(
-        overlay.join("kustomization.yaml"),
-        format!(
-            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: {TARGET_NS}\ncomponents: [{relative}]\n"
-        ),
-    )?;
-    let overlay = overlay.to_str().context("a UTF-8 scratch path")?;
-    plane.apply_kustomization(overlay)?; // an absolute path stays itself
-    Ok(())
-}
-
-/// `to` relative to `from` (kustomize refuses absolute component paths).
-fn relative_path(from: &Path, to: &Path) -> String {
-    let (from, to): (Vec<_>, Vec<_>) = (from.components().collect(), to.components().collect());
-    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
-    let ups = std::iter::repeat_n("..".to_owned(), from.len() - common);
-    let downs = to[common..]
-        .iter()
-        .map(|c| c.as_os_str().to_string_lossy().into_owned());
-    ups.chain(downs).collect::<Vec<_>>().join("/")
 }
 
 /// A's entry for the pod `pod` in B, once it exists.
@@ -210,7 +163,7 @@ async fn pods_of_a_workload_cluster_become_endpoints_of_a_service_entry_in_the_c
     let b = plane_b.client().await?;
     let istiod = Istiod::start(&plane_b, &MeshSpec::default()).await?;
     namespace(&b, TARGET_NS, &[]).await?;
-    grant_rights(&plane_b)?;
+    grant_target_rights(&plane_b, TARGET_NS)?;
     let service_entry = GroupVersionKind::gvk("networking.istio.io", "v1", "ServiceEntry");
     let entry: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
@@ -324,7 +277,7 @@ async fn pods_of_a_workload_cluster_become_endpoints_of_a_service_entry_in_the_c
         .await?;
     wait_registered(&a, "False", "TargetUnauthorized", "forbidden").await?;
     hello_pod(&a, "while-revoked", "10.7.0.3").await?;
-    grant_rights(&plane_b)?;
+    grant_target_rights(&plane_b, TARGET_NS)?;
     wait_entry(
         &b,
         "while-revoked",

@@ -34,16 +34,28 @@
 //! and the bench itself used, and per entry.
 //! The operator's peak RSS (VmHWM) is read from /proc. Defaults:
 //! 10,000 pods, 100 namespaces, concurrency 32.
+//!
+//! With `BENCH_TARGET=1` the entries go into a config cluster
+//! (`workloadRegistration.target`): a second control plane, where the
+//! operator has only the rights of config/components/registration-target
+//! in one namespace and reaches it with the kubeconfig of its Secret. The
+//! baselines write the same pushed entries there (into a namespace of
+//! their own, with the same rights and identity), and every phase is timed
+//! until the bench's watch of the config cluster has seen the entries
+//! correct; CPU and requests are reported for both clusters.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferrimesh_crds::mesh::RegistrationTarget;
 use ferrimesh_crds::{Mesh, MeshSpec, WorkloadEntry};
-use ferrimesh_e2e::fixtures::{namespace, start_operator_with, wait_for_crds};
+use ferrimesh_e2e::fixtures::{
+    grant_target_rights, namespace, start_operator_with, target_secret, wait_for_crds,
+};
 use ferrimesh_e2e::metrics::{Metrics, REQUESTS};
-use ferrimesh_e2e::{ControlPlane, Process, client_for, free_port};
-use ferrimesh_operator::workloads::entry::desired_entry;
+use ferrimesh_e2e::{ControlPlane, Process, client_for, free_port, repo_root};
+use ferrimesh_operator::workloads::entry::{desired_entry, pushed_entry, pushed_name};
 use ferrimesh_operator::workloads::injected_pod::InjectedPod;
 use ferrimesh_operator::workloads::{MANAGED_BY, MANAGED_BY_LABEL};
 use futures::StreamExt;
@@ -68,22 +80,28 @@ fn ip(i: usize) -> String {
 /// The managed-by label's value on the baseline's entries.
 const BASELINE: &str = "ferrimesh-baseline";
 
-/// Deletes the entries labelled managed by `manager` in the namespaces
-/// `<prefix>-<n>`, and waits until `seen` (the bench's watch) has none.
+/// Target mode: the config cluster's namespace of the operator's entries.
+const TARGET_NS: &str = "cluster-a";
+/// Target mode: the config cluster's namespace of the baseline's entries.
+const BASELINE_NS: &str = "baseline";
+/// Target mode: the workload cluster's ID, the prefix of its entries' names.
+const CLUSTER: &str = "east";
+
+/// Deletes the entries labelled managed by `manager` in `namespaces`, and
+/// waits until `seen` (the bench's watch) has none.
 async fn delete_entries(
     client: &Client,
-    prefix: &str,
-    namespaces: usize,
+    namespaces: &[String],
     manager: &str,
     seen: &Store<WorkloadEntry>,
 ) -> anyhow::Result<()> {
     let selector = ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={manager}"));
-    for n in 0..namespaces {
-        Api::<WorkloadEntry>::namespaced(client.clone(), &format!("{prefix}-{n}"))
+    for namespace in namespaces {
+        Api::<WorkloadEntry>::namespaced(client.clone(), namespace)
             .delete_collection(&DeleteParams::default(), &selector)
             .await?;
     }
-    let what = format!("{prefix} entries deleted");
+    let what = format!("{manager} entries deleted");
     wait_converged(&what, seen, &BTreeMap::new(), Instant::now(), None).await?;
     Ok(())
 }
@@ -106,18 +124,53 @@ fn pod_status(i: usize) -> serde_json::Value {
 }
 
 struct Run {
+    /// The workload cluster's admin client: pods.
     client: Client,
-    /// The baseline's client: the operator's own ServiceAccount, so that
-    /// the API server's priority and fairness treats both alike (the
-    /// admin client is exempt from it).
+    /// The baseline's client, in the cluster the entries go to: the
+    /// operator's own ServiceAccount, so that the API server's priority
+    /// and fairness treats both alike (the admin client is exempt from it).
     baseline: Client,
     namespaces: usize,
     concurrency: usize,
+    /// The Mesh's spec, as the operator reads it.
+    mesh: MeshSpec,
+    /// Target mode: the config cluster the entries are pushed into.
+    target: Option<RegistrationTarget>,
 }
 
 impl Run {
     fn namespace(&self, prefix: &str, i: usize) -> String {
         format!("{prefix}-{}", i % self.namespaces)
+    }
+
+    /// The name of pod `i`'s entry, the operator's and the baseline's.
+    fn entry_name(&self, i: usize) -> String {
+        let pod = format!("p{i}");
+        match self.target {
+            Some(_) => pushed_name(&self.mesh.cluster_id, &pod),
+            None => pod,
+        }
+    }
+
+    /// The entries that should be there for the `live` pods: name, address.
+    fn expected(&self, live: &BTreeSet<usize>) -> BTreeMap<String, String> {
+        live.iter().map(|&i| (self.entry_name(i), ip(i))).collect()
+    }
+
+    /// The namespaces of the operator's entries.
+    fn entry_namespaces(&self) -> Vec<String> {
+        match self.target {
+            Some(_) => vec![TARGET_NS.to_owned()],
+            None => (0..self.namespaces).map(|n| format!("bench-{n}")).collect(),
+        }
+    }
+
+    /// The namespaces of the baseline's entries.
+    fn baseline_namespaces(&self) -> Vec<String> {
+        match self.target {
+            Some(_) => vec![BASELINE_NS.to_owned()],
+            None => (0..self.namespaces).map(|n| format!("base-{n}")).collect(),
+        }
     }
 
     /// Runs `op` for every index, `concurrency` at a time; fails on the first error.
@@ -137,18 +190,30 @@ impl Run {
     }
 
     /// Writes the entry the operator would write for pod `i` (the same
-    /// content, as [`desired_entry`] makes it, in a namespace of its own),
-    /// as the operator writes it: created, then its status merge-patched.
-    /// Only the managed-by label's value differs (same length), so that
-    /// the operator leaves these entries alone.
+    /// content, as [`desired_entry`] or, in target mode, [`pushed_entry`]
+    /// makes it, in a namespace of its own), as the operator writes it:
+    /// created, then its status merge-patched. Only the managed-by label's
+    /// value differs (same length), so that the operator leaves these
+    /// entries alone.
     async fn baseline_entry(&self, i: usize) -> anyhow::Result<()> {
-        let namespace = self.namespace("base", i);
         let mut pod = bench_pod(i);
-        pod.metadata.namespace = Some(namespace.clone());
+        pod.metadata.namespace = Some(match self.target {
+            Some(_) => self.namespace("bench", i),
+            None => self.namespace("base", i),
+        });
         pod.metadata.uid = Some(format!("00000000-0000-4000-8000-{i:012}"));
         pod.status = Some(serde_json::from_value(pod_status(i))?);
-        let mut entry = desired_entry(&InjectedPod::from(pod), &MeshSpec::default(), None)
-            .ok_or_else(|| anyhow::anyhow!("no entry for pod {i}"))?;
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        let pod = InjectedPod::from(pod);
+        let mut entry = match &self.target {
+            Some(target) => pushed_entry(&pod, labels, &self.mesh, target, None),
+            None => desired_entry(&pod, &self.mesh, None),
+        }
+        .ok_or_else(|| anyhow::anyhow!("no entry for pod {i}"))?;
+        if self.target.is_some() {
+            entry.metadata.namespace = Some(BASELINE_NS.to_owned());
+        }
+        let namespace = entry.namespace().unwrap_or_default();
         entry
             .labels_mut()
             .insert(MANAGED_BY_LABEL.to_owned(), BASELINE.to_owned());
@@ -235,87 +300,127 @@ async fn wait_converged(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
-
-/// The requests the API server has served so far, by resource and verb
-/// (server-side apply counts as `APPLY`; a watch counts when it starts).
-type Served = BTreeMap<Vec<String>, f64>;
-
-async fn served(client: &Client) -> anyhow::Result<Served> {
-    Ok(Metrics::scrape(client)
-        .await?
-        .counters_by(REQUESTS, &["resource", "verb"]))
+/// A control plane of the benchmark and its admin client.
+struct Cluster {
+    /// How the reports name it: nothing when it is the only one.
+    label: &'static str,
+    plane: ControlPlane,
+    client: Client,
 }
 
-/// Prints what the API server served since `before`: the writes on
+impl Cluster {
+    async fn start(label: &'static str) -> anyhow::Result<Self> {
+        let plane = ControlPlane::start().await?;
+        let client = plane.client().await?;
+        Ok(Self {
+            label,
+            plane,
+            client,
+        })
+    }
+
+    /// `what` of this cluster, as the reports say it.
+    fn of(&self, what: &str) -> String {
+        if self.label.is_empty() {
+            what.to_owned()
+        } else {
+            format!("{what} ({})", self.label)
+        }
+    }
+}
+
+/// The requests each cluster's API server has served so far, by resource
+/// and verb (server-side apply counts as `APPLY`; a watch counts when it
+/// starts).
+type Served = Vec<BTreeMap<Vec<String>, f64>>;
+
+async fn served(clusters: &[&Cluster]) -> anyhow::Result<Served> {
+    let mut served = Vec::new();
+    for cluster in clusters {
+        served.push(
+            Metrics::scrape(&cluster.client)
+                .await?
+                .counters_by(REQUESTS, &["resource", "verb"]),
+        );
+    }
+    Ok(served)
+}
+
+/// Prints what each API server served since `before`: the writes on
 /// WorkloadEntries per entry, and the most frequent requests. Returns the
-/// writes per entry.
+/// writes on WorkloadEntries per entry, in all clusters.
 async fn report_requests(
-    client: &Client,
+    clusters: &[&Cluster],
     what: &str,
     before: &Served,
     entries: usize,
 ) -> anyhow::Result<f64> {
-    let mut since: Vec<(f64, &[String])> = Vec::new();
-    let now = served(client).await?;
-    for (key, n) in &now {
-        let n = n - before.get(key).copied().unwrap_or(0.0);
-        if n > 0.0 {
-            since.push((n, key));
+    let now = served(clusters).await?;
+    let mut all_writes = 0.0;
+    for ((cluster, now), before) in clusters.iter().zip(&now).zip(before) {
+        let mut since: Vec<(f64, &[String])> = Vec::new();
+        for (key, n) in now {
+            let n = n - before.get(key).copied().unwrap_or(0.0);
+            if n > 0.0 {
+                since.push((n, key));
+            }
         }
+        let writes: f64 = since
+            .iter()
+            .filter(|(_, key)| {
+                key[0] == "workloadentries"
+                    && ["POST", "PUT", "PATCH", "APPLY", "DELETE"].contains(&key[1].as_str())
+            })
+            .fold(0.0, |sum, (n, _)| sum + n);
+        all_writes += writes;
+        since.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let top: Vec<String> = since
+            .iter()
+            .take(8)
+            .map(|(n, key)| format!("{} {n:.0}", key.join(" ")))
+            .collect();
+        let what = cluster.of(what);
+        println!(
+            "    {what}: {writes:.0} writes on WorkloadEntries, {:.2} per entry",
+            writes / entries.max(1) as f64
+        );
+        println!(
+            "    {what}: API requests by resource and verb: {}",
+            top.join(", ")
+        );
     }
-    let writes: f64 = since
-        .iter()
-        .filter(|(_, key)| {
-            key[0] == "workloadentries"
-                && ["POST", "PUT", "PATCH", "APPLY", "DELETE"].contains(&key[1].as_str())
-        })
-        .map(|(n, _)| n)
-        .sum();
-    let per_entry = writes / entries.max(1) as f64;
-    since.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let top: Vec<String> = since
-        .iter()
-        .take(8)
-        .map(|(n, key)| format!("{} {n:.0}", key.join(" ")))
-        .collect();
-    println!("    {what}: {writes:.0} writes on WorkloadEntries, {per_entry:.2} per entry");
-    println!(
-        "    {what}: API requests by resource and verb: {}",
-        top.join(", ")
-    );
-    Ok(per_entry)
+    Ok(all_writes / entries.max(1) as f64)
 }
 
 /// CPU seconds used so far by each process of the benchmark.
 struct Cpu {
-    apiserver: f64,
-    etcd: f64,
+    /// Each cluster's API server and etcd.
+    planes: Vec<(f64, f64)>,
     operator: f64,
     bench: f64,
 }
 
 impl Cpu {
-    /// Now, for the control plane, the operator if one runs, and the bench
+    /// Now, for the control planes, the operator if one runs, and the bench
     /// (the load generator and its watches).
-    fn now(plane: &ControlPlane, operator: Option<&Process>) -> Self {
-        let (apiserver, etcd) = plane.cpu_seconds();
+    fn now(clusters: &[&Cluster], operator: Option<&Process>) -> Self {
         Self {
-            apiserver,
-            etcd,
+            planes: clusters.iter().map(|c| c.plane.cpu_seconds()).collect(),
             operator: operator.map_or(0.0, Process::cpu_seconds),
             bench: ferrimesh_e2e::cpu_seconds(std::process::id()),
         }
     }
 
     /// Prints what each process used since `before`, also per entry.
-    fn report(&self, phase: &str, before: &Cpu, entries: usize) {
+    fn report(&self, clusters: &[&Cluster], phase: &str, before: &Cpu, entries: usize) {
         let per_entry = |used: f64| 1000.0 * used / entries as f64;
-        let used = [
-            ("API server", self.apiserver - before.apiserver),
-            ("etcd", self.etcd - before.etcd),
-            ("operator", self.operator - before.operator),
-            ("bench", self.bench - before.bench),
-        ];
+        let mut used = Vec::new();
+        for ((cluster, now), before) in clusters.iter().zip(&self.planes).zip(&before.planes) {
+            used.push((cluster.of("API server"), now.0 - before.0));
+            used.push((cluster.of("etcd"), now.1 - before.1));
+        }
+        used.push(("operator".to_owned(), self.operator - before.operator));
+        used.push(("bench".to_owned(), self.bench - before.bench));
         let parts: Vec<String> = used
             .iter()
             .map(|(name, s)| format!("{name} {s:.1} s ({:.2} ms/entry)", per_entry(*s)))
@@ -333,35 +438,87 @@ async fn main() -> anyhow::Result<()> {
     ferrimesh_e2e::until_terminated(run()).await
 }
 
+/// Target mode: the config cluster, with the WorkloadEntry CRD, a
+/// namespace for the operator's entries and one for the baseline's, each
+/// with the rights of config/components/registration-target for the
+/// operator's ServiceAccount there; the workload cluster's Secret holds
+/// that ServiceAccount's kubeconfig. Returns the Mesh's target.
+async fn config_cluster(
+    workload: &Cluster,
+    config: &Cluster,
+) -> anyhow::Result<RegistrationTarget> {
+    config.plane.apply_files(
+        &repo_root().join("config/istio-crds/workloadentries.networking.istio.io.yaml"),
+    )?;
+    for ns in [TARGET_NS, BASELINE_NS] {
+        namespace(&config.client, ns, &[]).await?;
+        grant_target_rights(&config.plane, ns)?;
+    }
+    let kubeconfig = std::fs::read_to_string(config.plane.kubeconfig_for("ferrimesh-operator")?)?;
+    target_secret(&workload.client, &kubeconfig).await?;
+    Ok(RegistrationTarget {
+        namespace: Some(TARGET_NS.into()),
+        ..RegistrationTarget::default()
+    })
+}
+
 async fn run() -> anyhow::Result<()> {
     let pods = setting("BENCH_PODS", 10_000);
     let namespaces = setting("BENCH_NAMESPACES", 100);
     let concurrency = setting("BENCH_CONCURRENCY", 32);
+    let target_mode = setting("BENCH_TARGET", 0) != 0;
     println!(
-        "==> operator benchmark: {pods} pods, {namespaces} namespaces, concurrency {concurrency}"
+        "==> operator benchmark: {pods} pods, {namespaces} namespaces, concurrency {concurrency}, entries {}",
+        if target_mode {
+            "pushed into a config cluster (BENCH_TARGET=1)"
+        } else {
+            "beside the pods"
+        }
     );
     println!("    machine: {}", ferrimesh_e2e::machine());
-    let plane = ControlPlane::start().await?;
-    let client = plane.client().await?;
-    plane.apply_kustomization("config/overlays/local")?;
+    let workload = Cluster::start(if target_mode { "workload cluster" } else { "" }).await?;
+    let client = workload.client.clone();
+    workload
+        .plane
+        .apply_kustomization("config/overlays/local")?;
     wait_for_crds(&client).await?;
-    Api::<Mesh>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &Mesh::new("default", MeshSpec::default()),
-        )
-        .await?;
-    for n in 0..namespaces {
-        namespace(&client, &format!("bench-{n}"), &[]).await?;
-        namespace(&client, &format!("base-{n}"), &[]).await?;
+    let config = if target_mode {
+        Some(Cluster::start("config cluster").await?)
+    } else {
+        None
+    };
+    let mut mesh = MeshSpec::default();
+    if let Some(config) = &config {
+        mesh.cluster_id = CLUSTER.into();
+        mesh.workload_registration.target = Some(config_cluster(&workload, config).await?);
     }
-    let identity = plane.kubeconfig_for("ferrimesh-operator")?;
+    Api::<Mesh>::all(client.clone())
+        .create(&PostParams::default(), &Mesh::new("default", mesh.clone()))
+        .await?;
+    // Where the entries go: the cluster the bench watches, deletes in and
+    // whose operator's ServiceAccount writes the baseline.
+    let entries_cluster = config.as_ref().unwrap_or(&workload);
+    let clusters: Vec<&Cluster> = [Some(&workload), config.as_ref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    let identity = workload.plane.kubeconfig_for("ferrimesh-operator")?;
     let run = Arc::new(Run {
         client: client.clone(),
-        baseline: client_for(&identity).await?,
+        baseline: client_for(&entries_cluster.plane.kubeconfig_for("ferrimesh-operator")?).await?,
         namespaces,
         concurrency,
+        target: mesh.workload_registration.target.clone(),
+        mesh,
     });
+    for n in 0..namespaces {
+        namespace(&client, &format!("bench-{n}"), &[]).await?;
+    }
+    if !target_mode {
+        for ns in run.baseline_namespaces() {
+            namespace(&client, &ns, &[]).await?;
+        }
+    }
 
     // The bench's view of the entries, kept by watches: the baseline's and
     // the operator's. Both phases are timed until the watch has seen every
@@ -370,7 +527,7 @@ async fn run() -> anyhow::Result<()> {
         let (store, writer) = reflector::store();
         tokio::spawn(
             watcher(
-                Api::<WorkloadEntry>::all(client.clone()),
+                Api::<WorkloadEntry>::all(entries_cluster.client.clone()),
                 watcher::Config::default().labels(selector),
             )
             .default_backoff()
@@ -385,9 +542,10 @@ async fn run() -> anyhow::Result<()> {
     entries.wait_until_ready().await?;
 
     println!("==> 1. baseline: a plain client creates {pods} WorkloadEntries (spec, then status)");
-    let expected: BTreeMap<String, String> = (0..pods).map(|i| (format!("p{i}"), ip(i))).collect();
-    let before = served(&client).await?;
-    let cpu_before = Cpu::now(&plane, None);
+    let mut live: BTreeSet<usize> = (0..pods).collect();
+    let expected = run.expected(&live);
+    let before = served(&clusters).await?;
+    let cpu_before = Cpu::now(&clusters, None);
     let started = Instant::now();
     let written = run
         .each((0..pods).collect(), |i| {
@@ -402,21 +560,21 @@ async fn run() -> anyhow::Result<()> {
         baseline.as_secs_f64(),
         rate(pods, baseline)
     );
-    Cpu::now(&plane, None).report("baseline", &cpu_before, pods);
-    report_requests(&client, "baseline", &before, pods).await?;
+    Cpu::now(&clusters, None).report(&clusters, "baseline", &cpu_before, pods);
+    report_requests(&clusters, "baseline", &before, pods).await?;
 
     let url = format!("https://127.0.0.1:{}/inject", free_port()?);
     // The operator reconciles as many pods at once as the baseline writes entries.
     let concurrency_flag = concurrency.to_string();
     let same_concurrency = ["--workload-concurrency", concurrency_flag.as_str()];
-    let mut operator =
-        start_operator_with(&plane, &identity, "operator-1", &url, &same_concurrency)?;
+    let start_operator =
+        |name: &str| start_operator_with(&workload.plane, &identity, name, &url, &same_concurrency);
+    let mut operator = start_operator("operator-1")?;
     println!(
         "==> 2. registration: {pods} injected pods created and given IPs, the operator running"
     );
-    let mut live: BTreeMap<String, String> = (0..pods).map(|i| (format!("p{i}"), ip(i))).collect();
-    let before = served(&client).await?;
-    let cpu_before = Cpu::now(&plane, Some(&operator));
+    let before = served(&clusters).await?;
+    let cpu_before = Cpu::now(&clusters, Some(&operator));
     let started = Instant::now();
     let created = run
         .each((0..pods).collect(), |i| {
@@ -431,19 +589,19 @@ async fn run() -> anyhow::Result<()> {
     let registered = wait_converged(
         "registration",
         &entries,
-        &live,
+        &run.expected(&live),
         started,
         Some(&mut operator),
     )
     .await?;
-    Cpu::now(&plane, Some(&operator)).report("registration", &cpu_before, pods);
-    let writes_registration = report_requests(&client, "registration", &before, pods).await?;
+    Cpu::now(&clusters, Some(&operator)).report(&clusters, "registration", &cpu_before, pods);
+    let writes_registration = report_requests(&clusters, "registration", &before, pods).await?;
     let rss_registration = operator.peak_rss_mib();
 
     println!("==> 3. deletion: 20% of the pods deleted");
     let deleted: Vec<usize> = (0..pods).filter(|i| i % 5 == 0).collect();
     for i in &deleted {
-        live.remove(&format!("p{i}"));
+        live.remove(i);
     }
     let started = Instant::now();
     run.each(deleted.clone(), |i| {
@@ -451,8 +609,14 @@ async fn run() -> anyhow::Result<()> {
         async move { run.delete_pod(i).await }
     })
     .await?;
-    let deletion =
-        wait_converged("deletion", &entries, &live, started, Some(&mut operator)).await?;
+    let deletion = wait_converged(
+        "deletion",
+        &entries,
+        &run.expected(&live),
+        started,
+        Some(&mut operator),
+    )
+    .await?;
     let rss_first = operator.peak_rss_mib();
 
     println!(
@@ -462,11 +626,9 @@ async fn run() -> anyhow::Result<()> {
     let gone: Vec<usize> = (0..pods).filter(|i| i % 20 == 1).collect();
     let new: Vec<usize> = (pods..pods + gone.len()).collect();
     for i in &gone {
-        live.remove(&format!("p{i}"));
+        live.remove(i);
     }
-    for &i in &new {
-        live.insert(format!("p{i}"), ip(i));
-    }
+    live.extend(&new);
     run.each(gone, |i| {
         let run = Arc::clone(&run);
         async move { run.delete_pod(i).await }
@@ -477,10 +639,11 @@ async fn run() -> anyhow::Result<()> {
         async move { run.pod(i).await }
     })
     .await?;
+    let expected = run.expected(&live);
     let started = Instant::now();
-    let mut operator =
-        start_operator_with(&plane, &identity, "operator-2", &url, &same_concurrency)?;
-    let restart = wait_converged("restart", &entries, &live, started, Some(&mut operator)).await?;
+    let mut operator = start_operator("operator-2")?;
+    let restart =
+        wait_converged("restart", &entries, &expected, started, Some(&mut operator)).await?;
     let rss_second = operator.peak_rss_mib();
 
     println!(
@@ -490,19 +653,28 @@ async fn run() -> anyhow::Result<()> {
     // the new one does not wait it out, which would be timed here as
     // registration.
     operator.stop(Duration::from_secs(10))?;
-    delete_entries(&client, "bench", namespaces, MANAGED_BY, &entries).await?;
+    let entries_client = &entries_cluster.client;
+    delete_entries(
+        entries_client,
+        &run.entry_namespaces(),
+        MANAGED_BY,
+        &entries,
+    )
+    .await?;
     // The baseline again, in the cluster as the new operator finds it (the
     // live pods there, no operator running): the same entries for the same
     // pods, written by the plain client.
-    delete_entries(&client, "base", namespaces, BASELINE, &baseline_entries).await?;
-    let live_indices: Vec<usize> = live
-        .keys()
-        .filter_map(|name| name.strip_prefix('p')?.parse().ok())
-        .collect();
-    let before = served(&client).await?;
-    let cpu_before = Cpu::now(&plane, None);
+    delete_entries(
+        entries_client,
+        &run.baseline_namespaces(),
+        BASELINE,
+        &baseline_entries,
+    )
+    .await?;
+    let before = served(&clusters).await?;
+    let cpu_before = Cpu::now(&clusters, None);
     let started = Instant::now();
-    run.each(live_indices, |i| {
+    run.each(live.iter().copied().collect(), |i| {
         let run = Arc::clone(&run);
         async move { run.baseline_entry(i).await }
     })
@@ -510,43 +682,53 @@ async fn run() -> anyhow::Result<()> {
     let late_baseline = wait_converged(
         "baseline before the cold registration",
         &baseline_entries,
-        &live,
+        &expected,
         started,
         None,
     )
     .await?;
-    Cpu::now(&plane, None).report(
+    Cpu::now(&clusters, None).report(
+        &clusters,
         "baseline before the cold registration",
         &cpu_before,
         live.len(),
     );
     report_requests(
-        &client,
+        &clusters,
         "baseline before the cold registration",
         &before,
         live.len(),
     )
     .await?;
 
-    let before = served(&client).await?;
-    let cpu_before = Cpu::now(&plane, None);
+    let before = served(&clusters).await?;
+    let cpu_before = Cpu::now(&clusters, None);
     let started = Instant::now();
-    let mut operator =
-        start_operator_with(&plane, &identity, "operator-3", &url, &same_concurrency)?;
+    let mut operator = start_operator("operator-3")?;
     let cold = wait_converged(
         "cold registration",
         &entries,
-        &live,
+        &expected,
         started,
         Some(&mut operator),
     )
     .await?;
-    Cpu::now(&plane, Some(&operator)).report("cold registration", &cpu_before, live.len());
-    let writes_cold = report_requests(&client, "cold registration", &before, live.len()).await?;
+    Cpu::now(&clusters, Some(&operator)).report(
+        &clusters,
+        "cold registration",
+        &cpu_before,
+        live.len(),
+    );
+    let writes_cold = report_requests(&clusters, "cold registration", &before, live.len()).await?;
     let rss_cold = operator.peak_rss_mib();
 
     println!("\n| measure | result |\n|---|---|");
     println!("| machine | {} |", ferrimesh_e2e::machine());
+    if target_mode {
+        println!(
+            "| entries | pushed into a config cluster (a second control plane), namespace {TARGET_NS} |"
+        );
+    }
     println!(
         "| baseline: plain client, {pods} entries | {:.1} s ({:.0}/s) |",
         baseline.as_secs_f64(),
