@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 mod check;
 
 /// Every input a fuzzer found a bug with, by file name.
-const REGRESSIONS: [&str; 5] = [
+const REGRESSIONS: [&str; 6] = [
+    "gateway-proxy-without-ports.json",
     "invalid-utf8-in-skipped-string.json",
     "object-without-metadata.json",
     "pod-without-containers.json",

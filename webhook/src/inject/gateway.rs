@@ -3,7 +3,7 @@
 //! `image: auto`), and injection turns it into a `proxy router`, with no
 //! `istio-init` and no native sidecar, laid under the user's own settings.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, Pod, PodSecurityContext, Probe, SecurityContext, Sysctl,
@@ -23,12 +23,40 @@ use ferrimesh_crds::istio::SidecarStatus;
 
 use crate::{Error, Result};
 
-/// The gateway's `istio-proxy`, as the template renders it.
-fn template_container(settings: &Settings, request: &Request<'_>, pod: &Pod) -> Container {
-    let spec = pod.spec.as_ref();
-    let containers: Vec<&Container> = spec
-        .map(|s| s.containers.iter().collect())
-        .unwrap_or_default();
+/// The containers the template reads, as Istio's injector gives them to it:
+/// the pod's own on first injection; on re-injection those an earlier
+/// injection did not add, then the user's recorded overrides (Istio's
+/// `stripPod` and `reinsertOverrides`), so the injected proxy's own ports
+/// never count as the pod's.
+fn template_view<'p>(
+    pod: &'p Pod,
+    previous: Option<&SidecarStatus>,
+    recorded: Option<&'p Overrides>,
+) -> Vec<&'p Container> {
+    let containers = pod.spec.iter().flat_map(|s| &s.containers);
+    let Some(status) = previous else {
+        return containers.collect();
+    };
+    let injected: BTreeSet<&str> = status.container_names().collect();
+    let mut view: Vec<&Container> = containers
+        .filter(|c| !injected.contains(c.name.as_str()))
+        .collect();
+    let overrides = recorded.iter().flat_map(|o| &o.containers);
+    for user in overrides {
+        if !view.iter().any(|c| c.name == user.name) {
+            view.push(user);
+        }
+    }
+    view
+}
+
+/// The gateway's `istio-proxy`, as the template renders it from the
+/// containers of [`template_view`].
+fn template_container(
+    settings: &Settings,
+    request: &Request<'_>,
+    containers: &[&Container],
+) -> Container {
     let app_names: Vec<&str> = containers
         .iter()
         .map(|c| c.name.as_str())
@@ -41,7 +69,7 @@ fn template_container(settings: &Settings, request: &Request<'_>, pod: &Pod) -> 
     let mut vars: Vec<EnvVar> = leading_env(settings);
     vars.extend([
         // Every container's ports, the user's istio-proxy's included.
-        env("ISTIO_META_POD_PORTS", pod_ports(&containers)),
+        env("ISTIO_META_POD_PORTS", pod_ports(containers)),
         resource_env("GOMEMLIMIT", "limits.memory"),
         resource_env("GOMAXPROCS", "limits.cpu"),
         // Go leaves an empty value out.
@@ -118,7 +146,17 @@ pub fn inject(request: &Request<'_>, settings: &Settings) -> Result<Pod> {
         .as_ref()
         .and_then(|a| a.get(ann::STATUS))
         .and_then(|raw| serde_json::from_str::<SidecarStatus>(raw).ok());
-    let fresh = template_container(settings, request, &pod);
+    let recorded = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ann::PROXY_OVERRIDES))
+        .and_then(|v| Overrides::parse(v).ok());
+    let fresh = template_container(
+        settings,
+        request,
+        &template_view(request.pod, previous.as_ref(), recorded.as_ref()),
+    );
     let spec = pod
         .spec
         .as_mut()
@@ -129,12 +167,6 @@ pub fn inject(request: &Request<'_>, settings: &Settings) -> Result<Pod> {
     // injected image), recorded on first injection.
     let at = spec.containers.iter().position(|c| c.name == PROXY);
     let existing = at.map(|at| spec.containers.remove(at));
-    let recorded = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ann::PROXY_OVERRIDES))
-        .and_then(|v| Overrides::parse(v).ok());
     let user = match (&previous, existing.as_ref()) {
         (None, Some(user)) => {
             let mut user = user.clone();

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use k8s_openapi::api::core::v1::Container;
+use k8s_openapi::api::core::v1::{Container, ResourceRequirements};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -256,10 +256,25 @@ impl Overrides {
         Ok(object.to_string())
     }
 
-    /// Parses the annotation value.
+    /// Parses the annotation value. The `resources: {}` the annotation
+    /// always writes reads back as no resources, as the user wrote them.
     pub fn parse(value: &str) -> Result<Self> {
-        Ok(serde_json::from_str(value)?)
+        let mut overrides: Self = serde_json::from_str(value)?;
+        let all = overrides
+            .containers
+            .iter_mut()
+            .chain(&mut overrides.init_containers);
+        for container in all {
+            if container.resources.as_ref().is_some_and(is_empty_resources) {
+                container.resources = None;
+            }
+        }
+        Ok(overrides)
     }
+}
+
+fn is_empty_resources(resources: &ResourceRequirements) -> bool {
+    *resources == ResourceRequirements::default()
 }
 
 /// Writes the quantities of a container's resources in canonical form, so a

@@ -1352,3 +1352,34 @@ fn refuses_a_mesh_whose_default_templates_ferrimesh_does_not_apply() {
         "{error}"
     );
 }
+
+fn gateway_pod(proxy_ports: serde_json::Value) -> Pod {
+    pod(json!({
+        "metadata": {"name": "ingress", "namespace": "shop", "labels": {"app": "ingress"},
+                     "annotations": {"inject.istio.io/templates": "gateway"}},
+        "spec": {"containers": [{"name": "istio-proxy", "image": "auto", "ports": proxy_ports}]}
+    }))
+}
+
+#[test]
+fn gateway_pod_ports_are_the_users_on_first_injection_and_on_reinjection() {
+    let mesh = MeshSpec::default();
+    for (ports, expected) in [
+        (json!([]), "[\n]"),
+        (
+            json!([{"name": "https", "containerPort": 8443}]),
+            "[\n    {\"name\":\"https\",\"containerPort\":8443}\n]",
+        ),
+    ] {
+        let once = injected(&gateway_pod(ports), &mesh);
+        let twice = injected(&once, &mesh);
+        assert_eq!(env(&once, "ISTIO_META_POD_PORTS"), Some(expected));
+        assert_eq!(
+            env(&twice, "ISTIO_META_POD_PORTS"),
+            Some(expected),
+            "the injected proxy's own 15090 is not the pod's"
+        );
+        assert_eq!(container(&twice, "istio-proxy").resources, None);
+        assert_eq!(once, twice, "re-injection changes nothing");
+    }
+}
