@@ -1,6 +1,7 @@
 //! Running the operator: the caches, the controllers fed by them, and the
 //! lease that decides which replica runs them.
 
+use std::fmt::Debug;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,9 +15,10 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector;
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Predicate, PredicateConfig, WatchStreamExt, predicates, watcher};
-use kube::{Api, Client, Resource};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::cluster::certificate_store::{CA_SECRET, SERVING_SECRET};
@@ -31,8 +33,8 @@ use crate::runtime::lease::{self, LeaderElection};
 use crate::runtime::reduced::reduce;
 use crate::runtime::synced::{self, MarkSynced, synced};
 use crate::runtime::triggers::{changes, every, notified, received, throttle};
-use crate::workloads::controller::{self as workload_controller, injected_pods};
-use crate::workloads::injected_pod::InjectedPod;
+use crate::workloads::controller as workload_controller;
+use crate::workloads::injected_pod::{InjectedPod, injected_only};
 use crate::workloads::registered_entry::RegisteredEntry;
 use crate::workloads::target::{self, Targets};
 use crate::workloads::{MANAGED_BY, MANAGED_BY_LABEL};
@@ -128,7 +130,7 @@ async fn fill<K, V>(
     cache: Cache<V>,
     mark: MarkSynced,
     changed: Arc<Notify>,
-    reduce: impl Fn(K) -> Option<V>,
+    reduce: impl Fn(&K) -> Option<V>,
 ) where
     K: Resource<DynamicType = ()>,
 {
@@ -136,7 +138,7 @@ async fn fill<K, V>(
         .for_each(move |event| {
             mark.observe(&event);
             match event {
-                Ok(event) => cache.apply(event, &reduce),
+                Ok(event) => cache.apply(&event, &reduce),
                 Err(e) => {
                     tracing::warn!(error = %e, kind = %K::kind(&()), "watch failed; retrying")
                 }
@@ -147,19 +149,43 @@ async fn fill<K, V>(
         .await;
 }
 
+/// Fills a reflector's store from a watch of every `K`, marking it synced
+/// after its first list and notifying each of `changed` of every event.
+async fn reflect_all<K>(
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    mark: MarkSynced,
+    changed: Vec<Arc<Notify>>,
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .for_each(move |event| {
+            mark.observe(&event);
+            if let Err(e) = event {
+                tracing::warn!(error = %e, kind = %K::kind(&()), "watch failed; retrying");
+            }
+            changed.iter().for_each(|c| c.notify_one());
+            async {}
+        })
+        .await;
+}
+
 /// Runs the controllers until they stop (or the future is dropped).
 ///
-/// One watch per kind, each feeding a cache: injected pods (pruned to what
-/// a WorkloadEntry needs before they are stored), our WorkloadEntries,
-/// Namespaces, Nodes (metadata only) and Meshes; the two certificate
-/// Secrets of the operator's namespace (each by name) and the webhook
-/// configurations are watched, not cached. Three reconcilers read them: the
-/// cluster reconciler (certificate, namespace labels) runs at most twice a
-/// second whatever the cluster's churn; each Mesh's reconciler runs when the
-/// Mesh or its webhook configuration changes, when the cluster reconciler
-/// publishes something new, and at most every five seconds for entry
-/// changes; the workload reconciler runs per injected pod. The lifecycle
-/// loop reads every pod (reduced to what the drift classification reads),
+/// One watch per kind, each feeding its caches: pods (every pod reduced to
+/// what the drift classification reads, the injected ones also to what a
+/// WorkloadEntry needs), our WorkloadEntries, Namespaces, ProxyProfiles,
+/// Nodes (metadata only) and Meshes; the two certificate Secrets of the
+/// operator's namespace (each by name) and the webhook configurations are
+/// watched, not cached. Three reconcilers read them: the cluster reconciler
+/// (certificate, namespace labels) runs at most twice a second whatever the
+/// cluster's churn; each Mesh's reconciler runs when the Mesh or its webhook
+/// configuration changes, when the cluster reconciler publishes something
+/// new, and at most every five seconds for entry changes; the workload
+/// reconciler runs per injected pod. The lifecycle loop reads the pods,
 /// ProxyProfiles, ReplicaSet owners (metadata only) and the Deployments,
 /// StatefulSets and DaemonSets it may restart, and runs after their
 /// changes and those of Meshes and Namespaces, at most every
@@ -241,76 +267,70 @@ pub(crate) async fn controllers(
 
     let (namespaces, namespace_writer) = reflector::store();
     let (mark_namespaces, namespaces_synced) = synced();
-    let namespace_cache = {
-        let changed = Arc::clone(&changed);
-        let lifecycle_changed = Arc::clone(&lifecycle_changed);
-        watcher(Api::<Namespace>::all(client.clone()), watch_config.clone())
-            .default_backoff()
-            .reflect(namespace_writer)
-            .for_each(move |event| {
-                mark_namespaces.observe(&event);
-                if let Err(e) = event {
-                    tracing::warn!(error = %e, "Namespace watch failed; retrying");
-                }
-                changed.notify_one();
-                lifecycle_changed.notify_one();
-                async {}
-            })
-    };
+    let namespace_cache = reflect_all(
+        Api::<Namespace>::all(client.clone()),
+        namespace_writer,
+        mark_namespaces,
+        vec![Arc::clone(&changed), Arc::clone(&lifecycle_changed)],
+    );
 
     // ProxyProfiles: the Pod Security report layers a namespace's over its
     // Mesh; the drift classification reads them too.
     let (profiles, profile_writer) = reflector::store();
     let (mark_profiles, profiles_synced) = synced();
-    let profile_cache = {
-        let changed = Arc::clone(&changed);
-        let lifecycle_changed = Arc::clone(&lifecycle_changed);
-        watcher(
-            Api::<ProxyProfile>::all(client.clone()),
-            watch_config.clone(),
-        )
-        .default_backoff()
-        .reflect(profile_writer)
-        .for_each(move |event| {
-            mark_profiles.observe(&event);
-            if let Err(e) = event {
-                tracing::warn!(error = %e, "ProxyProfile watch failed; retrying");
-            }
-            changed.notify_one();
-            lifecycle_changed.notify_one();
-            async {}
-        })
-    };
+    let profile_cache = reflect_all(
+        Api::<ProxyProfile>::all(client.clone()),
+        profile_writer,
+        mark_profiles,
+        vec![Arc::clone(&changed), Arc::clone(&lifecycle_changed)],
+    );
 
     let (nodes, node_writer) = reflector::store();
     let (mark_nodes, nodes_synced) = synced();
-    let node_cache = watcher(
+    let node_cache = reflect_all(
         Api::<PartialObjectMeta<Node>>::all(client.clone()),
-        watch_config.clone(),
-    )
-    .default_backoff()
-    .reflect(node_writer)
-    .for_each(move |event| {
-        mark_nodes.observe(&event);
-        if let Err(e) = event {
-            tracing::warn!(error = %e, "Node watch failed; retrying");
-        }
-        async {}
-    });
+        node_writer,
+        mark_nodes,
+        Vec::new(),
+    );
 
-    // Pods go into the cache reduced to what their entries are made of; a
-    // deleted pod's entry goes at once.
+    // One watch of every pod, in small pages (a page of pods is parsed
+    // whole before it is reduced); each pod arrives once. The lifecycle
+    // keeps every pod, reduced to what the drift classification reads; the
+    // injected ones go on to the workload controller's cache, reduced to
+    // what their entries are made of, and a deleted pod's entry goes at
+    // once.
+    let caches = Caches::default();
     let (pods, pod_writer) = reflector::store();
     let (mark_pods, pods_synced) = synced();
     let (deleted_pods_tx, deleted_pods_rx) = mpsc::unbounded_channel();
     let pod_events = watcher(
         Api::<Pod>::all(client.clone()),
-        // Small pages: a page of pods is parsed whole before it is reduced.
-        watcher::Config::default()
-            .labels(&injected_pods())
-            .page_size(100),
+        watcher::Config::default().page_size(100),
     )
     .default_backoff()
+    .inspect({
+        let caches = caches.clone();
+        let lifecycle_changed = Arc::clone(&lifecycle_changed);
+        move |event| {
+            match event {
+                Ok(event) => caches.pods.apply(event, |pod| caches.reduce_pod(pod)),
+                Err(e) => tracing::warn!(error = %e, "Pod watch failed; retrying"),
+            }
+            lifecycle_changed.notify_one();
+        }
+    })
+    .try_filter_map({
+        let pods = pods.clone();
+        move |event| {
+            let known = |pod: &Pod| {
+                let key = ObjectRef::<InjectedPod>::new(&pod.name_any())
+                    .within(&pod.namespace().unwrap_or_default());
+                pods.get(&key).is_some()
+            };
+            std::future::ready(Ok(injected_only(event, known)))
+        }
+    })
     .map_ok(reduce::<Pod, InjectedPod>)
     .reflect(pod_writer)
     .inspect(move |event| {
@@ -321,26 +341,9 @@ pub(crate) async fn controllers(
     })
     .touched_objects();
 
-    // The lifecycle's caches: every pod, reduced to what the drift
-    // classification reads (small pages, as above); ProxyProfiles whole;
-    // ReplicaSets' owners from their metadata; the workloads a rollout
-    // restarts, reduced to their rollout state.
-    let caches = Caches::default();
-    let (mark_all_pods, all_pods_synced) = synced();
-    let all_pod_cache = fill(
-        watcher(
-            Api::<Pod>::all(client.clone()),
-            watcher::Config::default().page_size(100),
-        )
-        .default_backoff(),
-        caches.pods.clone(),
-        mark_all_pods,
-        Arc::clone(&lifecycle_changed),
-        {
-            let caches = caches.clone();
-            move |pod: Pod| caches.reduce_pod(&pod)
-        },
-    );
+    // The lifecycle's other caches: ReplicaSets' owners from their
+    // metadata; the workloads a rollout restarts, reduced to their rollout
+    // state.
     let (mark_replica_sets, replica_sets_synced) = synced();
     let replica_set_cache = fill(
         watcher(
@@ -351,7 +354,7 @@ pub(crate) async fn controllers(
         caches.replica_sets.clone(),
         mark_replica_sets,
         Arc::clone(&lifecycle_changed),
-        |rs: PartialObjectMeta<ReplicaSet>| {
+        |rs: &PartialObjectMeta<ReplicaSet>| {
             Some(Owner::controller(rs.metadata.owner_references.as_deref()))
         },
     );
@@ -361,7 +364,7 @@ pub(crate) async fn controllers(
         caches.deployments.clone(),
         mark_deployments,
         Arc::clone(&lifecycle_changed),
-        |d: Deployment| Some(Workload::from(&d)),
+        |d: &Deployment| Some(Workload::from(d)),
     );
     let (mark_stateful_sets, stateful_sets_synced) = synced();
     let stateful_set_cache = fill(
@@ -373,7 +376,7 @@ pub(crate) async fn controllers(
         caches.stateful_sets.clone(),
         mark_stateful_sets,
         Arc::clone(&lifecycle_changed),
-        |s: StatefulSet| Some(Workload::from(&s)),
+        |s: &StatefulSet| Some(Workload::from(s)),
     );
     let (mark_daemon_sets, daemon_sets_synced) = synced();
     let daemon_set_cache = fill(
@@ -381,7 +384,7 @@ pub(crate) async fn controllers(
         caches.daemon_sets.clone(),
         mark_daemon_sets,
         Arc::clone(&lifecycle_changed),
-        |d: DaemonSet| Some(Workload::from(&d)),
+        |d: &DaemonSet| Some(Workload::from(d)),
     );
 
     // Each Secret by name: the operator's Role lets it read these two and
@@ -431,7 +434,7 @@ pub(crate) async fn controllers(
             meshes_synced.clone(),
             namespaces_synced.clone(),
             profiles_synced.clone(),
-            all_pods_synced.clone(),
+            pods_synced.clone(),
             replica_sets_synced.clone(),
             deployments_synced.clone(),
             stateful_sets_synced.clone(),
@@ -615,7 +618,6 @@ pub(crate) async fn controllers(
             &entries_synced,
             &nodes_synced,
             &pods_synced,
-            &all_pods_synced,
             &replica_sets_synced,
             &deployments_synced,
             &stateful_sets_synced,
@@ -638,7 +640,6 @@ pub(crate) async fn controllers(
         deletions,
         sweep,
         lifecycle_loop,
-        all_pod_cache,
         replica_set_cache,
         deployment_cache,
         stateful_set_cache,
@@ -793,7 +794,6 @@ mod tests {
             "/api/v1/namespaces?",
             "/apis/mesh.ferrimesh.io/v1alpha1/proxyprofiles?",
             "/api/v1/nodes?",
-            "/api/v1/pods?&labelSelector=security.istio.io%2FtlsMode%3Distio&limit=100",
             "/apis/networking.istio.io/v1/workloadentries?&labelSelector=ferrimesh.io%2Fmanaged-by%3Dferrimesh-operator",
             "/api/v1/namespaces/ferrimesh-system/secrets?&fieldSelector=metadata.name%3Dferrimesh-webhook-tls",
             "/api/v1/namespaces/ferrimesh-system/secrets?&fieldSelector=metadata.name%3Dferrimesh-webhook-ca",

@@ -64,7 +64,7 @@ fn fill(caches: &Caches, pods: impl Iterator<Item = Pod>) -> usize {
     for pod in pods {
         caches
             .pods
-            .apply(Event::Apply(pod), |p: Pod| caches.reduce_pod(&p));
+            .apply(&Event::Apply(pod), |p: &Pod| caches.reduce_pod(p));
     }
     caches.shapes.collect();
     status_bytes("VmRSS:").saturating_sub(before) / PODS

@@ -61,7 +61,7 @@ impl<V> Cache<V> {
 
     /// Applies one watch event, each object reduced by `reduce`; an object
     /// it reduces to `None` is not kept (and dropped if it was).
-    pub fn apply<K: Resource>(&self, event: Event<K>, reduce: impl Fn(K) -> Option<V>) {
+    pub fn apply<K: Resource>(&self, event: &Event<K>, reduce: impl Fn(&K) -> Option<V>) {
         let mut state = self.lock();
         let key = |state: &mut State<V>, object: &K| {
             let namespace = object.namespace().unwrap_or_default();
@@ -81,7 +81,7 @@ impl<V> Cache<V> {
         match event {
             Event::Init => state.relisting = Some(HashMap::new()),
             Event::InitApply(object) => {
-                let key = key(&mut state, &object);
+                let key = key(&mut state, object);
                 if let Some(value) = reduce(object) {
                     state.relisting.get_or_insert_default().insert(key, value);
                 }
@@ -97,14 +97,14 @@ impl<V> Cache<V> {
                 namespaces.retain(|ns| live.contains(ns));
             }
             Event::Apply(object) => {
-                let key = key(&mut state, &object);
+                let key = key(&mut state, object);
                 match reduce(object) {
                     Some(value) => state.items.insert(key, value),
                     None => state.items.remove(&key),
                 };
             }
             Event::Delete(object) => {
-                let key = key(&mut state, &object);
+                let key = key(&mut state, object);
                 state.items.remove(&key);
             }
         }
@@ -192,27 +192,27 @@ mod tests {
         .expect("pod")
     }
 
-    fn app(pod: Pod) -> Option<String> {
-        pod.metadata.labels?.get("app").cloned()
+    fn app(pod: &Pod) -> Option<String> {
+        pod.metadata.labels.as_ref()?.get("app").cloned()
     }
 
     #[test]
     fn follows_a_watch_and_a_relist_replaces_everything() {
         let cache = Cache::default();
-        cache.apply(Event::Apply(pod("a", "p1", "web")), app);
-        cache.apply(Event::Apply(pod("a", "p2", "web")), app);
-        cache.apply(Event::Apply(pod("a", "p1", "api")), app);
+        cache.apply(&Event::Apply(pod("a", "p1", "web")), app);
+        cache.apply(&Event::Apply(pod("a", "p2", "web")), app);
+        cache.apply(&Event::Apply(pod("a", "p1", "api")), app);
         assert_eq!(cache.get("a", "p1").as_deref(), Some("api"));
-        cache.apply(Event::Delete(pod("a", "p2", "web")), app);
+        cache.apply(&Event::Delete(pod("a", "p2", "web")), app);
         assert_eq!(cache.get("a", "p2"), None);
-        cache.apply(Event::Init, app);
-        cache.apply(Event::InitApply(pod("b", "p3", "db")), app);
+        cache.apply(&Event::Init, app);
+        cache.apply(&Event::InitApply(pod("b", "p3", "db")), app);
         assert_eq!(
             cache.get("a", "p1").as_deref(),
             Some("api"),
             "kept until the list ends"
         );
-        cache.apply(Event::InitDone, app);
+        cache.apply(&Event::InitDone, app);
         assert_eq!(cache.get("a", "p1"), None);
         assert_eq!(cache.get("b", "p3").as_deref(), Some("db"));
         assert_eq!(cache.read(HashMap::len), 1);
@@ -221,8 +221,8 @@ mod tests {
     #[test]
     fn an_object_reduced_to_nothing_is_dropped() {
         let cache = Cache::default();
-        cache.apply(Event::Apply(pod("a", "p1", "web")), app);
-        cache.apply(Event::Apply(pod("a", "p1", "")), |p| {
+        cache.apply(&Event::Apply(pod("a", "p1", "web")), app);
+        cache.apply(&Event::Apply(pod("a", "p1", "")), |p| {
             app(p).filter(|a| !a.is_empty())
         });
         assert_eq!(cache.read(HashMap::len), 0);
@@ -231,8 +231,8 @@ mod tests {
     #[test]
     fn keys_of_a_namespace_share_its_name() {
         let cache = Cache::default();
-        cache.apply(Event::Apply(pod("shop", "p1", "web")), app);
-        cache.apply(Event::Apply(pod("shop", "p2", "web")), app);
+        cache.apply(&Event::Apply(pod("shop", "p1", "web")), app);
+        cache.apply(&Event::Apply(pod("shop", "p2", "web")), app);
         cache.read(|items| {
             let keys: Vec<&Key> = items.keys().collect();
             assert!(Arc::ptr_eq(&keys[0].namespace, &keys[1].namespace));

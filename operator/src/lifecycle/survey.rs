@@ -285,7 +285,7 @@ mod tests {
                     {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": "web-uid", "controller": true}]}
             }))
             .expect("rs");
-            replica_sets.apply(Event::Apply(rs), |rs: ReplicaSet| {
+            replica_sets.apply(&Event::Apply(rs), |rs: &ReplicaSet| {
                 Some(Owner::controller(rs.metadata.owner_references.as_deref()))
             });
             let enabled = BTreeMap::from([("istio-injection".to_owned(), "enabled".to_owned())]);
@@ -305,7 +305,7 @@ mod tests {
         fn add(&self, pod: Pod) {
             let shapes = self.shapes.clone();
             self.pods
-                .apply(Event::Apply(pod), |p: Pod| DriftPod::reduce(&p, &shapes));
+                .apply(&Event::Apply(pod), |p: &Pod| DriftPod::reduce(p, &shapes));
         }
 
         fn survey(&self, announced: &HashSet<u64>, budget: usize) -> Survey {

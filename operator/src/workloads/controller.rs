@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferrimesh_crds::istio::{SIDECAR_STATUS, TLS_MODE};
+use ferrimesh_crds::istio::SIDECAR_STATUS;
 use ferrimesh_crds::mesh::{DEFAULT_REVISION, RegistrationTarget};
 use ferrimesh_crds::{Mesh, WorkloadEntry};
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -27,11 +27,6 @@ use super::registered_entry::{RegisteredEntry, up_to_date, written};
 use super::target::Targets;
 use super::{POD_UID_ANNOTATION, is_ours};
 use crate::{Error, FIELD_MANAGER, Result};
-
-/// The label selector of the pods the controller watches: the injected ones.
-pub fn injected_pods() -> String {
-    format!("{TLS_MODE}=istio")
-}
 
 /// What the workload controller needs.
 pub struct Context {

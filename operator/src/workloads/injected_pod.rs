@@ -10,9 +10,11 @@
 
 use std::collections::BTreeMap;
 
-use ferrimesh_crds::istio::{REVISION, SIDECAR_STATUS, SidecarStatus};
+use ferrimesh_crds::istio::{REVISION, SIDECAR_STATUS, SidecarStatus, TLS_MODE};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::ResourceExt;
+use kube::runtime::watcher::Event;
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::reduced::reduced_resource;
@@ -52,6 +54,27 @@ impl InjectedPod {
     pub fn is_gone(&self) -> bool {
         self.metadata.deletion_timestamp.is_some()
             || matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"))
+    }
+}
+
+/// Whether the workload controller registers `pod`: it carries the
+/// injector's `security.istio.io/tlsMode: istio` label.
+pub fn is_injected(pod: &Pod) -> bool {
+    pod.labels().get(TLS_MODE).map(String::as_str) == Some("istio")
+}
+
+/// One event of a watch of every pod, as a watch of the injected pods alone
+/// (label selector `security.istio.io/tlsMode=istio`) would deliver it:
+/// other pods are left out, and a pod that loses the label is deleted when
+/// `known` says it was delivered before. One watch then feeds both the
+/// lifecycle's cache of every pod and the workload controller, and no pod is
+/// sent and parsed twice.
+pub fn injected_only(event: Event<Pod>, known: impl Fn(&Pod) -> bool) -> Option<Event<Pod>> {
+    match event {
+        Event::Apply(pod) if !is_injected(&pod) => known(&pod).then_some(Event::Delete(pod)),
+        Event::InitApply(pod) if !is_injected(&pod) => None,
+        Event::Delete(pod) if !is_injected(&pod) && !known(&pod) => None,
+        event => Some(event),
     }
 }
 
@@ -203,6 +226,81 @@ mod tests {
             "/api/v1/namespaces/shop/pods"
         );
         assert_eq!(InjectedPod::kind(&()), "Pod");
+    }
+
+    fn labelled(name: &str, tls_mode: Option<&str>) -> Pod {
+        let labels = tls_mode.map(|mode| json!({"security.istio.io/tlsMode": mode}));
+        serde_json::from_value(
+            json!({"metadata": {"name": name, "namespace": "shop", "labels": labels}}),
+        )
+        .expect("pod")
+    }
+
+    fn name(event: Option<watcher::Event<Pod>>) -> Option<(&'static str, String)> {
+        match event? {
+            watcher::Event::Apply(pod) => Some(("apply", pod.name_any())),
+            watcher::Event::InitApply(pod) => Some(("init-apply", pod.name_any())),
+            watcher::Event::Delete(pod) => Some(("delete", pod.name_any())),
+            watcher::Event::Init => Some(("init", String::new())),
+            watcher::Event::InitDone => Some(("init-done", String::new())),
+        }
+    }
+
+    #[test]
+    fn a_watch_of_every_pod_gives_the_events_of_the_injected_ones_alone() {
+        let injected = || labelled("web", Some("istio"));
+        let plain = || labelled("db", None);
+        let cases = [
+            (
+                watcher::Event::Apply(injected()),
+                false,
+                Some(("apply", "web")),
+            ),
+            (
+                watcher::Event::InitApply(injected()),
+                false,
+                Some(("init-apply", "web")),
+            ),
+            (
+                watcher::Event::Delete(injected()),
+                false,
+                Some(("delete", "web")),
+            ),
+            (watcher::Event::Apply(plain()), false, None),
+            (watcher::Event::InitApply(plain()), true, None),
+            (watcher::Event::Delete(plain()), false, None),
+            (
+                watcher::Event::Apply(labelled("db", Some("disabled"))),
+                false,
+                None,
+            ),
+            (watcher::Event::Init, false, Some(("init", ""))),
+            (watcher::Event::InitDone, false, Some(("init-done", ""))),
+        ];
+        for (event, known, expected) in cases {
+            let expected = expected.map(|(kind, n)| (kind, n.to_owned()));
+            assert_eq!(
+                name(injected_only(event.clone(), |_| known)),
+                expected,
+                "{event:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pod_that_loses_the_label_is_deleted_once_it_was_delivered() {
+        let unlabelled = labelled("web", None);
+        assert_eq!(
+            name(injected_only(
+                watcher::Event::Apply(unlabelled.clone()),
+                |_| true
+            )),
+            Some(("delete", "web".to_owned()))
+        );
+        assert_eq!(
+            name(injected_only(watcher::Event::Delete(unlabelled), |_| true)),
+            Some(("delete", "web".to_owned()))
+        );
     }
 
     #[test]
