@@ -38,6 +38,7 @@ use self::namespaces::{
 };
 use crate::mesh::WebhookTarget;
 use crate::runtime::admin::Metrics;
+use crate::runtime::profiles;
 use crate::{Error, FIELD_MANAGER, Result};
 
 pub mod cert_manager;
@@ -398,7 +399,7 @@ async fn label_namespaces(ctx: &Context, meshes: &[Mesh], written: &mut Written)
     let mut labelled = Labelled::default();
     let mut namespaces = ctx.namespaces.state();
     namespaces.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    let profiles = ctx.profiles.state();
+    let profiles = profiles::by_namespace(&ctx.profiles);
     written.applied.retain(|name, (seen, _)| {
         namespaces.iter().any(|n| {
             n.metadata.name.as_ref() == Some(name)
@@ -413,7 +414,13 @@ async fn label_namespaces(ctx: &Context, meshes: &[Mesh], written: &mut Written)
                 ambient.push(namespace.name_any());
             } else {
                 *labelled.counts.entry(mesh.name_any()).or_insert(0) += 1;
-                report_pod_security(namespace, mesh, &profiles, &mut labelled);
+                let own = profiles.get(&namespace.name_any());
+                report_pod_security(
+                    namespace,
+                    mesh,
+                    own.map_or(&[], Vec::as_slice),
+                    &mut labelled,
+                );
             }
         }
         let desired = desired_labels(namespace, meshes, &ctx.namespace);
@@ -451,20 +458,16 @@ async fn label_namespaces(ctx: &Context, meshes: &[Mesh], written: &mut Written)
 }
 
 /// Adds `namespace`'s Pod Security report, when its level refuses what
-/// `mesh` injects, with the namespace's ProxyProfiles layered over it.
+/// `mesh` injects, with the namespace's ProxyProfiles (`profiles`) layered
+/// over it.
 fn report_pod_security(
     namespace: &Namespace,
     mesh: &Mesh,
-    profiles: &[std::sync::Arc<ProxyProfile>],
+    profiles: &[ProxyProfile],
     labelled: &mut Labelled,
 ) {
     let name = namespace.name_any();
-    let own: Vec<ProxyProfile> = profiles
-        .iter()
-        .filter(|p| p.metadata.namespace.as_deref() == Some(name.as_str()))
-        .map(|p| (**p).clone())
-        .collect();
-    if let Some((level, found)) = pod_security::refused(namespace, mesh, &own) {
+    if let Some((level, found)) = pod_security::refused(namespace, mesh, profiles) {
         let report = pod_security::describe(&name, level, &found);
         let reports = labelled.pod_security.entry(mesh.name_any()).or_default();
         reports.push((name, report));

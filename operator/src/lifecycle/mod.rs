@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::runtime::admin::Metrics;
+use crate::runtime::profiles;
 use crate::{FIELD_MANAGER, Result};
 
 pub mod cache;
@@ -244,14 +245,7 @@ async fn pass(ctx: &Context, memory: &mut Memory) -> Result<Report> {
         .iter()
         .map(|ns| (ns.name_any(), ns.labels().clone()))
         .collect();
-    let mut profiles: HashMap<String, Vec<ProxyProfile>> = HashMap::new();
-    for profile in ctx.profiles.state() {
-        let namespace = profile.namespace().unwrap_or_default();
-        profiles
-            .entry(namespace)
-            .or_default()
-            .push(ProxyProfile::clone(&profile));
-    }
+    let profiles = profiles::by_namespace(&ctx.profiles);
     let mut excluded: Vec<&str> = SYSTEM_NAMESPACES.to_vec();
     excluded.push(&ctx.namespace);
     let world = World {
