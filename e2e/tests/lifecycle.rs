@@ -365,9 +365,11 @@ async fn automatic_rollout_restarts_stale_deployments_one_at_a_time_and_survives
 
     // One at a time: a/one first (namespace, then name), the rest wait.
     let (target, one_at, one_generation) = wait_restarted(&client, "a", "one").await?;
-    assert_eq!(target.len(), 16, "the injection stamp: {target}");
+    let (stamp, recorded) = target.split_once('@').unwrap_or((&target, ""));
+    assert_eq!(stamp.len(), 16, "the injection stamp: {target}");
     assert!(one_at.parse::<jiff::Timestamp>().is_ok(), "{one_at}");
     assert_eq!(one_generation, 2, "one change of the pod template");
+    assert_eq!(recorded, "2", "the generation the restart gave: {target}");
     let message = wait_progress(&client, "RollingOut").await?;
     assert!(message.contains("Deployment a/one"), "{message}");
     stays_unrestarted(&client, &[("a", "two"), ("b", "three")], 5).await?;

@@ -378,7 +378,7 @@ fn restarting(
     for kind in [Kind::Deployment, Kind::StatefulSet, Kind::DaemonSet] {
         caches.workloads(kind).read(|items| {
             for (key, workload) in items {
-                if workload.restarted_for.is_none() || workload.rolled_out() {
+                if !workload.restarting_for_us() {
                     continue;
                 }
                 let reference = WorkloadRef {
@@ -432,7 +432,7 @@ async fn roll_out(
             .caches
             .workloads(workload.kind)
             .get(&workload.namespace, &workload.name)
-            .is_some_and(|w| w.restarted_for.as_deref() == Some(pending.target.as_str()));
+            .is_some_and(|w| w.restarted_target() == Some(pending.target.as_str()));
         !seen && pending.written.elapsed() < PENDING_FOR
     });
     let candidates = match candidates(mesh, survey, world, &ctx.caches) {
@@ -515,13 +515,18 @@ async fn restart(
         namespace,
         name,
     } = &candidate.workload;
-    let patch = json!({
+    let record = candidate.current.restart_record(&candidate.target);
+    let mut patch = json!({
         "apiVersion": "apps/v1",
         "kind": kind.as_str(),
         "metadata": {"name": name, "namespace": namespace,
-                     "annotations": {RESTARTED_FOR: candidate.target}},
+                     "annotations": {RESTARTED_FOR: record}},
         "spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: at.to_string()}}}},
     });
+    // Only over the version planned on: the record's generation holds.
+    if let Some(version) = &candidate.current.resource_version {
+        patch["metadata"]["resourceVersion"] = json!(version);
+    }
     let uid = match kind {
         Kind::Deployment => apply::<Deployment>(client, namespace, name, &patch).await?,
         Kind::StatefulSet => apply::<StatefulSet>(client, namespace, name, &patch).await?,
@@ -555,7 +560,11 @@ mod tests {
                 name: "db".into(),
             },
             target: "86b80008e0348c92".into(),
-            current: Workload::default(),
+            current: Workload {
+                generation: 4,
+                resource_version: Some("77".into()),
+                ..Workload::default()
+            },
         };
         let at = jiff::Timestamp::from_second(1_800_000_000).expect("time");
         let restarting = tokio::spawn(async move { restart(&client, &candidate, at).await });
@@ -572,8 +581,8 @@ mod tests {
         assert_eq!(
             sent,
             json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
-                   "metadata": {"name": "db", "namespace": "shop",
-                                "annotations": {RESTARTED_FOR: "86b80008e0348c92"}},
+                   "metadata": {"name": "db", "namespace": "shop", "resourceVersion": "77",
+                                "annotations": {RESTARTED_FOR: "86b80008e0348c92@5"}},
                    "spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: "2027-01-15T08:00:00Z"}}}}})
         );
         let reference = restarting.await.expect("task").expect("restarted");

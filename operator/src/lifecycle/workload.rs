@@ -63,13 +63,47 @@ pub struct Workload {
     pub updated: i32,
     /// Available replicas.
     pub available: i32,
-    /// `ferrimesh.io/restarted-for`: what ferrimesh last restarted it for.
+    /// `metadata.resourceVersion`: a restart is written only over the
+    /// version it was planned on.
+    pub resource_version: Option<Box<str>>,
+    /// `ferrimesh.io/restarted-for`: what ferrimesh last restarted it for
+    /// and the generation its restart gave it, `<target>@<generation>`.
     pub restarted_for: Option<Box<str>>,
     /// The pod template's `kubectl.kubernetes.io/restartedAt`.
     pub restarted_at: Option<Box<str>>,
 }
 
 impl Workload {
+    /// What ferrimesh last restarted it for (`ferrimesh.io/restarted-for`
+    /// without the generation).
+    pub fn restarted_target(&self) -> Option<&str> {
+        let value = self.restarted_for.as_deref()?;
+        Some(value.split_once('@').map_or(value, |(target, _)| target))
+    }
+
+    /// Whether the rollout under way is the one ferrimesh's restart
+    /// started: restarted by ferrimesh, not rolled out, and its spec not
+    /// changed since (a later change is someone else's rollout, which the
+    /// Mesh's rollout neither waits for nor blames). A value without a
+    /// generation counts as ferrimesh's.
+    pub fn restarting_for_us(&self) -> bool {
+        let Some(value) = self.restarted_for.as_deref() else {
+            return false;
+        };
+        let recorded = value
+            .split_once('@')
+            .and_then(|(_, generation)| generation.parse::<i64>().ok());
+        !self.rolled_out() && recorded.is_none_or(|g| g == self.generation)
+    }
+
+    /// The value of `ferrimesh.io/restarted-for` a restart for `target`
+    /// writes: the restart changes the pod template, so the workload's
+    /// generation moves by one (the write is conditional on
+    /// [`Workload::resource_version`], so nothing else came between).
+    pub fn restart_record(&self, target: &str) -> String {
+        format!("{target}@{}", self.generation + 1)
+    }
+
     /// Whether its last rollout is done: the controller has seen the
     /// current spec, and every wanted replica is updated and available.
     pub fn rolled_out(&self) -> bool {
@@ -81,6 +115,7 @@ impl Workload {
     fn new(meta: &ObjectMeta, template: Option<&ObjectMeta>) -> Self {
         Self {
             generation: meta.generation.unwrap_or_default(),
+            resource_version: meta.resource_version.as_deref().map(Into::into),
             restarted_for: meta
                 .annotations
                 .as_ref()
@@ -177,6 +212,30 @@ mod tests {
             json!({"observedGeneration": 2, "updatedReplicas": 2, "availableReplicas": 2}),
         ));
         assert!(done.rolled_out());
+    }
+
+    #[test]
+    fn a_restart_is_ours_until_someone_else_changes_the_spec() {
+        let rolling =
+            json!({"observedGeneration": 2, "updatedReplicas": 1, "availableReplicas": 1});
+        let mut ours = Workload::from(&deployment(rolling.clone()));
+        ours.restarted_for = Some("abc@2".into());
+        assert_eq!(ours.restarted_target(), Some("abc"));
+        assert!(ours.restarting_for_us());
+        let mut later = ours.clone();
+        later.generation = 3;
+        assert!(
+            !later.restarting_for_us(),
+            "a later spec change is the user's rollout"
+        );
+        let legacy = Workload::from(&deployment(rolling));
+        assert_eq!(legacy.restarted_target(), Some("abc"));
+        assert!(legacy.restarting_for_us(), "no generation recorded");
+        let mut done = ours.clone();
+        done.updated = 2;
+        done.available = 2;
+        assert!(!done.restarting_for_us());
+        assert_eq!(ours.restart_record("def"), "def@3");
     }
 
     #[test]
