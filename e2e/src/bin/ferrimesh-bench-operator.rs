@@ -60,6 +60,7 @@ use ferrimesh_operator::workloads::injected_pod::InjectedPod;
 use ferrimesh_operator::workloads::{MANAGED_BY, MANAGED_BY_LABEL};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -429,6 +430,37 @@ impl Cpu {
     }
 }
 
+/// Prints the Events the operator has published so far in `cluster`, by
+/// reason and kind of object (the registration should post none but the
+/// lifecycle's, which these pods, with no owner, do not earn).
+async fn report_events(client: &Client, phase: &str) -> anyhow::Result<()> {
+    let events = Api::<Event>::all(client.clone())
+        .list(&ListParams::default())
+        .await?;
+    let mut by_reason: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for event in events {
+        if event.reporting_controller.as_deref() != Some("ferrimesh-operator") {
+            continue;
+        }
+        let reason = event.reason.unwrap_or_default();
+        let kind = event.regarding.and_then(|r| r.kind).unwrap_or_default();
+        *by_reason.entry((reason, kind)).or_default() += 1;
+    }
+    let parts: Vec<String> = by_reason
+        .iter()
+        .map(|((reason, kind), n)| format!("{reason} on {kind}: {n}"))
+        .collect();
+    println!(
+        "    {phase}: Events published by the operator: {}",
+        if parts.is_empty() {
+            "none".to_owned()
+        } else {
+            parts.join(", ")
+        }
+    );
+    Ok(())
+}
+
 fn rate(n: usize, took: Duration) -> f64 {
     n as f64 / took.as_secs_f64()
 }
@@ -597,6 +629,7 @@ async fn run() -> anyhow::Result<()> {
     Cpu::now(&clusters, Some(&operator)).report(&clusters, "registration", &cpu_before, pods);
     let writes_registration = report_requests(&clusters, "registration", &before, pods).await?;
     let rss_registration = operator.peak_rss_mib();
+    report_events(&client, "registration").await?;
 
     println!("==> 3. deletion: 20% of the pods deleted");
     let deleted: Vec<usize> = (0..pods).filter(|i| i % 5 == 0).collect();
