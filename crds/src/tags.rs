@@ -87,6 +87,22 @@ pub fn holders(meshes: &[Mesh]) -> BTreeMap<&str, &Mesh> {
     held
 }
 
+/// The Mesh that serves `revision`: the oldest live one of that revision
+/// (creationTimestamp, then name), the one the webhook injects with. A
+/// younger Mesh of the same revision serves nothing: it writes no webhook
+/// configuration and says so in its status.
+pub fn revision_holder<'m>(revision: &str, meshes: &'m [Mesh]) -> Option<&'m Mesh> {
+    let created = |m: &Mesh| m.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    meshes
+        .iter()
+        .filter(|m| live(m) && m.spec.revision == revision)
+        .min_by(|a, b| {
+            created(a)
+                .cmp(&created(b))
+                .then_with(|| name(a).cmp(name(b)))
+        })
+}
+
 /// Whether a Mesh of another revision holds the tag `default`, so that the
 /// default revision's own configuration has no entry.
 pub fn default_taken_over(meshes: &[Mesh]) -> bool {
@@ -125,12 +141,14 @@ pub fn selecting_mesh<'m>(
     namespace_labels: &BTreeMap<String, String>,
     pod_labels: &BTreeMap<String, String>,
 ) -> Option<&'m Mesh> {
-    meshes.iter().find(|mesh| {
+    let selecting = meshes.iter().find(|mesh| {
         selectors_of(mesh, meshes, excluded).iter().any(|e| {
             matches(&e.namespace_selector, namespace_labels)
                 && matches(&e.object_selector, pod_labels)
         })
-    })
+    })?;
+    // Of two Meshes of one revision, the one that serves it.
+    revision_holder(&selecting.spec.revision, meshes).or(Some(selecting))
 }
 
 /// The revision (or tag) whose webhook entries select a pod with
@@ -190,6 +208,31 @@ mod tests {
     fn selected(meshes: &[Mesh], ns: &[(&str, &str)], pod: &[(&str, &str)]) -> Option<String> {
         selecting_mesh(meshes, &SYSTEM_NAMESPACES, &labels(ns), &labels(pod))
             .and_then(|m| m.metadata.name.clone())
+    }
+
+    #[test]
+    fn the_oldest_live_mesh_of_a_revision_serves_it() {
+        let mut meshes = vec![
+            mesh("young", "canary", &[], 200),
+            mesh("old", "canary", &[], 100),
+            mesh("same-age-b", "stable", &[], 100),
+            mesh("same-age-a", "stable", &[], 100),
+        ];
+        let holder = |meshes: &[Mesh], revision: &str| {
+            revision_holder(revision, meshes).and_then(|m| m.metadata.name.clone())
+        };
+        assert_eq!(holder(&meshes, "canary").as_deref(), Some("old"));
+        assert_eq!(holder(&meshes, "stable").as_deref(), Some("same-age-a"));
+        assert_eq!(holder(&meshes, "default"), None);
+        let pod = [(REVISION, "canary")];
+        assert_eq!(selected(&meshes, &[], &pod).as_deref(), Some("old"));
+        meshes[1].metadata.deletion_timestamp = meshes[1].metadata.creation_timestamp.clone();
+        assert_eq!(
+            holder(&meshes, "canary").as_deref(),
+            Some("young"),
+            "the next one takes over from a Mesh being deleted"
+        );
+        assert_eq!(selected(&meshes, &[], &pod).as_deref(), Some("young"));
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! the API server in an `istio.io/rev=<tag>` namespace is injected (the
 //! webhook called over TLS) with the settings of the Mesh holding the tag;
 //! the tag `default` takes `istio-injection=enabled` over from the default
-//! revision and gives it back.
+//! revision and gives it back; of two Meshes of one revision the older
+//! serves it, and hands its configuration to the other when it goes.
 
 use ferrimesh_crds::selection::tag_configuration_name;
 use ferrimesh_crds::{Mesh, MeshSpec};
@@ -414,5 +415,70 @@ async fn the_tag_default_takes_over_istio_injection_and_gives_it_back() -> anyho
     })
     .await?;
     assert_eq!(back, "istiod-main.istio-system.svc:15012");
+    Ok(())
+}
+
+/// The uids of the owners of the webhook configuration `name`.
+async fn owners(client: &Client, name: &str) -> anyhow::Result<Vec<String>> {
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    Ok(configs
+        .get_opt(name)
+        .await?
+        .map(|c| c.owner_references().iter().map(|o| o.uid.clone()).collect())
+        .unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_mesh_of_a_revision_waits_and_takes_over_when_the_first_goes() -> anyhow::Result<()>
+{
+    let plane = ControlPlane::start().await?;
+    let client = plane.client().await?;
+    plane.apply_kustomization("config/overlays/local")?;
+    wait_for_crds(&client).await?;
+    namespace(&client, "canary-apps", &[("istio.io/rev", "canary")]).await?;
+    let meshes: Api<Mesh> = Api::all(client.clone());
+    create_mesh(&meshes, "first", "canary", &[]).await?;
+    let _installed = start_operator_and_webhook(&plane, &client).await?;
+    until_condition(&client, "first", "WebhookConfigured", "True", "canary").await?;
+
+    create_mesh(&meshes, "second", "canary", &[]).await?;
+    let message = until_condition(
+        &client,
+        "second",
+        "WebhookConfigured",
+        "False",
+        "served by the older Mesh first",
+    )
+    .await?;
+    assert!(message.contains("revision canary"), "{message}");
+    let config = "ferrimesh-sidecar-injector-canary";
+    let first_uid = meshes.get("first").await?.uid().unwrap_or_default();
+    let second_uid = meshes.get("second").await?.uid().unwrap_or_default();
+    assert_eq!(owners(&client, config).await?, [first_uid]);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "canary-apps");
+    let early = create_until_injected(&pods, &app_pod("early")?).await?;
+    assert_eq!(
+        ca_addr(&early).as_deref(),
+        Some("istiod-first.istio-system.svc:15012"),
+        "the older Mesh injects"
+    );
+
+    // The first goes: its configuration is handed to the second, never
+    // deleted, and the second's settings inject.
+    meshes.delete("first", &Default::default()).await?;
+    until_condition(&client, "second", "WebhookConfigured", "True", config).await?;
+    eventually("the first Mesh gone", WAIT, || async {
+        Ok(meshes.get_opt("first").await?.is_none().then_some(()))
+    })
+    .await?;
+    assert_eq!(owners(&client, config).await?, [second_uid]);
+    assert_eq!(webhooks(&client, config).await?, Some(2));
+    let late = eventually("a pod injected by the second Mesh", WAIT, || async {
+        let name = format!("late-{}", ferrimesh_e2e::free_port()?);
+        let created = create_until_injected(&pods, &app_pod(&name)?).await?;
+        Ok(ca_addr(&created).filter(|a| a.starts_with("istiod-second")))
+    })
+    .await?;
+    assert_eq!(late, "istiod-second.istio-system.svc:15012");
     Ok(())
 }

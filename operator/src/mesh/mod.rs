@@ -11,6 +11,7 @@ use ferrimesh_crds::Mesh;
 use ferrimesh_crds::istio::SYSTEM_NAMESPACES;
 use ferrimesh_crds::mesh::DEFAULT_REVISION;
 use ferrimesh_crds::selection::{webhook_configuration, webhook_configuration_name};
+use ferrimesh_crds::tags::revision_holder;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, WebhookClientConfig,
 };
@@ -94,14 +95,32 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
         return Ok(Action::await_change());
     };
     let meshes: Vec<Mesh> = ctx.meshes.state().iter().map(|m| (**m).clone()).collect();
-    let (applied, tags) = match &cluster.certificate {
-        Ok(certificate) => {
+    // An older Mesh of the same revision serves it: this one writes no
+    // webhook configuration (both would write the same object).
+    let served_by = revision_holder(&mesh.spec.revision, &meshes)
+        .filter(|holder| holder.metadata.name != mesh.metadata.name)
+        .map(ResourceExt::name_any);
+    let (applied, tags) = match (&cluster.certificate, &served_by) {
+        (Ok(certificate), None) => {
             let client_config = ctx.webhook.client_config(&certificate.ca_bundle);
             let applied = configure_webhook(mesh, &meshes, ctx, &client_config).await;
             let tags = tags::configure(mesh, &meshes, ctx, &client_config).await;
             (Some(applied), Some(tags))
         }
-        Err(_) => (None, None),
+        _ => (None, None),
+    };
+    let webhook = match (&served_by, &applied) {
+        (Some(holder), _) => Some(Err(Failure {
+            reason: "RevisionServedByOlderMesh".into(),
+            message: format!(
+                "revision {} is served by the older Mesh {holder}; this Mesh configures nothing until it is gone",
+                mesh.spec.revision
+            ),
+        })),
+        (None, applied) => applied.as_ref().map(|r| match r {
+            Ok((name, _)) => Ok(name.clone()),
+            Err(error) => Err(Failure::from(error)),
+        }),
     };
     let name = mesh.name_any();
     let registration = registration(mesh, ctx);
@@ -118,10 +137,7 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
     };
     let outcome = status::Outcome {
         certificate: &cluster.certificate,
-        webhook: applied.as_ref().map(|r| match r {
-            Ok((name, _)) => Ok(name.clone()),
-            Err(error) => Err(Failure::from(error)),
-        }),
+        webhook,
         tags: tags.as_ref().map(|r| r.as_ref().map_err(Failure::from)),
         labelling: cluster.labelling.as_ref(),
         labelled: cluster.labelled.get(&name).copied().unwrap_or(0),
@@ -234,9 +250,10 @@ async fn configure_webhook(
 }
 
 /// Deletes the Mesh's webhook configuration and those of its revision tags
-/// no other Mesh holds (one another Mesh holds is rewritten for it). Its
-/// namespaces are released by the cluster reconciler, which counts no Mesh
-/// being deleted.
+/// no other Mesh holds (one another Mesh holds is rewritten for it, as is
+/// the revision's configuration when another Mesh of the revision is
+/// left). Its namespaces are released by the cluster reconciler, which
+/// counts no Mesh being deleted.
 async fn cleanup(mesh: &Mesh, ctx: &Context) -> Result<Action> {
     let configs: Api<MutatingWebhookConfiguration> = Api::all(ctx.client.clone());
     let certificate = ctx
@@ -244,10 +261,22 @@ async fn cleanup(mesh: &Mesh, ctx: &Context) -> Result<Action> {
         .borrow()
         .as_ref()
         .and_then(|c| c.certificate.as_ref().ok().cloned());
+    let meshes: Vec<Mesh> = ctx.meshes.state().iter().map(|m| (**m).clone()).collect();
+    let next = revision_holder(&mesh.spec.revision, &meshes);
     if let Some(certificate) = certificate {
-        let meshes: Vec<Mesh> = ctx.meshes.state().iter().map(|m| (**m).clone()).collect();
         let client_config = ctx.webhook.client_config(&certificate.ca_bundle);
         tags::configure(mesh, &meshes, ctx, &client_config).await?;
+        if let Some(next) = next {
+            // Owned by the next Mesh before this one goes, so that garbage
+            // collection does not take it.
+            configure_webhook(next, &meshes, ctx, &client_config).await?;
+            tracing::info!(mesh = %mesh.name_any(), next = %next.name_any(), "the revision's webhook configuration handed over");
+            return Ok(Action::await_change());
+        }
+    } else if next.is_some() {
+        return Err(Error::Finalizer(
+            "no CA bundle yet to hand the webhook configuration over to the next Mesh of the revision".into(),
+        ));
     }
     let name = webhook_configuration_name(&mesh.spec.revision);
     match configs.delete(&name, &DeleteParams::default()).await {

@@ -3,7 +3,7 @@
 //! plain data, fed by [`Feed`] from kube's watcher events and tested with
 //! plain objects.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -268,7 +268,8 @@ pub struct MeshIndex {
     served_by: Option<(String, Version)>,
     /// Every Mesh, by name.
     all: BTreeMap<String, (Version, ferrimesh_crds::Mesh)>,
-    /// The Mesh serving each revision tag, by tag.
+    /// The Mesh serving each revision tag and each revision but this one
+    /// (all Meshes' webhook configurations call this webhook), by name.
     tagged: HashMap<String, Arc<ServedMesh>>,
     /// The tag holders resolved so far, by Mesh name: resolved again only
     /// for a new generation.
@@ -305,27 +306,40 @@ impl MeshIndex {
 
     /// The Mesh serving a pod that the revision or tag `selected_by`
     /// selected (`ferrimesh_crds::tags::selected_revision`): the Mesh
-    /// holding the tag when it is one, else the Mesh of this revision.
+    /// holding the tag when it is one, the oldest Mesh of that revision
+    /// when it is another revision with a Mesh, else the Mesh of this
+    /// revision.
     pub fn served_for(&self, selected_by: Option<&str>) -> Arc<ServedMesh> {
         let tagged = selected_by.and_then(|revision| self.tagged.get(revision));
         Arc::clone(tagged.unwrap_or(&self.served))
     }
 
-    /// Finds again which Mesh holds each tag; resolves a holder only when
-    /// it is a new Mesh or generation.
+    /// Finds again which Mesh holds each tag and serves each other
+    /// revision; resolves a holder only when it is a new Mesh or
+    /// generation.
     fn retag(&mut self) {
         let meshes: Vec<ferrimesh_crds::Mesh> =
             self.all.values().map(|(_, mesh)| mesh.clone()).collect();
+        let other_revisions: BTreeSet<&str> = meshes
+            .iter()
+            .map(|m| m.spec.revision.as_str())
+            .filter(|r| *r != self.revision)
+            .collect();
+        let holders = other_revisions
+            .into_iter()
+            .filter_map(|r| Some((r, ferrimesh_crds::tags::revision_holder(r, &meshes)?)))
+            // A tag wins over a revision of its name (only `default` can be both).
+            .chain(ferrimesh_crds::tags::holders(&meshes));
         let mut resolved = BTreeMap::new();
         let mut tagged = HashMap::new();
-        for (tag, holder) in ferrimesh_crds::tags::holders(&meshes) {
+        for (selector, holder) in holders {
             let name = holder.metadata.name.clone().unwrap_or_default();
             let version = Version::of(&holder.metadata);
-            let served = match self.resolved.get(&name) {
+            let served = match resolved.get(&name).or(self.resolved.get(&name)) {
                 Some((known, served)) if known.same_spec(&version) => Arc::clone(served),
                 _ => Arc::new(ServedMesh::resolve(holder.spec.clone(), None)),
             };
-            tagged.insert(tag.to_owned(), Arc::clone(&served));
+            tagged.insert(selector.to_owned(), Arc::clone(&served));
             resolved.insert(name, (version, served));
         }
         self.tagged = tagged;
@@ -874,6 +888,48 @@ mod tests {
                 .unchanged_by(&mesh("other", "other", "2026-01-03T00:00:00Z", 1)),
             "a Mesh of another revision may hold a tag"
         );
+    }
+
+    #[test]
+    fn a_pod_selected_by_another_revision_is_served_by_that_revisions_oldest_mesh() {
+        let (shared, mut feed) = feed(MeshIndex::new("default"));
+        feed.handle(Event::Apply(mesh(
+            "main",
+            "default",
+            "2026-01-01T00:00:00Z",
+            1,
+        )));
+        feed.handle(Event::Apply(mesh(
+            "canary-new",
+            "canary",
+            "2026-01-03T00:00:00Z",
+            1,
+        )));
+        feed.handle(Event::Apply(mesh(
+            "canary-old",
+            "canary",
+            "2026-01-02T00:00:00Z",
+            1,
+        )));
+        let served = |by: Option<&str>| shared.read().served_for(by).spec.mesh_id.clone();
+        assert_eq!(served(Some("canary")), "canary-old-gen1");
+        assert_eq!(served(Some("default")), "main-gen1");
+        assert_eq!(served(Some("unknown")), "main-gen1");
+        feed.handle(Event::Delete(mesh(
+            "canary-old",
+            "canary",
+            "2026-01-02T00:00:00Z",
+            1,
+        )));
+        assert_eq!(served(Some("canary")), "canary-new-gen1");
+        // The tag `default` held by a Mesh of another revision wins.
+        feed.handle(Event::Apply(tagged(
+            "canary-new",
+            "canary",
+            "2026-01-03T00:00:00Z",
+            &["default"],
+        )));
+        assert_eq!(served(Some("default")), "canary-new-gen2");
     }
 
     #[test]
