@@ -14,6 +14,7 @@ use ferrimesh_crds::mesh::RegistrationTarget;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::api::ListParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
@@ -289,45 +290,76 @@ async fn sweep_target(
     let mut counts = BTreeMap::new();
     for namespace in searched {
         let api: Api<WorkloadEntry> = Api::namespaced(client.clone(), &namespace);
-        let entries = match api
-            .list_metadata(&ListParams::default().labels(&selector))
-            .await
-        {
-            Ok(entries) => entries,
-            // No Role there, and no pod to push there: nothing of ours
-            // can be there either.
-            Err(kube::Error::Api(status))
-                if status.code == 403
-                    && target.namespace.is_none()
-                    && !with_pods.contains(&namespace) =>
-            {
-                continue;
-            }
-            Err(e) => return Err(e.into()),
-        };
-        for entry in entries.items {
-            let annotations = entry.annotations();
-            let uid = annotations
-                .get(POD_UID_ANNOTATION)
-                .cloned()
-                .unwrap_or_default();
-            let pod = annotations
-                .get(POD_ANNOTATION)
-                .and_then(|p| p.split_once('/'))
-                .map(|(ns, name)| (ns.to_owned(), name.to_owned()));
-            let keep = match &pod {
-                Some((ns, name)) => pushed_here(ctx, pods, target, cluster, ns, name, &uid).await?,
-                None => false,
+        // In pages: the metadata of ten thousand entries, managed fields
+        // and all, took over 80 MiB parsed in one list.
+        let mut params = ListParams::default().labels(&selector).limit(SWEEP_PAGE);
+        loop {
+            let page = match api.list_metadata(&params).await {
+                Ok(page) => page,
+                // No Role there, and no pod to push there: nothing of ours
+                // can be there either.
+                Err(kube::Error::Api(status))
+                    if status.code == 403
+                        && target.namespace.is_none()
+                        && !with_pods.contains(&namespace) =>
+                {
+                    break;
+                }
+                Err(e) => return Err(e.into()),
             };
-            if keep {
-                let revision = entry.labels().get(REVISION_LABEL).cloned();
-                *counts.entry(revision.unwrap_or_default()).or_insert(0) += 1;
-            } else {
-                delete_entry(client, &namespace, &entry.name_any(), &uid).await?;
+            let next = page.metadata.continue_.clone().filter(|c| !c.is_empty());
+            let kept =
+                sweep_page(ctx, client, target, cluster, pods, &namespace, page.items).await?;
+            for revision in kept {
+                *counts.entry(revision).or_insert(0) += 1;
+            }
+            match next {
+                Some(token) => params = params.continue_token(&token),
+                None => break,
             }
         }
     }
     Ok(counts)
+}
+
+/// Entries listed per request by the sweep of a config cluster.
+const SWEEP_PAGE: u32 = 500;
+
+/// Sweeps one page of `cluster`'s entries in `namespace` of `target`: an
+/// entry whose pod is gone (or no longer pushed there) is deleted; returns
+/// the revisions of those that stay, one per entry.
+async fn sweep_page(
+    ctx: &Context,
+    client: &Client,
+    target: &RegistrationTarget,
+    cluster: &str,
+    pods: &Store<InjectedPod>,
+    namespace: &str,
+    entries: Vec<PartialObjectMeta<WorkloadEntry>>,
+) -> Result<Vec<String>> {
+    let mut kept = Vec::new();
+    for entry in entries {
+        let annotations = entry.annotations();
+        let uid = annotations
+            .get(POD_UID_ANNOTATION)
+            .cloned()
+            .unwrap_or_default();
+        let pod = annotations
+            .get(POD_ANNOTATION)
+            .and_then(|p| p.split_once('/'))
+            .map(|(ns, name)| (ns.to_owned(), name.to_owned()));
+        let keep = match &pod {
+            Some((ns, name)) => pushed_here(ctx, pods, target, cluster, ns, name, &uid).await?,
+            None => false,
+        };
+        if keep {
+            let revision = entry.labels().get(REVISION_LABEL).cloned();
+            kept.push(revision.unwrap_or_default());
+        } else {
+            delete_entry(client, namespace, &entry.name_any(), &uid).await?;
+        }
+    }
+    Ok(kept)
 }
 
 /// Whether the pod `ns/name` with `uid` lives and is pushed into `target`
