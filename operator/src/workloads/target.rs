@@ -395,9 +395,90 @@ async fn pushed_here(
 
 #[cfg(test)]
 mod tests {
+    use ferrimesh_crds::{Mesh, MeshSpec};
+    use http::StatusCode;
     use kube::core::Status;
+    use kube::runtime::events::{Recorder, Reporter};
+    use serde_json::{Value, json};
 
     use super::*;
+    use crate::test_api::{self, answer, store, within};
+
+    fn pushed_pod(name: &str) -> InjectedPod {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "shop", "uid": format!("{name}-uid"),
+                         "annotations": {"sidecar.istio.io/status": "{}"}}
+        }))
+        .expect("pod");
+        pod.into()
+    }
+
+    fn entry_meta(pod: &str) -> Value {
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+               "metadata": {"name": format!("east-{pod}"), "namespace": "cluster-a",
+                            "labels": {REVISION_LABEL: "default"},
+                            "annotations": {POD_ANNOTATION: format!("shop/{pod}"),
+                                            POD_UID_ANNOTATION: format!("{pod}-uid")}}})
+    }
+
+    fn page(items: Vec<Value>, next: &str) -> Value {
+        json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+               "metadata": {"resourceVersion": "9", "continue": next}, "items": items})
+    }
+
+    #[tokio::test]
+    async fn the_sweep_reads_the_config_cluster_page_by_page() {
+        let target = RegistrationTarget {
+            secret_name: "ferrimesh-registration-target".into(),
+            secret_key: "kubeconfig".into(),
+            namespace: Some("cluster-a".into()),
+        };
+        let mut spec = MeshSpec {
+            cluster_id: "east".into(),
+            ..MeshSpec::default()
+        };
+        spec.workload_registration.target = Some(target.clone());
+        let (client, mut handle) = test_api::client();
+        let ctx = Context {
+            client: client.clone(),
+            meshes: store(&[Mesh::new("default", spec)]),
+            entries: store(&[]),
+            nodes: store(&[]),
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "test".into(),
+                    instance: None,
+                },
+            ),
+            targets: Targets::new(client.clone(), "ferrimesh-system").0,
+        };
+        let pods = store(&[pushed_pod("a"), pushed_pod("b")]);
+        let namespaces = store(&[]);
+        let server = tokio::spawn(async move {
+            let path = "/apis/networking.istio.io/v1/namespaces/cluster-a/workloadentries";
+            let first = page(vec![entry_meta("a")], "next-page");
+            answer(&mut handle, "GET", path, StatusCode::OK, first).await;
+            let (request, send) = handle.next_request().await.expect("a second list");
+            let query = request.uri().query().unwrap_or_default().to_owned();
+            test_api::respond(send, StatusCode::OK, &page(vec![entry_meta("b")], ""));
+            query
+        });
+        let counts = within(sweep_target(
+            &ctx,
+            &client,
+            &target,
+            "east",
+            &pods,
+            &namespaces,
+        ))
+        .await
+        .expect("swept");
+        let second = server.await.expect("scripted requests");
+        assert_eq!(counts, BTreeMap::from([("default".to_owned(), 2)]));
+        assert!(second.contains("continue=next-page"), "{second}");
+        assert!(second.contains("limit=500"), "{second}");
+    }
 
     fn api_error(code: u16, reason: &str) -> Error {
         Error::Kube(kube::Error::Api(
