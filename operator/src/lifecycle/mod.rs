@@ -432,7 +432,7 @@ async fn roll_out(
             .caches
             .workloads(workload.kind)
             .get(&workload.namespace, &workload.name)
-            .is_some_and(|w| w.restarted_target() == Some(pending.target.as_str()));
+            .is_some_and(|w| w.restarted_for.as_deref() == Some(pending.target.as_str()));
         !seen && pending.written.elapsed() < PENDING_FOR
     });
     let candidates = match candidates(mesh, survey, world, &ctx.caches) {

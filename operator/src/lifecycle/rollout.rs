@@ -117,7 +117,7 @@ pub fn plan(
     let todo: Vec<&Candidate> = candidates
         .iter()
         .filter(|c| !busy.contains(&c.workload))
-        .filter(|c| c.current.restarted_target() != Some(c.target.as_str()))
+        .filter(|c| c.current.restarted_for.as_deref() != Some(c.target.as_str()))
         .collect();
     let waiting = |n: usize| match n {
         1 => "1 workload waits".to_owned(),

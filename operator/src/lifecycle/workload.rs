@@ -66,34 +66,28 @@ pub struct Workload {
     /// `metadata.resourceVersion`: a restart is written only over the
     /// version it was planned on.
     pub resource_version: Option<Box<str>>,
-    /// `ferrimesh.io/restarted-for`: what ferrimesh last restarted it for
-    /// and the generation its restart gave it, `<target>@<generation>`.
+    /// What ferrimesh last restarted it for: `ferrimesh.io/restarted-for`
+    /// (`<target>@<generation>`) without the generation.
     pub restarted_for: Option<Box<str>>,
+    /// The generation that restart gave it (`None` for a value written
+    /// without one).
+    pub restarted_generation: Option<i64>,
     /// The pod template's `kubectl.kubernetes.io/restartedAt`.
     pub restarted_at: Option<Box<str>>,
 }
 
 impl Workload {
-    /// What ferrimesh last restarted it for (`ferrimesh.io/restarted-for`
-    /// without the generation).
-    pub fn restarted_target(&self) -> Option<&str> {
-        let value = self.restarted_for.as_deref()?;
-        Some(value.split_once('@').map_or(value, |(target, _)| target))
-    }
-
     /// Whether the rollout under way is the one ferrimesh's restart
     /// started: restarted by ferrimesh, not rolled out, and its spec not
     /// changed since (a later change is someone else's rollout, which the
     /// Mesh's rollout neither waits for nor blames). A value without a
     /// generation counts as ferrimesh's.
     pub fn restarting_for_us(&self) -> bool {
-        let Some(value) = self.restarted_for.as_deref() else {
-            return false;
-        };
-        let recorded = value
-            .split_once('@')
-            .and_then(|(_, generation)| generation.parse::<i64>().ok());
-        !self.rolled_out() && recorded.is_none_or(|g| g == self.generation)
+        self.restarted_for.is_some()
+            && !self.rolled_out()
+            && self
+                .restarted_generation
+                .is_none_or(|g| g == self.generation)
     }
 
     /// The value of `ferrimesh.io/restarted-for` a restart for `target`
@@ -113,14 +107,17 @@ impl Workload {
     }
 
     fn new(meta: &ObjectMeta, template: Option<&ObjectMeta>) -> Self {
+        let record = meta.annotations.as_ref().and_then(|a| a.get(RESTARTED_FOR));
+        let (restarted_for, restarted_generation) = match record.map(|r| r.split_once('@')) {
+            Some(Some((target, generation))) => (Some(target), generation.parse().ok()),
+            Some(None) => (record.map(String::as_str), None),
+            None => (None, None),
+        };
         Self {
             generation: meta.generation.unwrap_or_default(),
             resource_version: meta.resource_version.as_deref().map(Into::into),
-            restarted_for: meta
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(RESTARTED_FOR))
-                .map(|v| v.as_str().into()),
+            restarted_for: restarted_for.map(Into::into),
+            restarted_generation,
             restarted_at: template
                 .and_then(|t| t.annotations.as_ref())
                 .and_then(|a| a.get(RESTARTED_AT))
@@ -218,9 +215,15 @@ mod tests {
     fn a_restart_is_ours_until_someone_else_changes_the_spec() {
         let rolling =
             json!({"observedGeneration": 2, "updatedReplicas": 1, "availableReplicas": 1});
-        let mut ours = Workload::from(&deployment(rolling.clone()));
-        ours.restarted_for = Some("abc@2".into());
-        assert_eq!(ours.restarted_target(), Some("abc"));
+        let mut recorded = deployment(rolling.clone());
+        recorded
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(RESTARTED_FOR.to_owned(), "abc@2".to_owned());
+        let ours = Workload::from(&recorded);
+        assert_eq!(ours.restarted_for.as_deref(), Some("abc"));
+        assert_eq!(ours.restarted_generation, Some(2));
         assert!(ours.restarting_for_us());
         let mut later = ours.clone();
         later.generation = 3;
@@ -229,7 +232,7 @@ mod tests {
             "a later spec change is the user's rollout"
         );
         let legacy = Workload::from(&deployment(rolling));
-        assert_eq!(legacy.restarted_target(), Some("abc"));
+        assert_eq!(legacy.restarted_for.as_deref(), Some("abc"));
         assert!(legacy.restarting_for_us(), "no generation recorded");
         let mut done = ours.clone();
         done.updated = 2;
