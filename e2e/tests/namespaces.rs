@@ -441,7 +441,7 @@ async fn a_second_mesh_of_a_revision_waits_and_takes_over_when_the_first_goes() 
     let _installed = start_operator_and_webhook(&plane, &client).await?;
     until_condition(&client, "first", "WebhookConfigured", "True", "canary").await?;
 
-    create_mesh(&meshes, "second", "canary", &[]).await?;
+    create_mesh(&meshes, "second", "canary", &["next"]).await?;
     let message = until_condition(
         &client,
         "second",
@@ -451,6 +451,17 @@ async fn a_second_mesh_of_a_revision_waits_and_takes_over_when_the_first_goes() 
     )
     .await?;
     assert!(message.contains("revision canary"), "{message}");
+    // Its revision tag waits too, and says why.
+    until_condition(
+        &client,
+        "second",
+        "RevisionTagsConfigured",
+        "False",
+        "served by the older Mesh first",
+    )
+    .await?;
+    let tag_config = "ferrimesh-revision-tag-next";
+    assert_eq!(webhooks(&client, tag_config).await?, None);
     let config = "ferrimesh-sidecar-injector-canary";
     let first_uid = meshes.get("first").await?.uid().unwrap_or_default();
     let second_uid = meshes.get("second").await?.uid().unwrap_or_default();
@@ -471,8 +482,10 @@ async fn a_second_mesh_of_a_revision_waits_and_takes_over_when_the_first_goes() 
         Ok(meshes.get_opt("first").await?.is_none().then_some(()))
     })
     .await?;
-    assert_eq!(owners(&client, config).await?, [second_uid]);
+    assert_eq!(owners(&client, config).await?, [second_uid.as_str()]);
     assert_eq!(webhooks(&client, config).await?, Some(2));
+    until_condition(&client, "second", "RevisionTagsConfigured", "True", "next").await?;
+    assert_eq!(owners(&client, tag_config).await?, [second_uid.as_str()]);
     let late = eventually("a pod injected by the second Mesh", WAIT, || async {
         let name = format!("late-{}", ferrimesh_e2e::free_port()?);
         let created = create_until_injected(&pods, &app_pod(&name)?).await?;

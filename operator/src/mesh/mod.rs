@@ -109,15 +109,17 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
         }
         _ => (None, None),
     };
-    let webhook = match (&served_by, &applied) {
-        (Some(holder), _) => Some(Err(Failure {
-            reason: "RevisionServedByOlderMesh".into(),
-            message: format!(
-                "revision {} is served by the older Mesh {holder}; this Mesh configures nothing until it is gone",
-                mesh.spec.revision
-            ),
-        })),
-        (None, applied) => applied.as_ref().map(|r| match r {
+    // Both the webhook configuration and the revision tags wait for it.
+    let served = served_by.as_ref().map(|holder| Failure {
+        reason: "RevisionServedByOlderMesh".into(),
+        message: format!(
+            "revision {} is served by the older Mesh {holder}; this Mesh configures nothing until it is gone",
+            mesh.spec.revision
+        ),
+    });
+    let webhook = match &served {
+        Some(failure) => Some(Err(failure.clone())),
+        None => applied.as_ref().map(|r| match r {
             Ok((name, _)) => Ok(name.clone()),
             Err(error) => Err(Failure::from(error)),
         }),
@@ -138,7 +140,10 @@ async fn apply(mesh: &Mesh, ctx: &Context) -> Result<Action> {
     let outcome = status::Outcome {
         certificate: &cluster.certificate,
         webhook,
-        tags: tags.as_ref().map(|r| r.as_ref().map_err(Failure::from)),
+        tags: match &served {
+            Some(failure) => Some(Err(failure.clone())),
+            None => tags.as_ref().map(|r| r.as_ref().map_err(Failure::from)),
+        },
         labelling: cluster.labelling.as_ref(),
         labelled: cluster.labelled.get(&name).copied().unwrap_or(0),
         ambient: cluster.ambient.get(&name).map_or(&[], Vec::as_slice),
