@@ -81,6 +81,9 @@ pub fn start_operator(
     start_operator_with(plane, kubeconfig, name, webhook_url, &[])
 }
 
+/// heaptrack's allocation tracer, as Debian installs it.
+const HEAPTRACK_PRELOAD: &str = "/usr/lib/heaptrack/libheaptrack_preload.so";
+
 /// [`start_operator`] with extra flags.
 pub fn start_operator_with(
     plane: &ControlPlane,
@@ -89,9 +92,19 @@ pub fn start_operator_with(
     webhook_url: &str,
     extra: &[&str],
 ) -> anyhow::Result<Process> {
+    let mut command = Command::new(workspace_binary("ferrimesh-operator")?);
+    // A heap profile of each operator, for heaptrack (Debian's package):
+    // `<dir>/<name>.raw`, to be read with heaptrack_interpret
+    // (docs/benchmarks.md).
+    if let Some(dir) = std::env::var_os("FERRIMESH_E2E_HEAPTRACK") {
+        let raw = Path::new(&dir).join(format!("{name}.raw"));
+        command
+            .env("LD_PRELOAD", HEAPTRACK_PRELOAD)
+            .env("DUMP_HEAPTRACK_OUTPUT", raw);
+    }
     Process::spawn(
         name,
-        Command::new(workspace_binary("ferrimesh-operator")?)
+        command
             .env("KUBECONFIG", kubeconfig)
             .env("POD_NAME", name)
             // As config/manager deploys it (see there).
