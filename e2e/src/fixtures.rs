@@ -107,8 +107,6 @@ pub fn start_operator_with(
         command
             .env("KUBECONFIG", kubeconfig)
             .env("POD_NAME", name)
-            // As config/manager deploys it (see there).
-            .env("MALLOC_ARENA_MAX", "2")
             .args([
                 "--webhook-url",
                 webhook_url,
